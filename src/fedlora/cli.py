@@ -1,0 +1,110 @@
+"""The ``fedlora`` command line: ``fedlora bench aggregation``.
+
+Errors fedlora raises on purpose print as one paragraph with exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedlora import __version__
+from fedlora.errors import ConfigError, FedloraError
+
+
+def _rank_list(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers like 64,32,16, got {text!r}"
+        ) from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"expected at least one rank, all >= 1, got {text!r}")
+    return ranks
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedlora",
+        description="Federated LoRA fine-tuning with heterogeneous client ranks.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = commands.add_parser("bench", help="run a benchmark and print its figures")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    agg = benches.add_parser(
+        "aggregation",
+        help="time every strategy; FlexLoRA's factored SVD against the dense reference",
+    )
+    agg.add_argument("--d-in", type=_positive_int, default=4096, help="module input size")
+    agg.add_argument("--d-out", type=_positive_int, default=4096, help="module output size")
+    agg.add_argument(
+        "--ranks",
+        type=_rank_list,
+        default=[64, 32, 16, 16, 8, 8, 4, 4, 4, 4],
+        help="client ranks, comma-separated (default: FLoRA's 64,32,16,16,8,8,4,4,4,4)",
+    )
+    agg.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per strategy")
+    agg.add_argument("--seed", type=int, default=0, help="seed of the synthetic client factors")
+    agg.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    return parser
+
+
+def _bench_aggregation(args: argparse.Namespace) -> int:
+    from fedlora.bench.aggregation import format_table, run_aggregation_bench
+
+    result = run_aggregation_bench(
+        d_in=args.d_in,
+        d_out=args.d_out,
+        ranks=args.ranks,
+        repeat=args.repeat,
+        seed=args.seed,
+        progress=lambda msg: print(f"... {msg}", file=sys.stderr, flush=True),
+    )
+    print(format_table(result))
+    if args.json is not None:
+        _write_json(args.json, result.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _write_json(path: Path, payload: object) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench" and args.bench == "aggregation":
+            return _bench_aggregation(args)
+        raise ConfigError(f"unknown command {args.command!r}")
+    except FedloraError as exc:
+        if args.debug:
+            raise
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

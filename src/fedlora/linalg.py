@@ -1,0 +1,131 @@
+"""Pure tensor helpers on LoRA factors: pad, truncate, stack, weighted component means, and the
+SVD of ``B @ A`` computed from the factors.
+
+Every function takes and returns tensors; none materialises a dense ``(d_out, d_in)`` matrix
+unless it says so. Shapes: ``A: (r, d_in)``, ``B: (d_out, r)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from fedlora.lora import LoRAFactors
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype aggregation math runs in: the input's, but never below float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def truncate(factors: LoRAFactors, rank: int) -> LoRAFactors:
+    """The first ``rank`` components: ``A[:rank]``, ``B[:, :rank]`` (no copy)."""
+    if rank < 1:
+        raise ValueError(f"cannot truncate to rank {rank}; expected >= 1")
+    return LoRAFactors(A=factors.A[:rank], B=factors.B[:, :rank])
+
+
+def pad(factors: LoRAFactors, rank: int) -> LoRAFactors:
+    """Zero-pad to ``rank`` components (rows of ``A``, columns of ``B``); ``ΔW`` is unchanged."""
+    extra = rank - factors.rank
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {factors.rank} down to {rank}")
+    if extra == 0:
+        return factors
+    A = torch.cat([factors.A, factors.A.new_zeros(extra, factors.d_in)], dim=0)
+    B = torch.cat([factors.B, factors.B.new_zeros(factors.d_out, extra)], dim=1)
+    return LoRAFactors(A=A, B=B)
+
+
+def stack(factors: Sequence[LoRAFactors], weights: Sequence[float]) -> LoRAFactors:
+    """FLoRA's stacking: ``A_s = [p_1 A_1; …; p_K A_K]`` (R × d_in), ``B_s = [B_1 … B_K]``
+    (d_out × R), ``R = Σ r_k``, so that ``B_s A_s = Σ_k p_k B_k A_k`` exactly.
+    """
+    dtype = work_dtype(factors[0].A.dtype)
+    A = torch.cat([f.A.to(dtype) * p for f, p in zip(factors, weights, strict=True)], dim=0)
+    B = torch.cat([f.B.to(dtype) for f in factors], dim=1)
+    return LoRAFactors(A=A, B=B)
+
+
+def componentwise_mean(
+    factors: Sequence[LoRAFactors],
+    indices: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    rank: int,
+    *,
+    over: Literal["all", "present"],
+    previous: LoRAFactors | None = None,
+) -> LoRAFactors:
+    """Weighted mean of each rank-1 component across clients.
+
+    Client ``k`` holds components ``indices[k]`` (global positions in ``0 … rank-1``).
+    With ``over="all"`` (zero-padding, FedIT) a client without component ``i`` counts as zeros:
+    ``c_i = Σ_k p_k c_{k,i}`` with ``Σ_k p_k = 1``. With ``over="present"`` (HAFL) the mean is
+    over only the clients that hold ``i``: ``c_i = Σ_{k∋i} p_k c_{k,i} / Σ_{k∋i} p_k``; a
+    component no client holds keeps its value in ``previous`` (zero when there is none).
+    Returns factors of rank ``rank``.
+    """
+    ref = factors[0]
+    dtype = work_dtype(ref.A.dtype)
+    device = ref.A.device
+    A_sum = torch.zeros(rank, ref.d_in, dtype=dtype, device=device)
+    B_sum = torch.zeros(ref.d_out, rank, dtype=dtype, device=device)
+    w_sum = torch.zeros(rank, dtype=dtype, device=device)
+    for f, idx, p in zip(factors, indices, weights, strict=True):
+        idx = idx.to(device)
+        A_sum.index_add_(0, idx, f.A.to(dtype), alpha=p)
+        B_sum.index_add_(1, idx, f.B.to(dtype), alpha=p)
+        w_sum.index_add_(0, idx, torch.full((idx.numel(),), p, dtype=dtype, device=device))
+    if over == "all":
+        total = float(sum(weights))
+        return LoRAFactors(A=A_sum / total, B=B_sum / total)
+    covered = w_sum > 0
+    safe = torch.where(covered, w_sum, torch.ones_like(w_sum))
+    A_mean, B_mean = A_sum / safe[:, None], B_sum / safe[None, :]
+    if previous is not None and not bool(covered.all()):
+        prev = pad(previous.to(dtype), rank) if previous.rank < rank else truncate(previous, rank)
+        A_mean = torch.where(covered[:, None], A_mean, prev.A.to(dtype))
+        B_mean = torch.where(covered[None, :], B_mean, prev.B.to(dtype))
+    return LoRAFactors(A=A_mean, B=B_mean)
+
+
+def factored_svd(factors: LoRAFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of ``ΔW = B A`` from the factors: ``ΔW = U diag(S) Vh``, singular values descending.
+
+    With ``R = rank < min(d_out, d_in)``: ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (reduced QR), so
+    ``B A = Q_b (R_b R_aᵀ) Q_aᵀ``; the SVD of the ``R × R`` core ``R_b R_aᵀ = U_c S V_cᵀ`` gives
+    ``U = Q_b U_c: (d_out, R)``, ``Vh = V_cᵀ Q_aᵀ: (R, d_in)``. Cost ``O((d_in + d_out) R²)``
+    instead of a dense SVD's ``O(d_out d_in min(d_out, d_in))``. When ``R >= min(d_out, d_in)``
+    the dense route is no dearer and is taken; then ``U, S, Vh`` have ``min(d_out, d_in)``
+    components.
+    """
+    dtype = work_dtype(factors.A.dtype)
+    A, B = factors.A.to(dtype), factors.B.to(dtype)
+    if factors.rank >= min(factors.d_out, factors.d_in):
+        U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
+        return U, S, Vh
+    Q_b, R_b = torch.linalg.qr(B)  # (d_out, R), (R, R)
+    Q_a, R_a = torch.linalg.qr(A.mT)  # (d_in, R), (R, R)
+    U_c, S, Vh_c = torch.linalg.svd(R_b @ R_a.mT)  # (R, R) core
+    return Q_b @ U_c, S, Vh_c @ Q_a.mT
+
+
+def svd_factors(factors: LoRAFactors) -> LoRAFactors:
+    """Re-express ``B A`` in SVD form ``B' = U diag(S)``, ``A' = Vh``: same ``ΔW``, components
+    ordered by singular value, so :func:`truncate` to ``r`` gives the best rank-``r`` approximation
+    (Eckart–Young). All of ``S`` goes into ``B``, as FlexLoRA's reference code does.
+    """
+    U, S, Vh = factored_svd(factors)
+    return LoRAFactors(A=Vh.contiguous(), B=(U * S[None, :]).contiguous())
+
+
+def frobenius_norm_of_product(factors: LoRAFactors) -> float:
+    """``‖B A‖_F`` from the factors: ``‖B A‖_F² = Σ_ij (BᵀB)_ij (A Aᵀ)_ij`` (r × r Gram matrices),
+    computed in float64. Never forms ``B A``.
+    """
+    A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
+    squared = float(((B.mT @ B) * (A @ A.mT)).sum())
+    return math.sqrt(max(squared, 0.0))

@@ -1,0 +1,31 @@
+"""Aggregation strategies, one file each, selected by name from :data:`REGISTRY`."""
+
+from fedlora.strategies import fedit, ffa, flexlora, flora, hafl, hetlora, zeropad
+from fedlora.strategies.base import (
+    REGISTRY,
+    GlobalState,
+    RankSpec,
+    Start,
+    Strategy,
+    Traits,
+    get_strategy,
+)
+from fedlora.strategies.fedit import fedit_aggregation_error
+
+__all__ = [
+    "REGISTRY",
+    "GlobalState",
+    "RankSpec",
+    "Start",
+    "Strategy",
+    "Traits",
+    "fedit",
+    "fedit_aggregation_error",
+    "ffa",
+    "flexlora",
+    "flora",
+    "get_strategy",
+    "hafl",
+    "hetlora",
+    "zeropad",
+]

@@ -1,0 +1,184 @@
+"""The strategy interface, the global state it transforms, and the registry of strategies by name.
+
+A strategy is pure math: tensors in, tensors out, no I/O, no peft / transformers / flwr. It
+declares what it needs in :class:`Traits`, and the runner (in-process or Flower) acts on that:
+merge ``base_delta`` into the base weights, give clients fresh adapters, and so on.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias, TypeVar
+
+import torch
+
+from fedlora.errors import ConfigError, UpdateError
+from fedlora.linalg import truncate
+from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors, dense_delta, validate_updates
+from fedlora.weighting import Weighting, client_weights
+
+RankSpec: TypeAlias = int | Mapping[str, int]
+"""A client's LoRA rank: one for every module, or one per module name."""
+
+Start: TypeAlias = dict[str, LoRAFactors] | None
+"""What a client starts a round from: factors per module of rank ``<= r_k`` (the adapter boundary
+initialises any further components freshly: ``A`` random, ``B`` zero), or ``None`` for a fresh
+adapter."""
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a strategy needs from the runner."""
+
+    paper: str
+    """The method's source, cited in docs and tables."""
+    mixed_ranks: bool
+    """Clients may train different ranks in the same round."""
+    merges_into_base: bool = False
+    """Each round's ``base_delta`` is merged into the frozen base weights (FLoRA)."""
+    fresh_client_adapters: bool = False
+    """Clients start every round from a fresh adapter rather than from the global one."""
+    fixed_a: bool = False
+    """``A`` stays at the shared init of :meth:`Strategy.init_state`; only ``B`` trains."""
+    component_level: bool = False
+    """Aggregates per rank-1 component and honours :attr:`ClientUpdate.component_index`."""
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """The server's state between rounds.
+
+    ``factors``: the global adapter per module (what clients start from, by truncation).
+    ``base_delta``: the round's update to merge into the base weights (FLoRA), factored
+    ``B @ A`` where that is smaller than dense. ``round``: rounds aggregated so far.
+    """
+
+    factors: Mapping[str, LoRAFactors] = field(default_factory=dict)
+    base_delta: Mapping[str, BaseDelta] = field(default_factory=dict)
+    round: int = 0
+
+    def global_delta(self, module: str) -> torch.Tensor:
+        """The dense update this state applies to ``module`` (for tests and evaluation only)."""
+        if module in self.base_delta:
+            return dense_delta(self.base_delta[module])
+        return self.factors[module].delta()
+
+
+class Strategy(ABC):
+    """Base of every aggregation strategy. Subclasses implement :meth:`_aggregate`.
+
+    :meth:`aggregate` sorts the updates by client id (so the result is bitwise independent of
+    arrival order), validates them all before any math (so a bad update changes nothing), then
+    computes the weights ``p_k`` and delegates.
+    """
+
+    name: ClassVar[str]
+    traits: ClassVar[Traits]
+
+    def __init__(self, weighting: Weighting = "examples") -> None:
+        self.weighting = weighting
+
+    def init_state(
+        self, shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
+    ) -> GlobalState:
+        """The state before round 1, for modules ``{name: (d_out, d_in)}`` and the largest client
+        rank. Empty by default: clients start from fresh adapters."""
+        del shapes, rank, generator
+        return GlobalState()
+
+    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
+        """Combine one round's client updates into the next global state."""
+        ordered = sorted(updates, key=lambda u: u.client_id)
+        validate_updates(ordered)
+        if not self.traits.mixed_ranks:
+            _require_equal_ranks(self.name, ordered)
+        self._check(state, ordered)
+        return self._aggregate(state, ordered, client_weights(ordered, self.weighting))
+
+    def _check(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
+        """Strategy-specific validation before any math; raise :class:`UpdateError`."""
+        del state, updates
+
+    @abstractmethod
+    def _aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState: ...
+
+    def redistribute(self, state: GlobalState, ranks: Sequence[RankSpec]) -> list[Start]:
+        """What each client, given by its rank, starts the next round from, in the same order.
+
+        Each distinct rank is computed once; clients of equal rank share the same tensors.
+        """
+        cache: dict[tuple[Any, ...], Start] = {}
+        starts = []
+        for spec in ranks:
+            key = _rank_key(spec)
+            if key not in cache:
+                cache[key] = self._start(state, spec)
+            starts.append(cache[key])
+        return starts
+
+    def _start(self, state: GlobalState, spec: RankSpec) -> Start:
+        """Default: the first ``min(r_k, r_g)`` components of the global adapter (truncation)."""
+        if self.traits.fresh_client_adapters or not state.factors:
+            return None
+        return {
+            name: truncate(f, min(module_rank(spec, name), f.rank))
+            for name, f in state.factors.items()
+        }
+
+
+def module_rank(spec: RankSpec, module: str) -> int:
+    """The rank ``spec`` gives ``module``; a clear error when it names none or a bad value."""
+    if isinstance(spec, Mapping):
+        if module not in spec:
+            raise ConfigError(
+                f"no rank given for module {module!r}; ranks given for {sorted(spec)}"
+            )
+        rank = spec[module]
+    else:
+        rank = spec
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"rank for module {module!r} must be an int >= 1, got {rank!r}")
+    return rank
+
+
+def _rank_key(spec: RankSpec) -> tuple[Any, ...]:
+    return tuple(sorted(spec.items())) if isinstance(spec, Mapping) else (spec,)
+
+
+def _require_equal_ranks(name: str, updates: Sequence[ClientUpdate]) -> None:
+    first = updates[0]
+    for update in updates[1:]:
+        for module, f in update.factors.items():
+            if f.rank != first.factors[module].rank:
+                raise UpdateError(
+                    f"rank {f.rank} differs from client {first.client_id!r}'s rank "
+                    f"{first.factors[module].rank}; {name!r} needs every client at the same rank "
+                    "(use flora, flexlora, zeropad, hetlora, hafl or ffa for mixed ranks)",
+                    client=update.client_id,
+                    module=module,
+                )
+
+
+REGISTRY: dict[str, type[Strategy]] = {}
+
+S = TypeVar("S", bound=type[Strategy])
+
+
+def register(cls: S) -> S:
+    """Class decorator: make a strategy selectable by its ``name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"strategy name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str, **options: Any) -> Strategy:
+    """The strategy registered as ``name``, built with ``options`` (e.g. ``weighting``)."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    factory: Callable[..., Strategy] = REGISTRY[name]
+    return factory(**options)

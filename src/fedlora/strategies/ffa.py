@@ -1,0 +1,84 @@
+"""FFA-LoRA: federated freeze-A LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated
+Learning", ICLR 2024).
+
+Rule: every client's ``A`` is frozen at one shared, seeded initialisation ``A_0`` (rank
+``r_max``; a client of rank ``r_k`` holds its first ``r_k`` rows) and only ``B`` trains. Then
+``Σ_k p_k B_k A_0[:r_k] = B̄ A_0`` with ``B̄ = Σ_k p_k pad(B_k)``: averaging ``B`` is exact, for
+mixed ranks too. Clients start from ``(A_0[:r_k], B̄[:, :r_k])``. An update whose ``A`` moved away
+from ``A_0`` is rejected, since averaging its ``B`` would no longer be exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedlora.errors import UpdateError
+from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+from fedlora.strategies.zeropad import zero_padded_mean
+
+
+def shared_init(
+    shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
+) -> dict[str, LoRAFactors]:
+    """``A_0 ~ U(−1/√d_in, 1/√d_in)`` (PEFT's default LoRA ``A`` init) and ``B_0 = 0`` per module,
+    drawn from ``generator`` in sorted module order so every party derives the same ``A_0``."""
+    factors = {}
+    for name in sorted(shapes):
+        d_out, d_in = shapes[name]
+        bound = 1.0 / d_in**0.5
+        A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) * bound
+        factors[name] = LoRAFactors(A=A, B=torch.zeros(d_out, rank))
+    return factors
+
+
+@register
+class FFALoRA(Strategy):
+    name = "ffa"
+    traits = Traits(paper="Sun et al. 2024 (FFA-LoRA)", mixed_ranks=True, fixed_a=True)
+
+    def init_state(
+        self, shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
+    ) -> GlobalState:
+        return GlobalState(factors=shared_init(shapes, rank, generator))
+
+    def _check(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
+        for update in updates:
+            for module, f in update.factors.items():
+                if module not in state.factors:
+                    raise UpdateError(
+                        "no shared A_0 for this module; build the state with init_state()",
+                        client=update.client_id,
+                        module=module,
+                    )
+                A0 = state.factors[module].A
+                if f.rank > A0.shape[0] or f.shape != state.factors[module].shape:
+                    raise UpdateError(
+                        f"rank {f.rank} and shape {f.shape} do not fit the shared A_0 of rank "
+                        f"{A0.shape[0]} and shape {state.factors[module].shape}",
+                        client=update.client_id,
+                        module=module,
+                    )
+                tol = 4 * torch.finfo(f.A.dtype).eps
+                expected = A0[: f.rank].to(f.A.device, torch.float64)
+                if not torch.allclose(
+                    f.A.to(torch.float64), expected, rtol=tol, atol=tol * float(A0.abs().max())
+                ):
+                    raise UpdateError(
+                        "A differs from the shared A_0; FFA-LoRA needs A frozen (train B only)",
+                        client=update.client_id,
+                        module=module,
+                    )
+
+    def _aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        factors = {}
+        for module, init in state.factors.items():
+            mean = zero_padded_mean(updates, weights, module)
+            B = torch.zeros_like(init.B, dtype=mean.B.dtype)
+            B[:, : mean.rank] = mean.B
+            factors[module] = LoRAFactors(A=init.A.to(mean.B.dtype), B=B)
+        return GlobalState(factors=factors, round=state.round + 1)

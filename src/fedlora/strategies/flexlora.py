@@ -1,0 +1,36 @@
+"""FlexLoRA: full-size aggregation and SVD redistribution (Bai et al., "Federated Fine-tuning of
+Large Language Models under Heterogeneous Tasks and Client Resources", NeurIPS 2024).
+
+Rule: ``ΔW_g = Σ_k p_k B_k A_k``; client ``k`` starts the next round from the best rank-``r_k``
+approximation of ``ΔW_g`` (SVD truncation): ``B_k = U_r S_r``, ``A_k = V_rᵀ`` (all of ``S`` into
+``B``, as the reference code does; the adapter boundary divides by the client's own scaling).
+
+``ΔW_g`` has rank ``≤ R = Σ r_k``, so its SVD is computed from the stacked factors (QR of
+``B_s`` and ``A_sᵀ``, SVD of the ``R × R`` core; :func:`fedlora.linalg.factored_svd`) instead of
+the reference code's dense SVD of every ``d_out × d_in`` matrix. The global state holds the SVD
+form, ordered by singular value, so each client's truncation is a slice, computed once per
+distinct rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlora.linalg import stack, svd_factors
+from fedlora.lora import ClientUpdate
+from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+
+
+@register
+class FlexLoRA(Strategy):
+    name = "flexlora"
+    traits = Traits(paper="Bai et al. 2024 (FlexLoRA)", mixed_ranks=True)
+
+    def _aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        factors = {
+            m: svd_factors(stack([u.factors[m] for u in updates], weights))
+            for m in updates[0].factors
+        }
+        return GlobalState(factors=factors, round=state.round + 1)

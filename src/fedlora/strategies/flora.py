@@ -1,0 +1,47 @@
+"""FLoRA: stacking-based, noise-free aggregation of heterogeneous LoRA (Wang et al., "FLoRA:
+Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank Adaptations",
+NeurIPS 2024).
+
+Rule: ``A_s = [p_1 A_1; …; p_K A_K]``, ``B_s = [B_1 … B_K]``, so ``B_s A_s = Σ_k p_k B_k A_k``
+exactly, for any ranks, any per-client scaling (folded into ``B_k``) and any subset of clients:
+the stacked rank is ``Σ r_k`` of the clients that took part (the reference code hard-wired
+``r × num_clients``). The update is merged into the base weights and every client starts the
+next round from a fresh adapter at its own rank.
+
+The base delta stays factored when ``R (d_in + d_out) < d_in d_out`` (fewer numbers to hold,
+send and merge), dense otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlora.linalg import stack
+from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
+from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+
+
+def compact(delta: LoRAFactors) -> BaseDelta:
+    """``delta`` as factors when they hold fewer numbers than the dense matrix, else dense."""
+    if delta.rank * (delta.d_in + delta.d_out) < delta.d_in * delta.d_out:
+        return delta
+    return delta.delta()
+
+
+@register
+class FLoRA(Strategy):
+    name = "flora"
+    traits = Traits(
+        paper="Wang et al. 2024 (FLoRA)",
+        mixed_ranks=True,
+        merges_into_base=True,
+        fresh_client_adapters=True,
+    )
+
+    def _aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        delta = {
+            m: compact(stack([u.factors[m] for u in updates], weights)) for m in updates[0].factors
+        }
+        return GlobalState(base_delta=delta, round=state.round + 1)

@@ -1,0 +1,45 @@
+"""HAFL's adaptive rank-1 aggregation (Yan, Su and Deng, "Federated LLMs Fine-tuned with Adaptive
+Importance-Aware LoRA", arXiv:2411.06581, 2024).
+
+Rule: a LoRA of rank ``r_g`` is a sum of rank-1 components ``B[:, i] A[i]``. Client ``k`` updates
+only some of them (``ClientUpdate.component_index``; by default its first ``r_k``). Component
+``i`` of the new global adapter is the weighted mean over only the clients that updated it,
+``c_i = Σ_{k∋i} p_k c_{k,i} / Σ_{k∋i} p_k``, instead of zero-padding's mean over all clients,
+which dilutes the components that only high-rank clients train. A component nobody updated
+keeps its previous value. When every client updates every component this equals zero-padding.
+Which components a client receives and trains (importance-based truncation or freezing) is
+decided on top of this rule by the HAFL client modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlora.linalg import componentwise_mean
+from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+
+
+def rank_one_mean(
+    state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float], module: str
+) -> LoRAFactors:
+    """The per-component mean over the clients that updated each component of ``module``."""
+    indices = [u.indices(module) for u in updates]
+    previous = state.factors.get(module)
+    rank = max(int(i.max()) + 1 for i in indices)
+    if previous is not None:
+        rank = max(rank, previous.rank)
+    factors = [u.factors[module] for u in updates]
+    return componentwise_mean(factors, indices, weights, rank, over="present", previous=previous)
+
+
+@register
+class HAFL(Strategy):
+    name = "hafl"
+    traits = Traits(paper="Yan et al. 2024 (HAFL)", mixed_ranks=True, component_level=True)
+
+    def _aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        factors = {m: rank_one_mean(state, updates, weights, m) for m in updates[0].factors}
+        return GlobalState(factors=factors, round=state.round + 1)
