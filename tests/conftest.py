@@ -1,0 +1,70 @@
+"""Helpers shared by the tests: random client updates of given ranks, states that fit them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedlora.lora import ClientUpdate, LoRAFactors, fold_scaling
+from fedlora.strategies import GlobalState, Strategy, get_strategy
+
+MODULES = {"q_proj": (12, 10), "v_proj": (6, 10)}  # name -> (d_out, d_in)
+
+
+def random_factors(
+    d_out: int, d_in: int, rank: int, gen: torch.Generator, alpha: float | None = None
+) -> LoRAFactors:
+    """PEFT-like factors ``(A₀, B₀)`` with a trained (non-zero) ``B₀``, scaling ``α/r`` folded."""
+    A = torch.randn(rank, d_in, generator=gen)
+    B = torch.randn(d_out, rank, generator=gen)
+    alpha = 2.0 * rank if alpha is None else alpha
+    return fold_scaling(A, B, alpha / rank)
+
+
+def make_updates(
+    ranks: Sequence[int],
+    seed: int = 0,
+    modules: dict[str, tuple[int, int]] | None = None,
+    alphas: Sequence[float] | None = None,
+    examples: Sequence[int] | None = None,
+    shared: GlobalState | None = None,
+) -> list[ClientUpdate]:
+    """One update per rank, client ids ``c0, c1, …``; with ``shared`` (FFA) ``A`` is ``A_0``'s rows."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = MODULES if modules is None else modules
+    updates = []
+    for k, r in enumerate(ranks):
+        factors = {}
+        for name, (d_out, d_in) in modules.items():
+            alpha = None if alphas is None else alphas[k]
+            f = random_factors(d_out, d_in, r, gen, alpha)
+            if shared is not None:
+                f = LoRAFactors(A=shared.factors[name].A[:r].clone(), B=f.B)
+            factors[name] = f
+        n = examples[k] if examples is not None else 10 + 7 * k
+        updates.append(ClientUpdate(f"c{k}", factors, n))
+    return updates
+
+
+def setup_round(
+    name: str, ranks: Sequence[int], seed: int = 0, **options: object
+) -> tuple[Strategy, GlobalState, list[ClientUpdate]]:
+    """A strategy, its initial state and client updates that fit it."""
+    strategy = get_strategy(name, **options)
+    state = strategy.init_state(MODULES, max(ranks), torch.Generator().manual_seed(seed + 1000))
+    shared = state if strategy.traits.fixed_a else None
+    return strategy, state, make_updates(ranks, seed, shared=shared)
+
+
+def exact_delta(updates: Sequence[ClientUpdate], weights: Sequence[float], module: str) -> torch.Tensor:
+    """``Σ p_k B_k A_k`` computed densely in float64, the reference every exact rule must hit."""
+    return sum(
+        (p * u.factors[module].delta().double() for p, u in zip(weights, updates, strict=True)),
+        start=torch.zeros(updates[0].factors[module].shape, dtype=torch.float64),
+    )
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return float(torch.linalg.norm(got.double() - expected) / torch.linalg.norm(expected))

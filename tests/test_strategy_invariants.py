@@ -1,0 +1,240 @@
+"""One table of invariants, run over every registered strategy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import MODULES, exact_delta, make_updates, rel_err, setup_round
+
+from fedlora.errors import UpdateError
+from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.strategies import REGISTRY, GlobalState, get_strategy
+from fedlora.weighting import client_weights
+
+ALL = sorted(REGISTRY)
+EXACT = {"flora", "flexlora", "ffa"}  # their global ΔW equals Σ p_k ΔW_k
+MIXED = [8, 4, 2, 2, 1]
+EQUAL = [4, 4, 4]
+
+
+def ranks_for(name: str) -> list[int]:
+    return MIXED if REGISTRY[name].traits.mixed_ranks else EQUAL
+
+
+def assert_states_equal(a: GlobalState, b: GlobalState) -> None:
+    assert a.factors.keys() == b.factors.keys()
+    assert a.base_delta.keys() == b.base_delta.keys()
+    for name in a.factors:
+        assert torch.equal(a.factors[name].A, b.factors[name].A)
+        assert torch.equal(a.factors[name].B, b.factors[name].B)
+    for name in a.base_delta:
+        assert torch.equal(a.global_delta(name), b.global_delta(name))
+
+
+def test_registry_holds_the_seven_strategies() -> None:
+    assert set(REGISTRY) == {"fedit", "zeropad", "hetlora", "flora", "flexlora", "ffa", "hafl"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_result_is_bitwise_independent_of_client_order(name: str) -> None:
+    strategy, state, updates = setup_round(name, ranks_for(name))
+    shuffled = updates[:]
+    random.Random(3).shuffle(shuffled)
+    assert [u.client_id for u in shuffled] != [u.client_id for u in updates]
+
+    assert_states_equal(strategy.aggregate(state, updates), strategy.aggregate(state, shuffled))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_are_not_mutated(name: str) -> None:
+    strategy, state, updates = setup_round(name, ranks_for(name))
+    before = [{m: (f.A.clone(), f.B.clone()) for m, f in u.factors.items()} for u in updates]
+
+    strategy.aggregate(state, updates)
+
+    for update, saved in zip(updates, before, strict=True):
+        for m, (A, B) in saved.items():
+            assert torch.equal(update.factors[m].A, A) and torch.equal(update.factors[m].B, B)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mixed_ranks_are_accepted_exactly_when_the_strategy_says_so(name: str) -> None:
+    strategy, state, updates = setup_round(name, MIXED)
+    if strategy.traits.mixed_ranks:
+        new = strategy.aggregate(state, updates)
+        assert set(new.factors) | set(new.base_delta) == set(MODULES)
+    else:
+        with pytest.raises(UpdateError, match="same rank") as err:
+            strategy.aggregate(state, updates)
+        assert err.value.client == "c1" and err.value.module in MODULES
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_client_is_reproduced(name: str) -> None:
+    strategy, state, updates = setup_round(name, [4])
+
+    new = strategy.aggregate(state, updates)
+
+    for m in MODULES:
+        assert rel_err(new.global_delta(m), updates[0].factors[m].delta()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_identical_clients_are_reproduced(name: str) -> None:
+    strategy, state, updates = setup_round(name, [4])
+    copies = [ClientUpdate(f"k{i}", updates[0].factors, 5 + i) for i in range(3)]
+
+    new = strategy.aggregate(state, copies)
+
+    for m in MODULES:
+        assert rel_err(new.global_delta(m), updates[0].factors[m].delta()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_exactness_is_what_the_method_promises(name: str) -> None:
+    strategy, state, updates = setup_round(name, ranks_for(name))
+    weights = client_weights(updates)
+
+    new = strategy.aggregate(state, updates)
+
+    errors = [rel_err(new.global_delta(m), exact_delta(updates, weights, m)) for m in MODULES]
+    if name in EXACT:
+        assert max(errors) < 1e-5
+    else:  # averaging factors (or weighting by norm) is not the mean of the products
+        assert min(errors) > 1e-3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_redistribution_fits_each_rank_and_is_computed_once_per_rank(name: str) -> None:
+    strategy, state, updates = setup_round(name, ranks_for(name))
+    new = strategy.aggregate(state, updates)
+    ranks = ranks_for(name)
+
+    starts = strategy.redistribute(new, ranks)
+
+    assert len(starts) == len(ranks)
+    if strategy.traits.fresh_client_adapters:
+        assert all(s is None for s in starts)
+        return
+    for r, start in zip(ranks, starts, strict=True):
+        assert start is not None and set(start) == set(MODULES)
+        for m, f in start.items():
+            assert f.shape == MODULES[m] and f.rank == min(r, new.factors[m].rank)
+    for i, j in [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if i < j]:
+        assert (starts[i] is starts[j]) == (ranks[i] == ranks[j])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_any_subset_of_clients_can_take_part(name: str) -> None:
+    strategy, state, updates = setup_round(name, ranks_for(name))
+    subset = [updates[2], updates[0]]
+
+    new = strategy.aggregate(state, subset)
+
+    assert new.round == state.round + 1
+    weights = client_weights(sorted(subset, key=lambda u: u.client_id))
+    if name in EXACT:
+        ordered = sorted(subset, key=lambda u: u.client_id)
+        for m in MODULES:
+            assert rel_err(new.global_delta(m), exact_delta(ordered, weights, m)) < 1e-5
+
+
+def _poison(update: ClientUpdate, module: str, value: float, factor: str) -> ClientUpdate:
+    f = update.factors[module]
+    A, B = f.A.clone(), f.B.clone()
+    (A if factor == "A" else B)[0, 0] = value
+    return ClientUpdate(update.client_id, {**update.factors, module: LoRAFactors(A=A, B=B)}, 3)
+
+
+def _reshape(update: ClientUpdate, module: str) -> ClientUpdate:
+    f = update.factors[module]
+    bad = LoRAFactors(A=torch.zeros(f.rank, f.d_in + 1), B=f.B)
+    return ClientUpdate(update.client_id, {**update.factors, module: bad}, 3)
+
+
+def _drop(update: ClientUpdate, module: str) -> ClientUpdate:
+    kept = {m: f for m, f in update.factors.items() if m != module}
+    return ClientUpdate(update.client_id, kept, 3)
+
+
+def _examples(update: ClientUpdate, n: int) -> ClientUpdate:
+    return ClientUpdate(update.client_id, update.factors, n)
+
+
+BAD_INPUTS = {
+    "nan": (lambda u: _poison(u, "v_proj", float("nan"), "B"), "NaN", "v_proj"),
+    "inf": (lambda u: _poison(u, "v_proj", float("inf"), "A"), "NaN/Inf", "v_proj"),
+    "missing module": (lambda u: _drop(u, "v_proj"), "missing \\['v_proj'\\]", None),
+    "shape": (lambda u: _reshape(u, "q_proj"), "expected \\(12, 10\\)", "q_proj"),
+    "zero examples": (lambda u: _examples(u, 0), "num_examples must be > 0", None),
+    "negative examples": (lambda u: _examples(u, -4), "num_examples must be > 0", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("name", ALL)
+def test_bad_update_is_rejected_naming_client_and_module(name: str, case: str) -> None:
+    strategy, state, updates = setup_round(name, ranks_for(name))
+    corrupt, message, module = BAD_INPUTS[case]
+    updates[1] = corrupt(updates[1])
+
+    with pytest.raises(UpdateError, match=message) as err:
+        strategy.aggregate(state, updates)
+
+    assert err.value.client == "c1"
+    assert err.value.module == module
+    assert "'c1'" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_client_list_and_duplicate_ids_are_rejected(name: str) -> None:
+    strategy, state, updates = setup_round(name, ranks_for(name))
+
+    with pytest.raises(UpdateError, match="empty"):
+        strategy.aggregate(state, [])
+    with pytest.raises(UpdateError, match="twice") as err:
+        strategy.aggregate(state, [updates[0], updates[0]])
+    assert err.value.client == "c0"
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("name", ALL)
+def test_bad_given_weight_is_rejected_naming_the_client(name: str, weight: float) -> None:
+    ranks = ranks_for(name)
+    given = {f"c{k}": 1.0 for k in range(len(ranks))} | {"c2": weight}
+    strategy, state, updates = setup_round(name, ranks, weighting=given)
+
+    with pytest.raises(UpdateError, match="positive finite") as err:
+        strategy.aggregate(state, updates)
+
+    assert err.value.client == "c2"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_given_uniform_and_example_weights_differ_as_they_should(name: str) -> None:
+    ranks = ranks_for(name)
+    results = {}
+    for weighting in ("examples", "uniform"):
+        strategy, state, updates = setup_round(name, ranks, weighting=weighting)
+        results[weighting] = strategy.aggregate(state, updates).global_delta("q_proj")
+    explicit = {f"c{k}": 2.5 for k in range(len(ranks))}  # equal raw weights == uniform
+    strategy, state, updates = setup_round(name, ranks, weighting=explicit)
+    given = strategy.aggregate(state, updates).global_delta("q_proj")
+
+    assert rel_err(given, results["uniform"]) < 1e-6
+    if name != "hetlora":  # HetLoRA weighs by update norm, not by the configured weights
+        assert rel_err(results["examples"], results["uniform"]) > 1e-4
+
+
+def test_unknown_strategy_lists_the_available_ones() -> None:
+    with pytest.raises(ValueError, match="available: fedit, ffa, flexlora, flora, hafl, hetlora, zeropad"):
+        get_strategy("fedavg")
+
+
+def test_state_round_counts_rounds() -> None:
+    strategy, state, updates = setup_round("flora", MIXED)
+    for expected in (1, 2, 3):
+        state = strategy.aggregate(state, make_updates(MIXED, seed=expected))
+        assert state.round == expected
