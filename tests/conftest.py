@@ -30,7 +30,7 @@ def make_updates(
     examples: Sequence[int] | None = None,
     shared: GlobalState | None = None,
 ) -> list[ClientUpdate]:
-    """One update per rank, client ids ``c0, c1, …``; with ``shared`` (FFA) ``A`` is ``A_0``'s rows."""
+    """One update per rank, ids ``c0, c1, …``; with ``shared`` (FFA) ``A`` is ``A_0``'s rows."""
     gen = torch.Generator().manual_seed(seed)
     modules = MODULES if modules is None else modules
     updates = []
@@ -57,7 +57,9 @@ def setup_round(
     return strategy, state, make_updates(ranks, seed, shared=shared)
 
 
-def exact_delta(updates: Sequence[ClientUpdate], weights: Sequence[float], module: str) -> torch.Tensor:
+def exact_delta(
+    updates: Sequence[ClientUpdate], weights: Sequence[float], module: str
+) -> torch.Tensor:
     """``Σ p_k B_k A_k`` computed densely in float64, the reference every exact rule must hit."""
     return sum(
         (p * u.factors[module].delta().double() for p, u in zip(weights, updates, strict=True)),

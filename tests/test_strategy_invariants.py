@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-from conftest import MODULES, exact_delta, make_updates, rel_err, setup_round
 
+from conftest import MODULES, exact_delta, make_updates, rel_err, setup_round
 from fedlora.errors import UpdateError
 from fedlora.lora import ClientUpdate, LoRAFactors
 from fedlora.strategies import REGISTRY, GlobalState, get_strategy
@@ -229,12 +229,14 @@ def test_given_uniform_and_example_weights_differ_as_they_should(name: str) -> N
 
 
 def test_unknown_strategy_lists_the_available_ones() -> None:
-    with pytest.raises(ValueError, match="available: fedit, ffa, flexlora, flora, hafl, hetlora, zeropad"):
+    with pytest.raises(
+        ValueError, match="available: fedit, ffa, flexlora, flora, hafl, hetlora, zeropad"
+    ):
         get_strategy("fedavg")
 
 
 def test_state_round_counts_rounds() -> None:
-    strategy, state, updates = setup_round("flora", MIXED)
+    strategy, state, _updates = setup_round("flora", MIXED)
     for expected in (1, 2, 3):
         state = strategy.aggregate(state, make_updates(MIXED, seed=expected))
         assert state.round == expected

@@ -1,0 +1,67 @@
+"""FFA-LoRA: a shared frozen A_0; averaging B is exact, for mixed ranks too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import MODULES, exact_delta, make_updates, rel_err, setup_round
+from fedlora.errors import UpdateError
+from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.strategies import GlobalState, get_strategy
+from fedlora.weighting import client_weights
+
+
+def test_shared_init_is_seeded_and_shaped() -> None:
+    strategy = get_strategy("ffa")
+
+    a = strategy.init_state(MODULES, 8, torch.Generator().manual_seed(1))
+    b = strategy.init_state(MODULES, 8, torch.Generator().manual_seed(1))
+    c = strategy.init_state(MODULES, 8, torch.Generator().manual_seed(2))
+
+    for m, (_d_out, d_in) in MODULES.items():
+        assert a.factors[m].A.shape == (8, d_in) and torch.equal(a.factors[m].A, b.factors[m].A)
+        assert not torch.equal(a.factors[m].A, c.factors[m].A)
+        assert float(a.factors[m].A.abs().max()) <= 1 / d_in**0.5
+        assert torch.count_nonzero(a.factors[m].B) == 0
+
+
+def test_averaging_b_is_exact_and_clients_restart_from_a0() -> None:
+    strategy, state, updates = setup_round("ffa", [8, 4, 2])
+
+    new = strategy.aggregate(state, updates)
+    starts = strategy.redistribute(new, [8, 4, 2])
+
+    for m in MODULES:
+        assert torch.equal(new.factors[m].A, state.factors[m].A)
+        assert rel_err(new.global_delta(m), exact_delta(updates, client_weights(updates), m)) < 1e-5
+    assert starts[2] is not None and torch.equal(
+        starts[2]["q_proj"].A, state.factors["q_proj"].A[:2]
+    )
+
+
+def test_an_update_that_moved_a_is_rejected() -> None:
+    strategy, state, updates = setup_round("ffa", [4, 4])
+    f = updates[1].factors["v_proj"]
+    moved = LoRAFactors(A=f.A + 1e-3, B=f.B)
+    updates[1] = ClientUpdate("c1", {**updates[1].factors, "v_proj": moved}, 3)
+
+    with pytest.raises(UpdateError, match="A differs from the shared A_0") as err:
+        strategy.aggregate(state, updates)
+
+    assert (err.value.client, err.value.module) == ("c1", "v_proj")
+
+
+def test_without_a_shared_init_the_error_says_what_to_do() -> None:
+    updates = make_updates([4])
+
+    with pytest.raises(UpdateError, match="init_state"):
+        get_strategy("ffa").aggregate(GlobalState(), updates)
+
+
+def test_rank_above_the_shared_init_is_rejected() -> None:
+    strategy = get_strategy("ffa")
+    state = strategy.init_state(MODULES, 2, torch.Generator().manual_seed(0))
+
+    with pytest.raises(UpdateError, match="do not fit the shared A_0"):
+        strategy.aggregate(state, make_updates([4]))
