@@ -66,8 +66,24 @@ class GlobalState:
         return self.factors[module].delta()
 
 
+@dataclass(frozen=True)
+class RoundInput:
+    """One round's validated input: ``updates`` sorted by client id, ``weights`` their ``p_k``."""
+
+    state: GlobalState
+    updates: Sequence[ClientUpdate]
+    weights: Sequence[float]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.updates[0].factors)
+
+    def factors(self, module: str) -> list[LoRAFactors]:
+        return [u.factors[module] for u in self.updates]
+
+
 class Strategy(ABC):
-    """Base of every aggregation strategy. Subclasses implement :meth:`_aggregate`.
+    """Base of every aggregation strategy. Subclasses implement :meth:`_combine`.
 
     :meth:`aggregate` sorts the updates by client id (so the result is bitwise independent of
     arrival order), validates them all before any math (so a bad update changes nothing), then
@@ -94,17 +110,22 @@ class Strategy(ABC):
         validate_updates(ordered)
         if not self.traits.mixed_ranks:
             _require_equal_ranks(self.name, ordered)
-        self._check(state, ordered)
-        return self._aggregate(state, ordered, client_weights(ordered, self.weighting))
+        rnd = RoundInput(state, ordered, client_weights(ordered, self.weighting))
+        self._check(rnd)
+        return self._aggregate(rnd)
 
-    def _check(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
+    def _check(self, rnd: RoundInput) -> None:
         """Strategy-specific validation before any math; raise :class:`UpdateError`."""
-        del state, updates
+        del rnd
+
+    def _aggregate(self, rnd: RoundInput) -> GlobalState:
+        """Default: the new global adapter is :meth:`_combine` of each module."""
+        factors = {m: self._combine(rnd, m) for m in rnd.modules}
+        return GlobalState(factors=factors, round=rnd.state.round + 1)
 
     @abstractmethod
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState: ...
+    def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        """The rule for one module: validated updates and weights ``p_k`` in, factors out."""
 
     def redistribute(self, state: GlobalState, ranks: Sequence[RankSpec]) -> list[Start]:
         """What each client, given by its rank, starts the next round from, in the same order.

@@ -21,25 +21,20 @@ from fedlora.strategies.base import (
     GlobalState,
     RankSpec,
     Start,
-    Strategy,
     Traits,
     module_rank,
     register,
 )
-from fedlora.strategies.zeropad import zero_padded_mean
+from fedlora.strategies.zeropad import ZeroPad, zero_padded_mean
 from fedlora.weighting import Weighting, client_weights
 
 
 @register
-class FedIT(Strategy):
+class FedIT(ZeroPad):
+    """Zero-padding restricted to equal ranks, where padding does nothing."""
+
     name = "fedit"
     traits = Traits(paper="Zhang et al. 2024 (FedIT)", mixed_ranks=False)
-
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState:
-        factors = {m: zero_padded_mean(updates, weights, m) for m in updates[0].factors}
-        return GlobalState(factors=factors, round=state.round + 1)
 
     def _start(self, state: GlobalState, spec: RankSpec) -> Start:
         for name, f in state.factors.items():

@@ -10,13 +10,13 @@ from ``A_0`` is rejected, since averaging its ``B`` would no longer be exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
 from fedlora.errors import UpdateError
-from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+from fedlora.lora import LoRAFactors
+from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
 from fedlora.strategies.zeropad import zero_padded_mean
 
 
@@ -44,8 +44,9 @@ class FFALoRA(Strategy):
     ) -> GlobalState:
         return GlobalState(factors=shared_init(shapes, rank, generator))
 
-    def _check(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
-        for update in updates:
+    def _check(self, rnd: RoundInput) -> None:
+        state = rnd.state
+        for update in rnd.updates:
             for module, f in update.factors.items():
                 if module not in state.factors:
                     raise UpdateError(
@@ -72,13 +73,9 @@ class FFALoRA(Strategy):
                         module=module,
                     )
 
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState:
-        factors = {}
-        for module, init in state.factors.items():
-            mean = zero_padded_mean(updates, weights, module)
-            B = torch.zeros_like(init.B, dtype=mean.B.dtype)
-            B[:, : mean.rank] = mean.B
-            factors[module] = LoRAFactors(A=init.A.to(mean.B.dtype), B=B)
-        return GlobalState(factors=factors, round=state.round + 1)
+    def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        init = rnd.state.factors[module]
+        mean = zero_padded_mean(rnd.updates, rnd.weights, module)  # its A is ignored: A stays A_0
+        B = torch.zeros_like(init.B, dtype=mean.B.dtype)
+        B[:, : mean.rank] = mean.B
+        return LoRAFactors(A=init.A.to(mean.B.dtype), B=B)

@@ -14,11 +14,9 @@ distinct rank.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from fedlora.linalg import stack, svd_factors
-from fedlora.lora import ClientUpdate
-from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+from fedlora.lora import LoRAFactors
+from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 
 
 @register
@@ -26,11 +24,5 @@ class FlexLoRA(Strategy):
     name = "flexlora"
     traits = Traits(paper="Bai et al. 2024 (FlexLoRA)", mixed_ranks=True)
 
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState:
-        factors = {
-            m: svd_factors(stack([u.factors[m] for u in updates], weights))
-            for m in updates[0].factors
-        }
-        return GlobalState(factors=factors, round=state.round + 1)
+    def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        return svd_factors(stack(rnd.factors(module), rnd.weights))

@@ -14,11 +14,9 @@ send and merge), dense otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from fedlora.linalg import stack
-from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
-from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+from fedlora.lora import BaseDelta, LoRAFactors
+from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
 
 
 def compact(delta: LoRAFactors) -> BaseDelta:
@@ -38,10 +36,9 @@ class FLoRA(Strategy):
         fresh_client_adapters=True,
     )
 
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState:
-        delta = {
-            m: compact(stack([u.factors[m] for u in updates], weights)) for m in updates[0].factors
-        }
-        return GlobalState(base_delta=delta, round=state.round + 1)
+    def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        return stack(rnd.factors(module), rnd.weights)
+
+    def _aggregate(self, rnd: RoundInput) -> GlobalState:
+        delta = {m: compact(self._combine(rnd, m)) for m in rnd.modules}
+        return GlobalState(base_delta=delta, round=rnd.state.round + 1)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from fedlora.linalg import componentwise_mean
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
 
 
 def rank_one_mean(
@@ -38,8 +38,5 @@ class HAFL(Strategy):
     name = "hafl"
     traits = Traits(paper="Yan et al. 2024 (HAFL)", mixed_ranks=True, component_level=True)
 
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState:
-        factors = {m: rank_one_mean(state, updates, weights, m) for m in updates[0].factors}
-        return GlobalState(factors=factors, round=state.round + 1)
+    def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        return rank_one_mean(rnd.state, rnd.updates, rnd.weights, module)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedlora.linalg import frobenius_norm_of_product
-from fedlora.lora import ClientUpdate
-from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 from fedlora.strategies.zeropad import zero_padded_mean
 
 
@@ -34,11 +34,6 @@ class HetLoRA(Strategy):
     name = "hetlora"
     traits = Traits(paper="Cho et al. 2024 (HetLoRA)", mixed_ranks=True)
 
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState:
-        factors = {
-            m: zero_padded_mean(updates, norm_weights(updates, m, weights), m)
-            for m in updates[0].factors
-        }
-        return GlobalState(factors=factors, round=state.round + 1)
+    def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        weights = norm_weights(rnd.updates, module, rnd.weights)
+        return zero_padded_mean(rnd.updates, weights, module)

@@ -16,7 +16,7 @@ import torch
 
 from fedlora.linalg import componentwise_mean
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies.base import GlobalState, Strategy, Traits, register
+from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 
 
 def zero_padded_mean(
@@ -34,8 +34,5 @@ class ZeroPad(Strategy):
     name = "zeropad"
     traits = Traits(paper="Wang et al. 2024 (FLoRA), zero-padding baseline", mixed_ranks=True)
 
-    def _aggregate(
-        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
-    ) -> GlobalState:
-        factors = {m: zero_padded_mean(updates, weights, m) for m in updates[0].factors}
-        return GlobalState(factors=factors, round=state.round + 1)
+    def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        return zero_padded_mean(rnd.updates, rnd.weights, module)
