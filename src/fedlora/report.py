@@ -1,0 +1,173 @@
+"""Run folders and results: resolved config, ``metrics.jsonl``, ``summary.json``, ``summary.md``,
+one PNG plot per metric, and comparison tables across strategies."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HIGHER_IS_BETTER = {"accuracy": True, "rougeL": True, "loss": False, "perplexity": False}
+
+
+def headline_metric(kind: str, rouge: bool) -> str:
+    """The metric a run is judged by: accuracy for scored choices, else Rouge-L or loss."""
+    if kind in ("classification", "multiple-choice"):
+        return "accuracy"
+    return "rougeL" if rouge else "loss"
+
+
+class RunWriter:
+    """Writes a run folder as the run goes: ``config.json`` first, a line per round after."""
+
+    def __init__(self, out: Path, config: dict[str, Any]):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        self.metrics_path = out / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.out / "summary.md").write_text(summary_markdown(summary, self.rows))
+        for metric in metric_names(self.rows):
+            plot_curves(
+                {summary["strategy"]: curve(self.rows, metric)},
+                metric,
+                self.out / f"{metric}.png",
+            )
+        return summary
+
+
+def metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    names = {k[5:] for row in rows for k in row if k.startswith("eval_")}
+    return sorted(names)
+
+
+def curve(rows: Sequence[dict[str, Any]], metric: str) -> list[tuple[int, float]]:
+    key = f"eval_{metric}"
+    return [(int(r["round"]), float(r[key])) for r in rows if key in r]
+
+
+def summarize(
+    strategy: str, kind: str, metric: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """``{"metric", "base", "final", "rounds", ...}`` from the per-round rows."""
+    points = curve(rows, metric)
+    base, final = points[0][1], points[-1][1]
+    higher = HIGHER_IS_BETTER.get(metric, True)
+    traffic = [t for r in rows for t in r.get("traffic", [])]
+    return {
+        "strategy": strategy,
+        "task": kind,
+        "metric": metric,
+        "higher_is_better": higher,
+        "base": base,
+        "final": final,
+        "improved": final > base if higher else final < base,
+        "rounds": int(rows[-1]["round"]),
+        "per_round": {m: dict(curve(rows, m)) for m in metric_names(rows)},
+        "communication": communication_summary(traffic),
+        **extra,
+    }
+
+
+def communication_summary(traffic: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean per client per round: parameters and bytes up and down, and the ratio to full FT."""
+    if not traffic:
+        return {}
+    n = len(traffic)
+    keys = ("up_params", "down_params", "up_bytes", "down_bytes", "ratio_to_full")
+    return {k: sum(float(t[k]) for t in traffic) / n for k in keys}
+
+
+def summary_markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    metrics = metric_names(rows)
+    lines = [
+        f"# {summary['strategy']} on {summary['task']}",
+        "",
+        f"Headline metric: **{summary['metric']}** — base {summary['base']:.4f}, "
+        f"final {summary['final']:.4f} after {summary['rounds']} rounds "
+        f"({'better' if summary['improved'] else 'not better'} than the base model).",
+        "",
+        "| round | " + " | ".join(metrics) + " | train loss |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
+    for row in rows:
+        cells = [_fmt(row.get(f"eval_{m}")) for m in metrics] + [_fmt(row.get("train_loss"))]
+        lines.append(f"| {row['round']} | " + " | ".join(cells) + " |")
+    comm = summary.get("communication") or {}
+    if comm:
+        lines += [
+            "",
+            f"Communication per client per round: {comm['up_params']:.0f} parameters up, "
+            f"{comm['down_params']:.0f} down ({(comm['up_bytes'] + comm['down_bytes']) / 1e6:.3f} MB); "
+            f"{comm['ratio_to_full']:.5f} of full fine-tuning.",
+        ]
+    if summary.get("adapter"):
+        lines += ["", f"Adapter: `{summary['adapter']}` (load with `PeftModel.from_pretrained`)."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: Path) -> Path:
+    """A PNG with one line per name: ``metric`` against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("round (0 = base model)")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.set_title(f"held-out {metric} per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def comparison(summaries: dict[str, dict[str, Any]], out: Path) -> str:
+    """``compare.md``, ``compare.json`` and ``compare.png`` across strategies; returns the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(summaries.values()))
+    metric = first["metric"]
+    lines = [
+        f"| strategy | base {metric} | final {metric} | improved | up params/client/round | "
+        "ratio to full FT |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        comm = s.get("communication") or {}
+        lines.append(
+            f"| {name} | {s['base']:.4f} | {s['final']:.4f} | {'yes' if s['improved'] else 'no'} | "
+            f"{comm.get('up_params', 0):.0f} | {comm.get('ratio_to_full', 0):.5f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    curves = {
+        name: sorted((int(r), float(v)) for r, v in s["per_round"].get(metric, {}).items())
+        for name, s in summaries.items()
+    }
+    plot_curves(curves, metric, out / "compare.png")
+    return table

@@ -1,0 +1,358 @@
+"""The in-process runner: rounds, client sampling, local training, aggregation, evaluation.
+
+It only moves data along the path ``redistribute → train → aggregate → (merge) → evaluate`` and
+acts on each strategy's traits; all math lives in :mod:`fedlora.strategies`. ``centralized``
+(all client data pooled, one LoRA) and ``standalone`` (every client alone; the mean is reported)
+are the reference points. Per-client state that outlives a round (standalone adapters) is kept
+on disk as safetensors, so memory does not grow with the number of registered clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from fedlora import adapters
+from fedlora.comm import Traffic, delta_params, factor_params
+from fedlora.config import RunConfig
+from fedlora.data import Example, encode, load_examples, partition, split_heldout
+from fedlora.evaluate import evaluate
+from fedlora.linalg import stack
+from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
+from fedlora.models import LoadedModel, load_model
+from fedlora.ranks import client_ranks
+from fedlora.strategies import GlobalState, Start, Strategy, get_strategy
+from fedlora.train import LocalTraining, train_local
+
+
+@dataclass(frozen=True)
+class Client:
+    cid: str
+    rank: int
+    alpha: float
+    examples: list[Example]
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built once from the config."""
+
+    cfg: RunConfig
+    loaded: LoadedModel
+    kind: str
+    clients: list[Client]
+    heldout: list[Example]
+    shapes: dict[str, tuple[int, int]]
+    model_params: int
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    metrics: dict[str, float]
+    train_loss: float | None = None
+    clients: list[str] = field(default_factory=list)
+    traffic: list[Traffic] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            **{f"eval_{k}": v for k, v in self.metrics.items()},
+            "train_loss": self.train_loss,
+            "clients": self.clients,
+            "traffic": [t.to_json() for t in self.traffic],
+        }
+
+
+@dataclass
+class RunOutcome:
+    """What a run leaves in memory for the report: records and the final global result."""
+
+    records: list[RoundRecord]
+    export: dict[str, LoRAFactors] | None
+    export_error: float | None = None
+
+
+def build_federation(cfg: RunConfig) -> Federation:
+    """Load model and data, split held-out data, partition clients and assign ranks."""
+    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
+    examples, kind = load_examples(
+        cfg.data.source,
+        kind=cfg.data.kind,  # type: ignore[arg-type]
+        columns=cfg.data.columns,
+        limit=cfg.data.limit,
+        seed=cfg.seed,
+    )
+    train, heldout = split_heldout(examples, cfg.data.heldout, seed=cfg.seed)
+    parts = partition(
+        train,
+        cfg.clients.num_clients,
+        cfg.data.partition,
+        alpha=cfg.data.dirichlet_alpha,
+        classes_per_client=cfg.data.classes_per_client,
+        seed=cfg.seed,
+    )
+    ranks = client_ranks(
+        cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed
+    )
+    clients = [
+        Client(f"client-{k:04d}", r, cfg.clients.alpha or 2.0 * r, list(part))
+        for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
+    ]
+    shapes = adapters.target_shapes(loaded.model, cfg.model.targets)
+    for c in clients:
+        for name, shape in shapes.items():
+            if c.rank > min(shape):
+                raise_rank(c, name, shape)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    return Federation(cfg, loaded, kind, clients, heldout, shapes, params)
+
+
+def raise_rank(client: Client, module: str, shape: tuple[int, int]) -> None:
+    from fedlora.errors import ConfigError
+
+    raise ConfigError(
+        f"client {client.cid!r}: rank {client.rank} is larger than module {module!r} "
+        f"(shape {shape}) allows; lower clients.ranks"
+    )
+
+
+def _seed(*parts: int) -> int:
+    """A deterministic seed from integers (no global RNG)."""
+    value = 0
+    for p in parts:
+        value = (value * 1_000_003 + p) % (2**63 - 1)
+    return value
+
+
+class Runner:
+    """Runs one federation with one strategy (or centralized / standalone)."""
+
+    def __init__(self, fed: Federation, workdir: Path, progress: bool = True):
+        self.fed = fed
+        self.cfg = fed.cfg
+        self.workdir = workdir
+        self.progress = progress
+        self.local = LocalTraining(**vars(self.cfg.train))
+        self.model = fed.loaded.model
+        self.tokenizer = fed.loaded.tokenizer
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.sampler = torch.Generator().manual_seed(_seed(self.cfg.seed, 1))
+
+    # --- building blocks -------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            self.fed.heldout,
+            self.fed.kind,  # type: ignore[arg-type]
+            batch_size=self.cfg.eval.batch_size,
+            max_length=self.cfg.model.max_length,
+            rouge_samples=self.cfg.eval.rouge_samples,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+        )
+
+    def evaluate_with(self, factors: dict[str, LoRAFactors] | None) -> dict[str, float]:
+        """Evaluate the base model with ``factors`` attached (scaling 1), or the bare base."""
+        if not factors:
+            return self.evaluate()
+        ranks = {n: f.rank for n, f in factors.items()}
+        alphas = {n: float(r) for n, r in ranks.items()}
+        peft_model = adapters.attach(self.model, self.cfg.model.targets, ranks, alphas, seed=0)
+        adapters.write_factors(peft_model, factors)
+        try:
+            return self.evaluate()
+        finally:
+            self.model = adapters.detach(peft_model)
+
+    def due(self, t: int) -> bool:
+        return t == self.cfg.rounds or t % self.cfg.eval.every == 0
+
+    def sample(self) -> list[Client]:
+        n = len(self.fed.clients)
+        k = max(1, round(self.cfg.clients.fraction * n))
+        picked = torch.randperm(n, generator=self.sampler)[:k].sort().values.tolist()
+        return [self.fed.clients[i] for i in picked]
+
+    def train_client(
+        self,
+        client: Client,
+        start: Start,
+        t: int,
+        freeze_a: bool = False,
+        rank: int | None = None,
+        examples: Sequence[Example] | None = None,
+    ) -> tuple[dict[str, LoRAFactors], float]:
+        """Attach a fresh rank-``r_k`` LoRA, load ``start``, train, read the factors, detach."""
+        r = rank or client.rank
+        alpha = client.alpha if rank is None else (self.cfg.clients.alpha or 2.0 * r)
+        idx = int(client.cid.rsplit("-", 1)[-1]) if "-" in client.cid else 0
+        seed = _seed(self.cfg.seed, t, idx)
+        peft_model = adapters.attach(self.model, self.cfg.model.targets, r, alpha, seed=seed)
+        try:
+            if start:
+                adapters.write_factors(peft_model, start)
+            if freeze_a:
+                adapters.freeze_a(peft_model)
+            data = encode(examples or client.examples, self.tokenizer, self.cfg.model.max_length)
+            label = f"round {t} {client.cid} (r={r})" if self.progress else None
+            result = train_local(peft_model, data, self.local, self.pad_id, seed, label)
+            factors = adapters.read_factors(peft_model)
+        finally:
+            self.model = adapters.detach(peft_model)
+        return factors, result.loss
+
+    def traffic(self, client: Client, up: int, down: int) -> Traffic:
+        return Traffic(client.cid, client.rank, up, down, 4, self.fed.model_params)
+
+    def rounds(self) -> Any:
+        return tqdm(
+            range(1, self.cfg.rounds + 1), desc=self.cfg.strategy, disable=not self.progress
+        )
+
+    # --- modes -----------------------------------------------------------------------------
+
+    def run(self, on_record: Callable[[RoundRecord], None]) -> RunOutcome:
+        if self.cfg.strategy == "centralized":
+            return self.run_centralized(on_record)
+        if self.cfg.strategy == "standalone":
+            return self.run_standalone(on_record)
+        return self.run_federated(get_strategy(self.cfg.strategy, weighting=self.cfg.weighting), on_record)
+
+    def run_federated(
+        self, strategy: Strategy, on_record: Callable[[RoundRecord], None]
+    ) -> RunOutcome:
+        init_gen = torch.Generator().manual_seed(_seed(self.cfg.seed, 2))
+        max_rank = max(c.rank for c in self.fed.clients)
+        state = strategy.init_state(self.fed.shapes, max_rank, init_gen)
+        records = [RoundRecord(0, self.evaluate())]
+        on_record(records[0])
+        merged: dict[str, list[BaseDelta]] = {}
+        sent_down: dict[str, BaseDelta] = {}
+        for t in self.rounds():
+            sampled = self.sample()
+            starts = strategy.redistribute(state, [c.rank for c in sampled])
+            updates, traffic, losses = [], [], []
+            for client, start in zip(sampled, starts, strict=True):
+                factors, loss = self.train_client(client, start, t, strategy.traits.fixed_a)
+                b_only = strategy.traits.fixed_a
+                down = factor_params(start, b_only) + delta_params(sent_down)
+                traffic.append(self.traffic(client, factor_params(factors, b_only), down))
+                updates.append(ClientUpdate(client.cid, factors, len(client.examples), {"loss": loss}))
+                losses.append(loss)
+            state = strategy.aggregate(state, updates)
+            if strategy.traits.merges_into_base:
+                adapters.merge_delta(self.model, state.base_delta)
+                for name, delta in state.base_delta.items():
+                    merged.setdefault(name, []).append(delta)
+                sent_down = dict(state.base_delta)
+            metrics = self.evaluate_with(dict(state.factors)) if self.due(t) else {}
+            record = RoundRecord(t, metrics, sum(losses) / len(losses), [c.cid for c in sampled], traffic)
+            records.append(record)
+            on_record(record)
+        if strategy.traits.merges_into_base:
+            factors, err = accumulated_factors(merged, self.cfg.export_rank)
+            return RunOutcome(records, factors, err)
+        return RunOutcome(records, dict(state.factors))
+
+    def run_centralized(self, on_record: Callable[[RoundRecord], None]) -> RunOutcome:
+        """One LoRA of the largest client rank on all client data pooled; per round as many
+        optimizer steps as the sampled clients of a federated round take together."""
+        pooled = [e for c in self.fed.clients for e in c.examples]
+        rank = max(c.rank for c in self.fed.clients)
+        central = Client("centralized", rank, self.cfg.clients.alpha or 2.0 * rank, pooled)
+        records = [RoundRecord(0, self.evaluate())]
+        on_record(records[0])
+        factors: dict[str, LoRAFactors] | None = None
+        k = max(1, round(self.cfg.clients.fraction * len(self.fed.clients)))
+        steps = self.local.steps * k
+        self.local = LocalTraining(**{**vars(self.cfg.train), "steps": steps})
+        for t in self.rounds():
+            factors, loss = self.train_client(central, factors, t)
+            metrics = self.evaluate_with(factors) if self.due(t) else {}
+            record = RoundRecord(t, metrics, loss, ["centralized"])
+            records.append(record)
+            on_record(record)
+        return RunOutcome(records, factors)
+
+    def run_standalone(self, on_record: Callable[[RoundRecord], None]) -> RunOutcome:
+        """Each client trains its own adapter across rounds (kept on disk); the reported metric
+        is the mean over the round's clients of each one's adapter on the held-out set."""
+        store = self.workdir / "clients"
+        store.mkdir(parents=True, exist_ok=True)
+        records = [RoundRecord(0, self.evaluate())]
+        on_record(records[0])
+        for t in self.rounds():
+            sampled = self.sample()
+            per_client: list[dict[str, float]] = []
+            losses = []
+            for client in sampled:
+                path = store / f"{client.cid}.safetensors"
+                start = load_factors(path) if path.exists() else None
+                factors, loss = self.train_client(client, start, t)
+                save_factors(path, factors)
+                losses.append(loss)
+                if self.due(t):
+                    per_client.append(self.evaluate_with(factors))
+            metrics = {k: sum(m[k] for m in per_client) / len(per_client) for k in per_client[0]} if per_client else {}
+            record = RoundRecord(t, metrics, sum(losses) / len(losses), [c.cid for c in sampled])
+            records.append(record)
+            on_record(record)
+        return RunOutcome(records, None)
+
+
+def accumulated_factors(
+    merged: dict[str, list[BaseDelta]], export_rank: int | None
+) -> tuple[dict[str, LoRAFactors], float | None]:
+    """FLoRA's total update ``Σ_t ΔW_t`` per module as factors: exact (stacked over rounds), or
+    compressed to ``export_rank`` by SVD with the largest relative Frobenius error returned."""
+    from fedlora.linalg import svd_factors, truncate
+
+    out: dict[str, LoRAFactors] = {}
+    worst = 0.0
+    for name, deltas in merged.items():
+        parts = [d if isinstance(d, LoRAFactors) else dense_as_factors(d) for d in deltas]
+        total = stack(parts, [1.0] * len(parts))
+        if export_rank is None and total.rank <= min(total.shape):
+            out[name] = total
+            continue
+        svd = svd_factors(total)
+        keep = min(export_rank or svd.rank, svd.rank)
+        s = torch.linalg.norm(svd.B, dim=0)
+        norm = float(torch.linalg.norm(s))
+        worst = max(worst, float(torch.linalg.norm(s[keep:])) / norm if norm > 0 else 0.0)
+        out[name] = truncate(svd, keep)
+    return out, (worst if export_rank is not None else None)
+
+
+def dense_as_factors(delta: torch.Tensor) -> LoRAFactors:
+    """A dense ``(d_out, d_in)`` update as exact factors ``U S`` and ``Vh``."""
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return LoRAFactors(A=Vh.contiguous(), B=(U * S).contiguous())
+
+
+def save_factors(path: Path, factors: dict[str, LoRAFactors]) -> None:
+    tensors = {}
+    for name, f in factors.items():
+        tensors[f"{name}.A"] = f.A.contiguous()
+        tensors[f"{name}.B"] = f.B.contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def load_factors(path: Path) -> dict[str, LoRAFactors]:
+    tensors = load_file(str(path))
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return {n: LoRAFactors(A=tensors[f"{n}.A"], B=tensors[f"{n}.B"]) for n in names}
+
+
+def global_state_factors(state: GlobalState) -> dict[str, LoRAFactors]:
+    return dict(state.factors)

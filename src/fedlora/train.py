@@ -1,0 +1,112 @@
+"""Local training of one client: a plain torch loop over a PEFT model.
+
+AdamW over the trainable parameters only, a fixed number of optimizer steps (or epochs), gradient
+accumulation and clipping, batches drawn from a seeded generator. Nothing global is seeded.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fedlora.data.encode import Encoded, collate
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyper-parameters of one client's local training."""
+
+    lr: float = 3e-4
+    steps: int = 10
+    """Optimizer steps per round; used unless ``epochs`` is set."""
+    epochs: float | None = None
+    """Passes over the client's data per round (overrides ``steps``)."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    """Mean training loss over the round's micro-batches."""
+    steps: int
+    examples_seen: int
+
+
+def batches(
+    data: Sequence[Encoded], batch_size: int, generator: torch.Generator
+) -> Iterator[list[Encoded]]:
+    """Endless shuffled batches: each epoch is a fresh permutation from ``generator``."""
+    if not data:
+        raise ValueError("cannot train on an empty data set")
+    while True:
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            yield [data[j] for j in order[i : i + batch_size]]
+
+
+def num_steps(cfg: LocalTraining, num_examples: int) -> int:
+    """Optimizer steps for a round: ``steps``, or ``epochs`` over the data rounded up."""
+    if cfg.epochs is None:
+        return cfg.steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * num_examples / per_step))
+
+
+def train_local(
+    model: Any,
+    data: Sequence[Encoded],
+    cfg: LocalTraining,
+    pad_id: int,
+    seed: int,
+    progress: str | None = None,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters in place on ``data``; return the mean loss.
+
+    ``progress``: a label for a progress bar over the steps (None: no bar).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    stream = batches(data, cfg.batch_size, generator)
+    device = next(model.parameters()).device
+    steps = num_steps(cfg, len(data))
+    was_training = model.training
+    model.train()
+    losses: list[torch.Tensor] = []
+    seen = 0
+    bar = tqdm(total=steps, desc=progress, leave=False, disable=progress is None)
+    for _ in range(steps):
+        for _ in range(cfg.grad_accum):
+            batch = next(stream)
+            tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            loss = model(**tensors).loss
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss.detach())
+            seen += len(batch)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+    bar.close()
+    model.train(was_training)
+    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    del optimizer, stream
+    release_memory()
+    return TrainResult(loss=mean_loss, steps=steps, examples_seen=seen)
+
+
+def release_memory() -> None:
+    """Give freed memory back between clients."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
