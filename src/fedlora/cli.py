@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per strategy")
     agg.add_argument("--seed", type=int, default=0, help="seed of the synthetic client factors")
     agg.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+
+    over = benches.add_parser(
+        "overhead", help="seconds per local step: fedlora's client code vs a bare torch+peft loop"
+    )
+    over.add_argument("--model", default="smollm2-135m", help="model (default: the embedded one)")
+    over.add_argument("--steps", type=_positive_int, default=5, help="steps per timed run")
+    over.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side")
+    over.add_argument("--batch-size", type=_positive_int, default=4)
+    over.add_argument("--seq-len", type=_positive_int, default=64)
+    over.add_argument("--rank", type=_positive_int, default=8)
+    over.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     return parser
 
 
@@ -144,6 +155,25 @@ def _bench_aggregation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from fedlora.bench.overhead import format_overhead, run_overhead_bench
+
+    result = run_overhead_bench(
+        model_name=args.model,
+        steps=args.steps,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        rank=args.rank,
+        progress=lambda msg: print(f"... {msg}", file=sys.stderr, flush=True),
+    )
+    print(format_overhead(result))
+    if args.json is not None:
+        _write_json(args.json, result.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _write_json(path: Path, payload: object) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "bench" and args.bench == "aggregation":
             return _bench_aggregation(args)
+        if args.command == "bench" and args.bench == "overhead":
+            return _bench_overhead(args)
         raise ConfigError(f"unknown command {args.command!r}")
     except FedloraError as exc:
         if args.debug:

@@ -165,7 +165,7 @@ def build(cls: type[Any], raw: Any, where: str) -> Any:
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(
-            f"unknown config key {where}{name!r}; allowed in {where.rstrip('.') or 'the top level'}: "
+            f"unknown config key {where + name!r}; allowed in {where.rstrip('.') or 'the top level'}: "
             f"{', '.join(sorted(fields))}"
         )
     values = {}

@@ -22,12 +22,13 @@ from fedlora import adapters
 from fedlora.comm import Traffic, delta_params, factor_params
 from fedlora.config import RunConfig
 from fedlora.data import Example, encode, load_examples, partition, split_heldout
+from fedlora.errors import ConfigError
 from fedlora.evaluate import evaluate
 from fedlora.linalg import stack
 from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
 from fedlora.models import LoadedModel, load_model
 from fedlora.ranks import client_ranks
-from fedlora.strategies import GlobalState, Start, Strategy, get_strategy
+from fedlora.strategies import REGISTRY, Start, Strategy, get_strategy
 from fedlora.train import LocalTraining, train_local
 
 
@@ -101,6 +102,12 @@ def build_federation(cfg: RunConfig) -> Federation:
     ranks = client_ranks(
         cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed
     )
+    if cfg.strategy in REGISTRY and not REGISTRY[cfg.strategy].traits.mixed_ranks:
+        if len(set(ranks)) > 1:
+            raise ConfigError(
+                f"strategy {cfg.strategy!r} needs every client at the same rank, but "
+                f"clients.ranks gives {sorted(set(ranks))}; set e.g. clients.ranks=[{max(ranks)}]"
+            )
     clients = [
         Client(f"client-{k:04d}", r, cfg.clients.alpha or 2.0 * r, list(part))
         for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
@@ -109,18 +116,12 @@ def build_federation(cfg: RunConfig) -> Federation:
     for c in clients:
         for name, shape in shapes.items():
             if c.rank > min(shape):
-                raise_rank(c, name, shape)
+                raise ConfigError(
+                    f"client {c.cid!r}: rank {c.rank} is larger than module {name!r} "
+                    f"(shape {shape}) allows; lower clients.ranks"
+                )
     params = sum(p.numel() for p in loaded.model.parameters())
     return Federation(cfg, loaded, kind, clients, heldout, shapes, params)
-
-
-def raise_rank(client: Client, module: str, shape: tuple[int, int]) -> None:
-    from fedlora.errors import ConfigError
-
-    raise ConfigError(
-        f"client {client.cid!r}: rank {client.rank} is larger than module {module!r} "
-        f"(shape {shape}) allows; lower clients.ranks"
-    )
 
 
 def _seed(*parts: int) -> int:
@@ -352,7 +353,3 @@ def load_factors(path: Path) -> dict[str, LoRAFactors]:
     tensors = load_file(str(path))
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     return {n: LoRAFactors(A=tensors[f"{n}.A"], B=tensors[f"{n}.B"]) for n in names}
-
-
-def global_state_factors(state: GlobalState) -> dict[str, LoRAFactors]:
-    return dict(state.factors)

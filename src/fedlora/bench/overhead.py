@@ -1,0 +1,139 @@
+"""Benchmark: seconds per local training step through fedlora's client code versus a bare
+torch + peft loop, on the same model, batch and seed, side by side in one process.
+
+Both sides train a fresh rank-``r`` LoRA on the same fixed batches; they alternate in blocks
+(bare, fedlora, bare, fedlora, …) so drift of the machine's speed hits both alike. The fedlora
+side is the whole client path of a round: attach, load start factors, encode-free batches
+through ``collate``, :func:`fedlora.train.train_local`, read factors, detach.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fedlora import adapters
+from fedlora.data.encode import Encoded, collate
+from fedlora.models import load_model
+from fedlora.train import LocalTraining, train_local
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class OverheadBench:
+    model: str
+    steps: int
+    repeats: int
+    batch_size: int
+    seq_len: int
+    rank: int
+    bare_s_per_step: float
+    fedlora_s_per_step: float
+    ratio: float
+    torch_threads: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def synthetic_data(vocab: int, n: int, seq_len: int, seed: int) -> list[Encoded]:
+    """``n`` random sequences; loss on the second half (a prompt/response split)."""
+    gen = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (seq_len,), generator=gen).tolist()
+        labels = [-100] * (seq_len // 2) + ids[seq_len // 2 :]
+        data.append(Encoded(input_ids=ids, labels=labels))
+    return data
+
+
+def bare_loop(
+    model: Any, data: list[Encoded], cfg: LocalTraining, rank: int, pad_id: int, seed: int
+) -> float:
+    """What a user would write with torch and peft alone; returns seconds."""
+    from peft import LoraConfig, get_peft_model
+
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+        peft_model = get_peft_model(model, config)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+    peft_model.train()
+    order = torch.randperm(len(data), generator=gen).tolist()
+    for step in range(cfg.steps):
+        idx = order[(step * cfg.batch_size) % len(order) :][: cfg.batch_size]
+        batch = collate([data[i] for i in idx], pad_id)
+        loss = peft_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peft_model.unload()
+    return time.perf_counter() - start
+
+
+def fedlora_client(
+    model: Any, data: list[Encoded], cfg: LocalTraining, rank: int, pad_id: int, seed: int
+) -> float:
+    """fedlora's client path for one round; returns seconds."""
+    start = time.perf_counter()
+    peft_model = adapters.attach(model, TARGETS, rank, 2.0 * rank, seed=seed)
+    train_local(peft_model, data, cfg, pad_id, seed)
+    adapters.read_factors(peft_model)
+    adapters.detach(peft_model)
+    return time.perf_counter() - start
+
+
+def run_overhead_bench(
+    model_name: str = "smollm2-135m",
+    steps: int = 5,
+    repeats: int = 3,
+    batch_size: int = 4,
+    seq_len: int = 64,
+    rank: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> OverheadBench:
+    say = progress or (lambda _msg: None)
+    loaded = load_model(model_name, device="cpu", dtype="float32")
+    model = loaded.model
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    data = synthetic_data(model.config.vocab_size, steps * batch_size, seq_len, seed=0)
+    cfg = LocalTraining(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
+    bare_loop(model, data, cfg, rank, pad_id, seed=0)  # warm-up, not timed
+    bare, ours = [], []
+    for i in range(repeats):
+        say(f"repeat {i + 1}/{repeats}")
+        bare.append(bare_loop(model, data, cfg, rank, pad_id, seed=i))
+        ours.append(fedlora_client(model, data, cfg, rank, pad_id, seed=i))
+    bare_s = statistics.median(bare) / steps
+    ours_s = statistics.median(ours) / steps
+    return OverheadBench(
+        model=model_name,
+        steps=steps,
+        repeats=repeats,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        rank=rank,
+        bare_s_per_step=bare_s,
+        fedlora_s_per_step=ours_s,
+        ratio=ours_s / bare_s,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def format_overhead(result: OverheadBench) -> str:
+    return (
+        f"local training, {result.model}, batch {result.batch_size} x {result.seq_len} tokens, "
+        f"rank {result.rank}, {result.steps} steps, median of {result.repeats}\n"
+        f"bare torch + peft: {result.bare_s_per_step:.3f} s/step\n"
+        f"fedlora client:    {result.fedlora_s_per_step:.3f} s/step\n"
+        f"ratio: {result.ratio:.3f}"
+    )

@@ -1,0 +1,143 @@
+"""Token ids for instruction tuning: the loss falls on the response tokens only.
+
+An example becomes ``input_ids = p + r`` and ``labels = [-100] * len(p) + r``, with ``p`` the
+prompt's tokens and ``r`` the response's. With a chat template, ``p`` is the template applied to
+the user turn with the generation prompt (``…<|im_start|>assistant\\n`` in ChatML) and ``r`` the
+rest of the template applied to the user and assistant turns: the response and the end-of-turn
+token (anything after the last EOS, like ChatML's closing newline, is dropped: generation stops
+at EOS, so those tokens are never produced). Without a template: ``p = "{prompt}\\n"`` (with the
+tokenizer's own special tokens, e.g. BOS) and ``r = response + EOS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedlora.data.examples import Example
+from fedlora.errors import ConfigError
+
+IGNORE_INDEX = -100
+"""Label of a position without loss (``torch.nn.functional.cross_entropy``'s ``ignore_index``)."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized example: ``labels[t]`` is ``input_ids[t]`` on response tokens, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss (the prompt, padding); the response tokens otherwise
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(
+                f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) "
+                "must have the same length"
+            )
+
+
+def encode(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list[Encoded]:
+    """Tokenize ``examples`` with the loss on the response tokens, at most ``max_length`` each.
+
+    Truncation keeps the end of the prompt and the start of the response: the prompt loses
+    tokens from its left first, then the response from its right. An example whose response
+    has no token is an error naming its index.
+    """
+    if max_length < 1:
+        raise ConfigError(f"max_length must be at least 1 token, got {max_length}")
+    return [
+        truncate(*tokenize_pair(e, tokenizer), max_length, index=i) for i, e in enumerate(examples)
+    ]
+
+
+def encode_prompt(example: Example, tokenizer: Any) -> list[int]:
+    """The prompt's tokens with the generation prompt: what a model continues to answer."""
+    return _prompt_ids(example.prompt, tokenizer)[0]
+
+
+def tokenize_pair(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """``(p, r)``: the prompt's and the response's token ids, untruncated (module docstring)."""
+    prompt_ids, prompt_text = _prompt_ids(example.prompt, tokenizer)
+    eos = tokenizer.eos_token_id
+    if not _has_template(tokenizer):
+        response_ids = _tokens(tokenizer, example.response) + ([] if eos is None else [eos])
+        return prompt_ids, response_ids
+    full_text = tokenizer.apply_chat_template(
+        _messages(example.prompt, example.response), tokenize=False
+    )
+    full_ids = _tokens(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        response_ids = full_ids[len(prompt_ids) :]
+    elif full_text.startswith(prompt_text):  # a merge across the boundary: tokenize apart
+        response_ids = _tokens(tokenizer, full_text[len(prompt_text) :])
+    else:  # the template renders the prompt differently once answered
+        response_ids = _tokens(tokenizer, example.response) + ([] if eos is None else [eos])
+    if eos is not None and eos in response_ids:
+        last = len(response_ids) - 1 - response_ids[::-1].index(eos)
+        response_ids = response_ids[: last + 1]
+    return prompt_ids, response_ids
+
+
+def truncate(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int, index: int = 0
+) -> Encoded:
+    """``p + r`` cut to ``max_length``: ``p`` from the left first, then ``r`` from the right."""
+    if not response_ids:
+        raise ConfigError(f"example {index}: the response has no tokens; nothing to learn")
+    response = list(response_ids[:max_length])
+    keep = max_length - len(response)
+    prompt = list(prompt_ids[max(0, len(prompt_ids) - keep) :]) if keep > 0 else []
+    return Encoded(prompt + response, [IGNORE_INDEX] * len(prompt) + response)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)`` long.
+
+    ``T`` is the longest example; padding has ``input_ids = pad_id``, ``attention_mask = 0`` and
+    ``labels = -100``.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _messages(prompt: str, response: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": prompt}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def _prompt_ids(prompt: str, tokenizer: Any) -> tuple[list[int], str]:
+    """The prompt's ids and text (templated with the generation prompt, or ``prompt + "\\n"``)."""
+    if _has_template(tokenizer):
+        text = tokenizer.apply_chat_template(
+            _messages(prompt), add_generation_prompt=True, tokenize=False
+        )
+        return _tokens(tokenizer, text), text
+    text = f"{prompt}\n"
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if ids and ids[-1] == tokenizer.eos_token_id:  # a tokenizer that appends EOS itself
+        ids.pop()
+    return ids, text
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of text that already holds its special tokens (a rendered template)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
