@@ -1,4 +1,4 @@
-"""The PEFT boundary: scaling folded once, start factors loaded, deltas merged, export round trip."""
+"""The PEFT boundary: scaling folded once, start factors, merged deltas, export round trip."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_factors, rel_err
 
+from conftest import random_factors, rel_err
 from fedlora import adapters
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors

@@ -59,7 +59,7 @@ def test_malformed_toml_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nothere.toml does not exist"):
+    with pytest.raises(ConfigError, match=r"nothere\.toml does not exist"):
         load_config(tmp_path / "nothere.toml")
 
 

@@ -4,6 +4,7 @@ accuracy against direct log-likelihoods, ROUGE-L, and the model's mode left as i
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from fedlora.data import Example, encode_prompt
 from fedlora.errors import ConfigError
-from fedlora.evaluate import evaluate, generate_greedy
+from fedlora.evaluate import choice_log_likelihood, evaluate, generate_greedy
 from fedlora.models import build_tiny
 
 INSTRUCTIONS = [
@@ -100,12 +101,52 @@ def test_accuracy_picks_the_most_likely_choice(tiny: tuple[Any, Any]) -> None:
     assert "rougeL" not in right
 
 
-def test_the_choice_loss_is_that_of_the_response(tiny: tuple[Any, Any]) -> None:
+def test_shared_prompt_scores_equal_full_sequence_scores(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    prompts = [encode_prompt(Example(p, ""), tokenizer) for p in ("Short?", "A longer question?")]
+    options = [
+        [response_ids(tokenizer, c) for c in ("a", "bcd", "efghij")],
+        [response_ids(tokenizer, c) for c in ("yes", "no", "maybe not")],
+    ]
+
+    scores, lengths = choice_log_likelihood(model, prompts, options, tokenizer.pad_token_id)
+
+    expected = [
+        [log_likelihood(model, p, o) for o in row] for p, row in zip(prompts, options, strict=True)
+    ]
+    assert torch.allclose(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+    assert lengths.tolist() == [[len(o) for o in row] for row in options]
+
+
+class NoCache(torch.nn.Module):
+    """A model whose forward returns logits only: evaluation falls back to full sequences."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs: Any) -> SimpleNamespace:
+        kwargs["use_cache"] = False
+        return SimpleNamespace(logits=self.inner(**kwargs).logits)
+
+
+def test_a_model_without_a_kv_cache_gets_the_same_scores(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+
+    cached = evaluate(model, tokenizer, QUESTIONS, "multiple-choice", batch_size=2)
+    plain = evaluate(NoCache(model), tokenizer, QUESTIONS, "multiple-choice", batch_size=2)
+
+    assert plain == pytest.approx(cached, rel=1e-6)
+
+
+@pytest.mark.parametrize("max_length", [256, 48])  # 48: just above the longest sequence
+def test_the_choice_loss_is_that_of_the_response(tiny: tuple[Any, Any], max_length: int) -> None:
     model, tokenizer = tiny
     as_instructions = [Example(e.prompt, e.response) for e in QUESTIONS]
+    assert max(len(encode_prompt(e, tokenizer)) for e in QUESTIONS) + 8 <= 48
 
-    choices = evaluate(model, tokenizer, QUESTIONS, "multiple-choice")
-    plain = evaluate(model, tokenizer, as_instructions, "instruction")
+    choices = evaluate(model, tokenizer, QUESTIONS, "multiple-choice", max_length=max_length)
+    plain = evaluate(model, tokenizer, as_instructions, "instruction", max_length=max_length)
 
     assert choices["loss"] == pytest.approx(plain["loss"], abs=1e-5)
 

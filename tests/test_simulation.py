@@ -37,7 +37,13 @@ def test_every_strategy_runs_end_to_end(strategy: str, tmp_path: Path) -> None:
     out = tmp_path / strategy
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert {"config.json", "summary.json", "summary.md", "loss.png", "perplexity.png"} <= run_dir_files(out)
+    assert {
+        "config.json",
+        "summary.json",
+        "summary.md",
+        "loss.png",
+        "perplexity.png",
+    } <= run_dir_files(out)
     assert summary["metric"] == "loss" and summary["rounds"] == 2
     assert summary["base"] == rows[0]["eval_loss"] and summary["final"] == rows[-1]["eval_loss"]
     assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in rows)
@@ -94,8 +100,12 @@ def test_communication_is_recorded_per_client(tmp_path: Path) -> None:
     assert [t["up_params"] for t in first] == [8 * d_sum, 4 * d_sum, 2 * d_sum]
     assert all(t["down_params"] == 0 for t in first)  # fresh adapters, nothing merged yet
     assert all(t["down_params"] == (8 + 4 + 2) * d_sum for t in second)  # the stacked update
-    ffa_rows = [json.loads(x) for x in (tmp_path / "ffa" / "metrics.jsonl").read_text().splitlines()]
-    assert [t["up_params"] for t in ffa_rows[1]["traffic"]] == [r * (64 + 32) * 2 for r in (8, 4, 2)]
+    ffa_rows = [
+        json.loads(x) for x in (tmp_path / "ffa" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [t["up_params"] for t in ffa_rows[1]["traffic"]] == [
+        r * (64 + 32) * 2 for r in (8, 4, 2)
+    ]
     assert 0 < flora["communication"]["ratio_to_full"] < 1
     assert ffa["communication"]["up_params"] < flora["communication"]["up_params"]
 

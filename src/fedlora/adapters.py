@@ -29,7 +29,9 @@ def target_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, in
         if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
             shapes[name] = (module.out_features, module.in_features)
     if not shapes:
-        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        linear = {
+            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        }
         raise ConfigError(
             f"no linear layer named {list(targets)} in {type(model).__name__}; "
             f"its linear layers are named {sorted(linear)}"
@@ -62,7 +64,7 @@ def attach(
     first = next(iter(shapes))
     config = LoraConfig(
         r=ranks[first],
-        lora_alpha=alphas[first],
+        lora_alpha=alphas[first],  # type: ignore[arg-type]  # PEFT takes float α
         target_modules=list(targets),
         lora_dropout=0.0,
         bias="none",
@@ -80,7 +82,7 @@ def detach(peft_model: Any) -> Any:
     return peft_model.unload()
 
 
-def lora_layers(peft_model: Any) -> dict[str, LoraLayer]:
+def lora_layers(peft_model: Any) -> dict[str, Any]:
     """``{base module name: LoRA layer}`` of a PEFT model."""
     return {
         name: module
@@ -142,7 +144,9 @@ def merge_delta(model: Any, deltas: Mapping[str, BaseDelta]) -> None:
                 A = delta.A.to(weight.device, torch.float32)
                 weight.copy_((weight.float() + B @ A).to(weight.dtype))
             else:
-                weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
+                weight.copy_(
+                    (weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype)
+                )
 
 
 def export_adapter(

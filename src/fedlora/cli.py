@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="comma-separated strategies, e.g. flora,flexlora,zeropad,fedit,centralized",
     )
-    compare.add_argument("--out", type=Path, default=None, help="folder (default: runs/compare-TIME)")
+    compare.add_argument(
+        "--out", type=Path, default=None, help="folder (default: runs/compare-TIME)"
+    )
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")

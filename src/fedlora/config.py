@@ -113,7 +113,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    config = build(RunConfig, raw, "")
+    config: RunConfig = build(RunConfig, raw, "")
     check(config)
     return config
 
@@ -165,8 +165,8 @@ def build(cls: type[Any], raw: Any, where: str) -> Any:
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(
-            f"unknown config key {where + name!r}; allowed in {where.rstrip('.') or 'the top level'}: "
-            f"{', '.join(sorted(fields))}"
+            f"unknown config key {where + name!r}; allowed in "
+            f"{where.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
         )
     values = {}
     for name, value in raw.items():
@@ -203,19 +203,18 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{key}: expected a table of strings, got {value!r}")
         return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
+    accepts = _SCALARS.get(hint)
+    if accepts is not None and accepts(value):
+        return float(value) if hint is float else value
     raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+
+
+_SCALARS: dict[Any, Any] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
 
 
 def _describe(hint: Any) -> str:
@@ -232,12 +231,14 @@ def check(config: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     from fedlora.strategies import REGISTRY
 
-    modes = sorted(REGISTRY) + ["centralized", "standalone"]
+    modes = [*sorted(REGISTRY), "centralized", "standalone"]
     _allowed("strategy", config.strategy, modes)
     _allowed("weighting", config.weighting, ["examples", "uniform"])
     _allowed("data.partition", config.data.partition, ["iid", "dirichlet", "classes", "task"])
     if config.data.kind is not None:
-        _allowed("data.kind", config.data.kind, ["instruction", "classification", "multiple-choice"])
+        _allowed(
+            "data.kind", config.data.kind, ["instruction", "classification", "multiple-choice"]
+        )
     for key, value, low in [
         ("rounds", config.rounds, 1),
         ("clients.num_clients", config.clients.num_clients, 1),

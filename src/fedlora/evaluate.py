@@ -14,41 +14,30 @@ them, the end-of-turn token included) and ``N = Σ_i |R_i|``:
 - ``rougeL`` (instruction, ``rouge_samples > 0``): greedy generation for the first
   ``rouge_samples`` examples, ROUGE-L F-measure against the response (``rouge-score``), mean.
 
-Every sequence (an example, or an ``(example, choice)`` pair) is scored in one batched forward
-pass, longest first to keep padding low; when a choice equals the response, its pass also gives
-the loss, so multiple choice costs one pass per choice and nothing more.
+Cost: one forward pass per batch of examples, longest first to keep padding low. Choices share
+their prompt: a batch of ``B`` prompts runs once and keeps its KV cache, then the ``B · C``
+choice continuations (a few tokens each) run in a second pass on that cache, instead of
+``B · C`` full prompt-plus-choice sequences; the correct choice's score also gives the loss.
+Models whose forward returns no cache that can be repeated along the batch fall back to the
+full sequences (same numbers, ``C`` times the compute).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fedlora.data.encode import (
-    IGNORE_INDEX,
-    Encoded,
-    collate,
-    encode_prompt,
-    tokenize_pair,
-    truncate,
-)
+from fedlora.data.encode import IGNORE_INDEX, Encoded, collate, encode, encode_prompt, tokenize_pair
 from fedlora.data.examples import TASK_KINDS, Example, TaskKind
 from fedlora.errors import ConfigError
 
-
-@dataclass(frozen=True)
-class _Sequence:
-    """One sequence to score: example ``example`` answered by choice ``choice`` (-1: response)."""
-
-    encoded: Encoded
-    example: int
-    choice: int
-    counts_for_loss: bool
+Choices = list[list[int]]
+"""The token ids of each choice of one example, written as the response (end-of-turn included)."""
 
 
 def evaluate(
@@ -65,33 +54,31 @@ def evaluate(
 ) -> dict[str, float]:
     """``loss`` and ``perplexity``; ``accuracy`` for choices; ``rougeL`` if ``rouge_samples``.
 
-    ``batch_size`` sequences go through each forward pass (an ``(example, choice)`` pair is one
-    sequence); each is cut to ``max_length`` tokens as in training. The model runs in eval mode
+    ``batch_size`` examples go through each forward pass (with choices: ``batch_size`` prompts,
+    then their ``batch_size · C`` continuations). Sequences are cut to ``max_length`` tokens as in
+    training (:func:`fedlora.data.encode.encode`); for choices, the shared prompt is cut from the
+    left to fit the longest choice, and keeps at least one token. The model runs in eval mode
     under ``torch.no_grad()`` on the device of its parameters; its training mode is restored.
     """
     if kind not in TASK_KINDS:
         raise ConfigError(f"unknown task kind {kind!r}; allowed: {', '.join(TASK_KINDS)}")
     if not examples:
         raise ConfigError("no examples to evaluate")
-    if batch_size < 1 or max_length < 1 or max_new_tokens < 1 or rouge_samples < 0:
+    if batch_size < 1 or max_length < 2 or max_new_tokens < 1 or rouge_samples < 0:
         raise ConfigError(
-            f"batch_size, max_length and max_new_tokens must be ≥ 1 and rouge_samples ≥ 0, got "
-            f"{batch_size}, {max_length}, {max_new_tokens}, {rouge_samples}"
+            "batch_size and max_new_tokens must be ≥ 1, max_length ≥ 2 and rouge_samples ≥ 0, "
+            f"got {batch_size}, {max_new_tokens}, {max_length}, {rouge_samples}"
         )
     from tqdm.auto import tqdm
 
-    sequences = _sequences(examples, tokenizer, kind, max_length)
     rouge_examples = list(examples[:rouge_samples]) if kind == "instruction" else []
-    batches = -(-len(sequences) // batch_size) + -(-len(rouge_examples) // batch_size)
-    pad_id = _pad_id(tokenizer)
+    plan = _Plan(examples, tokenizer, kind, max_length, batch_size)
+    batches = plan.batches + -(-len(rouge_examples) // batch_size)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), tqdm(total=batches, desc="evaluate", disable=not progress) as bar:
-            sums, counts = _score(model, sequences, pad_id, batch_size, bar)
-            metrics = _loss_metrics(sequences, sums, counts)
-            if kind != "instruction":
-                metrics["accuracy"] = _accuracy(examples, sequences, sums)
+            metrics = plan.run(model, _pad_id(tokenizer), bar)
             if rouge_examples:
                 metrics["rougeL"] = _rouge_l(
                     model, tokenizer, rouge_examples, batch_size, max_length, max_new_tokens, bar
@@ -101,42 +88,95 @@ def evaluate(
     return metrics
 
 
-def _sequences(
-    examples: Sequence[Example], tokenizer: Any, kind: TaskKind, max_length: int
-) -> list[_Sequence]:
-    out = []
-    for i, e in enumerate(examples):
-        if kind == "instruction":
-            out.append(
-                _Sequence(truncate(*tokenize_pair(e, tokenizer), max_length, i), i, -1, True)
+class _Plan:
+    """What to score: response sequences (the loss) and, for choices, prompts with options."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        kind: TaskKind,
+        max_length: int,
+        batch_size: int,
+    ) -> None:
+        self.examples, self.batch_size = examples, batch_size
+        self.prompts: list[list[int]] = []
+        self.options: list[Choices] = []
+        self.loss_choice: list[int] = []  # the choice equal to the response, or -1
+        if kind != "instruction":
+            for i, e in enumerate(examples):
+                prompt, options = _tokenize_choices(e, tokenizer, max_length, i, kind)
+                self.prompts.append(prompt)
+                self.options.append(options)
+                self.loss_choice.append(
+                    e.choices.index(e.response) if e.response in e.choices else -1
+                )
+        else:
+            self.loss_choice = [-1] * len(examples)
+        missing = [e for e, j in zip(examples, self.loss_choice, strict=True) if j < 0]
+        self.sequences = encode(missing, tokenizer, max_length)
+        groups: dict[int, list[int]] = {}  # one option count per batch, longest prompts first
+        for i in sorted(range(len(self.prompts)), key=lambda i: -len(self.prompts[i])):
+            groups.setdefault(len(self.options[i]), []).append(i)
+        self.choice_batches = [c for g in groups.values() for c in _chunks(g, batch_size)]
+        self.batches = len(self.choice_batches) + -(-len(self.sequences) // batch_size)
+
+    def run(self, model: Any, pad_id: int, bar: Any) -> dict[str, float]:
+        sums, counts = _score_sequences(model, self.sequences, pad_id, self.batch_size, bar)
+        scores: list[list[float]] = [[] for _ in self.options]
+        for chunk in self.choice_batches:
+            totals, tokens = choice_log_likelihood(
+                model, [self.prompts[i] for i in chunk], [self.options[i] for i in chunk], pad_id
             )
-            continue
-        if len(e.choices) < 2 or not 0 <= e.answer < len(e.choices):
-            raise ConfigError(
-                f"example {i}: kind {kind!r} needs at least 2 choices and the index of the "
-                f"correct one, got choices {e.choices} and answer {e.answer}"
+            for i, row, n in zip(chunk, totals.tolist(), tokens.tolist(), strict=True):
+                scores[i] = row
+                if self.loss_choice[i] >= 0:
+                    sums.append(row[self.loss_choice[i]])
+                    counts.append(n[self.loss_choice[i]])
+            bar.update(1)
+        loss = -sum(sums) / sum(counts)
+        metrics = {"loss": float(loss), "perplexity": math.exp(loss) if loss < 700 else math.inf}
+        if self.options:
+            correct = sum(
+                max(range(len(s)), key=s.__getitem__) == e.answer
+                for s, e in zip(scores, self.examples, strict=True)
             )
-        loss_choice = e.choices.index(e.response) if e.response in e.choices else -1
-        for j, choice in enumerate(e.choices):
-            pair = tokenize_pair(replace(e, response=choice), tokenizer)
-            out.append(_Sequence(truncate(*pair, max_length, i), i, j, j == loss_choice))
-        if loss_choice < 0:
-            out.append(
-                _Sequence(truncate(*tokenize_pair(e, tokenizer), max_length, i), i, -1, True)
-            )
-    return out
+            metrics["accuracy"] = correct / len(self.examples)
+        return metrics
 
 
-def _score(
-    model: Any, sequences: Sequence[_Sequence], pad_id: int, batch_size: int, bar: Any
+def _tokenize_choices(
+    example: Example, tokenizer: Any, max_length: int, index: int, kind: TaskKind
+) -> tuple[list[int], Choices]:
+    """The prompt's ids and each choice's, cut so that prompt + longest choice ≤ max_length."""
+    e = example
+    if len(e.choices) < 2 or not 0 <= e.answer < len(e.choices):
+        raise ConfigError(
+            f"example {index}: kind {kind!r} needs at least 2 choices and the index of the "
+            f"correct one, got choices {e.choices} and answer {e.answer}"
+        )
+    pairs = [tokenize_pair(replace(e, response=c), tokenizer) for c in e.choices]
+    prompt = pairs[0][0]  # the prompt's ids do not depend on the response
+    options = [ids[: max_length - 1] for _, ids in pairs]
+    if not prompt or not all(options):
+        raise ConfigError(f"example {index}: the prompt or a choice has no tokens")
+    keep = max_length - max(map(len, options))  # ≥ 1
+    return prompt[max(0, len(prompt) - keep) :], options
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _score_sequences(
+    model: Any, sequences: Sequence[Encoded], pad_id: int, batch_size: int, bar: Any
 ) -> tuple[list[float], list[int]]:
     """Summed log-likelihood of the response tokens of each sequence, and their number."""
-    order = sorted(range(len(sequences)), key=lambda s: -len(sequences[s].encoded.input_ids))
+    order = sorted(range(len(sequences)), key=lambda s: -len(sequences[s].input_ids))
     sums, counts = [0.0] * len(sequences), [0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in _chunks(order, batch_size):
         batch_sums, batch_counts = response_log_likelihood(
-            model, collate([sequences[s].encoded for s in chunk], pad_id)
+            model, collate([sequences[s] for s in chunk], pad_id)
         )
         for s, total, n in zip(chunk, batch_sums.tolist(), batch_counts.tolist(), strict=True):
             sums[s], counts[s] = total, n
@@ -158,35 +198,94 @@ def response_log_likelihood(
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = batch["labels"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX
-    picked = logits[:, :-1][mask].float()  # (N, V)
-    log_p = -F.cross_entropy(picked, targets[mask], reduction="none")  # (N,)
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=device)
-    sums.index_add_(0, rows, log_p.double())
-    return sums.cpu(), mask.sum(dim=1).cpu()
+    return _sum_log_p(logits[:, :-1], targets, mask), mask.sum(dim=1).cpu()
 
 
-def _loss_metrics(
-    sequences: Sequence[_Sequence], sums: Sequence[float], counts: Sequence[int]
-) -> dict[str, float]:
-    picked = [s for s, seq in enumerate(sequences) if seq.counts_for_loss]
-    tokens = sum(counts[s] for s in picked)
-    loss = -sum(sums[s] for s in picked) / tokens
-    return {"loss": float(loss), "perplexity": math.exp(loss) if loss < 700 else math.inf}
+def choice_log_likelihood(
+    model: Any, prompts: Sequence[list[int]], options: Sequence[Choices], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s_bc = Σ_t log p(o_bc,t | prompt_b, o_bc,<t)`` for ``B`` prompts with ``C`` options each.
 
-
-def _accuracy(
-    examples: Sequence[Example], sequences: Sequence[_Sequence], sums: Sequence[float]
-) -> float:
-    scores: list[list[float]] = [[] for _ in examples]
-    for seq, total in zip(sequences, sums, strict=True):
-        if seq.choice >= 0:
-            scores[seq.example].append(total)  # in choice order: _sequences emits them so
-    correct = sum(
-        max(range(len(s)), key=s.__getitem__) == e.answer
-        for s, e in zip(scores, examples, strict=True)
+    Returns the scores ``(B, C)`` (float64) and the option lengths ``(B, C)``, on the CPU. The
+    prompts run once, left-padded (``(B, P)``, positions counted from each first real token),
+    keeping their KV cache and the logits of their last position only; the cache is repeated
+    ``C`` times and the options (``(B·C, L-1)``, their last token only a target) continue it
+    with positions ``len(prompt_b) + t``; pad keys are masked. A model that returns no such
+    cache gets the ``B · C`` full sequences instead.
+    """
+    device = next(model.parameters()).device
+    n_options = len(options[0])
+    prompt_ids, prompt_mask = _pad(prompts, pad_id, device, left=True)  # (B, P)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,  # a model without this option returns all positions: same last one
     )
-    return correct / len(examples)
+    cache: Any = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return _choice_log_likelihood_full(model, prompts, options, pad_id)
+    option_ids, option_mask = _pad([o for row in options for o in row], pad_id, device)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    first = first.repeat_interleave(n_options, dim=0)  # (B·C, V)
+    sums = first.gather(1, option_ids[:, :1]).squeeze(1).double()  # (B·C,)
+    if option_ids.shape[1] > 1:
+        cache.batch_repeat_interleave(n_options)
+        steps = torch.arange(option_ids.shape[1] - 1, device=device)
+        lengths = prompt_mask.sum(dim=1).repeat_interleave(n_options)  # (B·C,)
+        logits = model(
+            input_ids=option_ids[:, :-1],
+            attention_mask=torch.cat(
+                [prompt_mask.repeat_interleave(n_options, dim=0), option_mask[:, :-1]], dim=1
+            ),
+            position_ids=lengths[:, None] + steps,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (B·C, L-1, V)
+        sums += _sum_log_p(logits, option_ids[:, 1:], option_mask[:, 1:].bool()).to(device)
+    shape = (len(prompts), n_options)
+    return sums.view(shape).cpu(), option_mask.sum(dim=1).view(shape).cpu()
+
+
+def _choice_log_likelihood_full(
+    model: Any, prompts: Sequence[list[int]], options: Sequence[Choices], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [
+        Encoded(p + o, [IGNORE_INDEX] * len(p) + o)
+        for p, row in zip(prompts, options, strict=True)
+        for o in row
+    ]
+    sums, counts = response_log_likelihood(model, collate(encoded, pad_id))
+    shape = (len(prompts), len(options[0]))
+    return sums.view(shape), counts.view(shape)
+
+
+def _sum_log_p(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_t mask_bt · log softmax(logits_bt)[targets_bt]`` per row ``b`` (float64, CPU).
+
+    ``logits: (B, T, V)``; ``targets``, ``mask: (B, T)``. Log-softmax runs in float32 on the
+    masked positions only, so the ``(B, T, V)`` float32 copy is never made.
+    """
+    picked = logits[mask].float()  # (N, V)
+    log_p = -F.cross_entropy(picked, targets[mask], reduction="none")  # (N,)
+    sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
+    sums.index_add_(0, mask.nonzero()[:, 0], log_p.double())
+    return sums.cpu()
+
+
+def _pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, both ``(B, T)`` long on ``device``, padded on the right (or left)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[b, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[b, span] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _rouge_l(
@@ -220,22 +319,17 @@ def generate_greedy(
     """Greedy continuations of token-id ``prompts`` (left-padded into one batch), up to EOS."""
     device = next(model.parameters()).device
     pad_id, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        input_ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        attention_mask[row, width - len(p) :] = 1
+    input_ids, attention_mask = _pad(prompts, pad_id, device, left=True)  # (B, T)
     out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad_id,
         eos_token_id=eos,
     )
     texts = []
-    for ids in out[:, width:].tolist():
+    for ids in out[:, input_ids.shape[1] :].tolist():
         if eos is not None and eos in ids:
             ids = ids[: ids.index(eos)]
         texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())

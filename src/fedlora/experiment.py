@@ -17,7 +17,7 @@ from fedlora.simulation import Runner, build_federation
 
 
 def run_experiment(cfg: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Run one federation with ``cfg.strategy``; write the run folder ``out``; return the summary."""
+    """Run ``cfg.strategy`` on its federation; write the run folder ``out``; return the summary."""
     start = time.perf_counter()
     fed = build_federation(cfg)
     writer = RunWriter(out, to_dict(cfg))
@@ -25,13 +25,18 @@ def run_experiment(cfg: RunConfig, out: Path, progress: bool = True) -> dict[str
     outcome = runner.run(lambda record: writer.record(record.to_json()))
 
     extra: dict[str, Any] = {
-        "clients": [{"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": len(c.examples)} for c in fed.clients],
+        "clients": [
+            {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": len(c.examples)}
+            for c in fed.clients
+        ],
         "heldout_examples": len(fed.heldout),
         "model": cfg.model.name,
         "device": str(fed.loaded.device),
     }
     if outcome.export:
-        folder = adapters.export_adapter(runner.model, outcome.export, cfg.model.targets, out / "adapter")
+        folder = adapters.export_adapter(
+            runner.model, outcome.export, cfg.model.targets, out / "adapter"
+        )
         extra["adapter"] = str(folder)
         extra["adapter_ranks"] = sorted({f.rank for f in outcome.export.values()})
         if outcome.export_error is not None:

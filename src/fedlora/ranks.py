@@ -32,7 +32,9 @@ def type_probabilities(name: str, num_types: int) -> list[float]:
     if name == "normal":
         weights = [math.comb(m - 1, i) for i in range(m)]
         return [w / sum(weights) for w in weights]
-    raise ConfigError(f"unknown rank distribution {name!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    raise ConfigError(
+        f"unknown rank distribution {name!r}; choose one of {', '.join(DISTRIBUTIONS)}"
+    )
 
 
 def client_ranks(

@@ -109,7 +109,8 @@ def summary_markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
         lines += [
             "",
             f"Communication per client per round: {comm['up_params']:.0f} parameters up, "
-            f"{comm['down_params']:.0f} down ({(comm['up_bytes'] + comm['down_bytes']) / 1e6:.3f} MB); "
+            f"{comm['down_params']:.0f} down "
+            f"({(comm['up_bytes'] + comm['down_bytes']) / 1e6:.3f} MB); "
             f"{comm['ratio_to_full']:.5f} of full fine-tuning.",
         ]
     if summary.get("adapter"):

@@ -99,15 +99,13 @@ def build_federation(cfg: RunConfig) -> Federation:
         classes_per_client=cfg.data.classes_per_client,
         seed=cfg.seed,
     )
-    ranks = client_ranks(
-        cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed
-    )
-    if cfg.strategy in REGISTRY and not REGISTRY[cfg.strategy].traits.mixed_ranks:
-        if len(set(ranks)) > 1:
-            raise ConfigError(
-                f"strategy {cfg.strategy!r} needs every client at the same rank, but "
-                f"clients.ranks gives {sorted(set(ranks))}; set e.g. clients.ranks=[{max(ranks)}]"
-            )
+    ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
+    equal_ranks = cfg.strategy in REGISTRY and not REGISTRY[cfg.strategy].traits.mixed_ranks
+    if equal_ranks and len(set(ranks)) > 1:
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} needs every client at the same rank, but "
+            f"clients.ranks gives {sorted(set(ranks))}; set e.g. clients.ranks=[{max(ranks)}]"
+        )
     clients = [
         Client(f"client-{k:04d}", r, cfg.clients.alpha or 2.0 * r, list(part))
         for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
@@ -225,7 +223,9 @@ class Runner:
             return self.run_centralized(on_record)
         if self.cfg.strategy == "standalone":
             return self.run_standalone(on_record)
-        return self.run_federated(get_strategy(self.cfg.strategy, weighting=self.cfg.weighting), on_record)
+        return self.run_federated(
+            get_strategy(self.cfg.strategy, weighting=self.cfg.weighting), on_record
+        )
 
     def run_federated(
         self, strategy: Strategy, on_record: Callable[[RoundRecord], None]
@@ -246,7 +246,9 @@ class Runner:
                 b_only = strategy.traits.fixed_a
                 down = factor_params(start, b_only) + delta_params(sent_down)
                 traffic.append(self.traffic(client, factor_params(factors, b_only), down))
-                updates.append(ClientUpdate(client.cid, factors, len(client.examples), {"loss": loss}))
+                updates.append(
+                    ClientUpdate(client.cid, factors, len(client.examples), {"loss": loss})
+                )
                 losses.append(loss)
             state = strategy.aggregate(state, updates)
             if strategy.traits.merges_into_base:
@@ -255,7 +257,9 @@ class Runner:
                     merged.setdefault(name, []).append(delta)
                 sent_down = dict(state.base_delta)
             metrics = self.evaluate_with(dict(state.factors)) if self.due(t) else {}
-            record = RoundRecord(t, metrics, sum(losses) / len(losses), [c.cid for c in sampled], traffic)
+            record = RoundRecord(
+                t, metrics, sum(losses) / len(losses), [c.cid for c in sampled], traffic
+            )
             records.append(record)
             on_record(record)
         if strategy.traits.merges_into_base:
@@ -302,7 +306,11 @@ class Runner:
                 losses.append(loss)
                 if self.due(t):
                     per_client.append(self.evaluate_with(factors))
-            metrics = {k: sum(m[k] for m in per_client) / len(per_client) for k in per_client[0]} if per_client else {}
+            metrics = (
+                {k: sum(m[k] for m in per_client) / len(per_client) for k in per_client[0]}
+                if per_client
+                else {}
+            )
             record = RoundRecord(t, metrics, sum(losses) / len(losses), [c.cid for c in sampled])
             records.append(record)
             on_record(record)
