@@ -1,0 +1,71 @@
+"""`fedlora run`, `fedlora compare` and `fedlora bench overhead` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+
+TINY = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
+
+
+def test_run_writes_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+
+    code = main(["run", TINY, "--set", "rounds=1", "--out", str(out), "--quiet"])
+
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"metric", "base", "final", "rounds"} <= set(summary)
+    assert json.loads((out / "config.json").read_text())["rounds"] == 1
+    assert "Headline metric" in capsys.readouterr().out
+
+
+def test_bad_override_is_one_paragraph_and_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["run", TINY, "--set", "clients.nope=3", "--out", str(tmp_path / "x")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("fedlora: error: unknown config key 'clients.nope'")
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_compare_validates_every_strategy_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["compare", TINY, "--strategies", "flora,fedavg", "--out", str(tmp_path)])
+
+    assert code == 2
+    assert "strategy = 'fedavg' is not allowed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_overhead_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+
+    code = main(
+        [
+            "bench",
+            "overhead",
+            "--model",
+            "tiny-llama",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+
+    figures = json.loads(out.read_text())
+    assert code == 0
+    assert figures["ratio"] == pytest.approx(
+        figures["fedlora_s_per_step"] / figures["bare_s_per_step"]
+    )
+    assert figures["bare_s_per_step"] > 0
