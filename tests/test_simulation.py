@@ -149,3 +149,17 @@ def test_equal_rank_strategy_with_mixed_ranks_fails_before_training() -> None:
 def test_rank_too_large_for_a_module_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="rank 40 is larger than module"):
         build_federation(tiny(**{"clients.ranks": "[40, 4, 2]"}))
+
+
+def test_merged_model_is_saved_and_carries_the_global_update(tmp_path: Path) -> None:
+    run_experiment(tiny(strategy="flexlora", save_merged="true"), tmp_path / "run", progress=False)
+
+    from fedlora.models import load_model
+
+    merged = load_model(str(tmp_path / "run" / "merged"), device="cpu").model
+    with_adapter = adapters.load_adapter(build_tiny(seed=0)[0], tmp_path / "run" / "adapter")
+    ids = torch.tensor([[5, 9, 17, 33]])
+    with torch.no_grad():
+        assert torch.allclose(
+            merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-4
+        )

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,11 +113,24 @@ def _timestamped(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _quiet_libraries(quiet: bool) -> None:
+    """Keep the terminal for fedlora's own progress: no library deprecation noise, and no
+    per-load progress bars from transformers when ``--quiet``."""
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _run(args: argparse.Namespace) -> int:
     from fedlora.config import load_config
     from fedlora.experiment import run_experiment
 
     cfg = load_config(args.config, args.overrides)
+    _quiet_libraries(args.quiet)
     out = args.out or _timestamped(cfg.strategy)
     summary = run_experiment(cfg, out, progress=not args.quiet)
     print((out / "summary.md").read_text())
@@ -132,6 +146,7 @@ def _compare(args: argparse.Namespace) -> int:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for name in names:  # validate every name before any run starts
         check(dataclasses.replace(cfg, strategy=name))
+    _quiet_libraries(args.quiet)
     out = args.out or _timestamped("compare")
     _, table = compare_strategies(cfg, names, out, progress=not args.quiet)
     print(table)

@@ -14,6 +14,7 @@ from fedlora import adapters
 from fedlora.config import RunConfig, to_dict
 from fedlora.report import RunWriter, comparison, headline_metric, summarize
 from fedlora.simulation import Runner, build_federation
+from fedlora.strategies import REGISTRY
 
 
 def run_experiment(cfg: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -52,7 +53,8 @@ def run_experiment(cfg: RunConfig, out: Path, progress: bool = True) -> dict[str
 def save_merged(runner: Runner, export: Any, folder: Path, cfg: RunConfig) -> Path:
     """The full model with the global update merged (FLoRA's is already in the base)."""
     model = runner.model
-    if export and cfg.strategy != "flora":
+    merged_already = cfg.strategy in REGISTRY and REGISTRY[cfg.strategy].traits.merges_into_base
+    if export and not merged_already:
         adapters.merge_delta(model, export)
     model.save_pretrained(str(folder))
     runner.tokenizer.save_pretrained(str(folder))

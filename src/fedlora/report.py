@@ -136,6 +136,9 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: P
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (0 = base model)")
     ax.set_ylabel(f"held-out {metric}")
     ax.set_title(f"held-out {metric} per round")
