@@ -122,7 +122,7 @@ def _quiet_libraries(quiet: bool) -> None:
     if quiet:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _run(args: argparse.Namespace) -> int:
