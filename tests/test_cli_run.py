@@ -43,6 +43,10 @@ def test_compare_validates_every_strategy_before_running(
     assert code == 2
     assert "strategy = 'fedavg' is not allowed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    code = main(["compare", TINY, "--strategies", "flora,fedit", "--out", str(tmp_path)])
+    assert code == 2
+    assert "'fedit' needs every client at the same rank" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_bench_overhead_writes_its_figures(tmp_path: Path) -> None:

@@ -133,6 +133,16 @@ def test_compare_runs_strategies_on_identical_federations(tmp_path: Path) -> Non
     assert clients[0] == clients[1] == clients[2]
 
 
+def test_compare_runs_every_strategy_on_a_tiny_config(tmp_path: Path) -> None:
+    summaries, table = compare_strategies(
+        tiny(rounds=1, **{"clients.ranks": "[4]"}), MODES, tmp_path, progress=False
+    )
+
+    assert list(summaries) == MODES
+    assert all(f"| {name} |" in table for name in MODES)
+    assert all(s["improved"] for s in summaries.values())
+
+
 def test_adapter_of_a_run_loads_in_peft(tmp_path: Path) -> None:
     run_experiment(tiny(strategy="flexlora"), tmp_path / "run", progress=False)
 

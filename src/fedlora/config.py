@@ -262,6 +262,23 @@ def check(config: RunConfig) -> None:
         raise ConfigError(f"clients.ranks must be ranks >= 1, got {config.clients.ranks}")
     if config.export_rank is not None and config.export_rank < 1:
         raise ConfigError(f"export_rank must be >= 1, got {config.export_rank}")
+    _check_rank_mix(config)
+
+
+def _check_rank_mix(config: RunConfig) -> None:
+    """A strategy that needs equal ranks (FedIT) must not be given mixed ones."""
+    from fedlora.ranks import client_ranks
+    from fedlora.strategies import REGISTRY
+
+    if config.strategy not in REGISTRY or REGISTRY[config.strategy].traits.mixed_ranks:
+        return
+    c = config.clients
+    ranks = client_ranks(c.ranks, c.num_clients, c.rank_set, config.seed)
+    if len(set(ranks)) > 1:
+        raise ConfigError(
+            f"strategy {config.strategy!r} needs every client at the same rank, but "
+            f"clients.ranks gives {sorted(set(ranks))}; set e.g. clients.ranks=[{max(ranks)}]"
+        )
 
 
 def _allowed(key: str, value: str, allowed: list[str]) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fedlora import adapters
 from fedlora.comm import Traffic, delta_params, factor_params
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, check
 from fedlora.data import Example, encode, load_examples, partition, split_heldout
 from fedlora.errors import ConfigError
 from fedlora.evaluate import evaluate
@@ -28,7 +28,7 @@ from fedlora.linalg import stack
 from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
 from fedlora.models import LoadedModel, load_model
 from fedlora.ranks import client_ranks
-from fedlora.strategies import REGISTRY, Start, Strategy, get_strategy
+from fedlora.strategies import Start, Strategy, get_strategy
 from fedlora.train import LocalTraining, train_local
 
 
@@ -82,6 +82,7 @@ class RunOutcome:
 
 def build_federation(cfg: RunConfig) -> Federation:
     """Load model and data, split held-out data, partition clients and assign ranks."""
+    check(cfg)
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
     examples, kind = load_examples(
         cfg.data.source,
@@ -100,12 +101,6 @@ def build_federation(cfg: RunConfig) -> Federation:
         seed=cfg.seed,
     )
     ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
-    equal_ranks = cfg.strategy in REGISTRY and not REGISTRY[cfg.strategy].traits.mixed_ranks
-    if equal_ranks and len(set(ranks)) > 1:
-        raise ConfigError(
-            f"strategy {cfg.strategy!r} needs every client at the same rank, but "
-            f"clients.ranks gives {sorted(set(ranks))}; set e.g. clients.ranks=[{max(ranks)}]"
-        )
     clients = [
         Client(f"client-{k:04d}", r, cfg.clients.alpha or 2.0 * r, list(part))
         for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
