@@ -67,3 +67,42 @@ def test_bad_component_index_is_rejected(index: torch.Tensor) -> None:
         get_strategy("hafl").aggregate(GlobalState(), [update])
 
     assert (err.value.client, err.value.module) == ("a", "m")
+
+
+def test_server_importance_is_the_mean_over_clients_that_reported_each_component() -> None:
+    # Prepare: a holds components 0-3 with scores 1..4, b holds 0-1 with scores 3, 3; equal weights
+    a = ClientUpdate("a", {"m": ones(4, 1.0)}, 5, importance={"m": torch.tensor([1.0, 2, 3, 4])})
+    b = ClientUpdate("b", {"m": ones(2, 1.0)}, 5, importance={"m": torch.tensor([3.0, 3])})
+
+    # Execute
+    state = get_strategy("hafl").aggregate(GlobalState(), [a, b])
+
+    # Assert: [(1+3)/2, (2+3)/2, 3, 4]
+    assert state.importance["m"].tolist() == [2.0, 2.5, 3.0, 4.0]
+
+
+def test_unreported_components_keep_their_previous_importance() -> None:
+    previous = GlobalState(factors={"m": ones(4, 1.0)}, importance={"m": torch.tensor([9.0] * 4)})
+    update = ClientUpdate(
+        "a",
+        {"m": ones(1, 2.0)},
+        5,
+        component_index={"m": torch.tensor([2])},
+        importance={"m": torch.tensor([0.5])},
+    )
+
+    state = get_strategy("hafl").aggregate(previous, [update])
+
+    assert state.importance["m"].tolist() == [9.0, 9.0, 0.5, 9.0]
+
+
+@pytest.mark.parametrize(
+    "score", [torch.tensor([1.0]), torch.tensor([1.0, -1.0]), torch.tensor([1.0, float("nan")])]
+)
+def test_malformed_importance_is_rejected(score: torch.Tensor) -> None:
+    update = ClientUpdate("a", {"m": ones(2, 1.0)}, 5, importance={"m": score})
+
+    with pytest.raises(UpdateError, match="importance") as err:
+        get_strategy("hafl").aggregate(GlobalState(), [update])
+
+    assert (err.value.client, err.value.module) == ("a", "m")

@@ -125,6 +125,18 @@ def write_factors(peft_model: Any, start: Mapping[str, LoRAFactors]) -> None:
             B0[:, :r].copy_(factors.B / scaling)
 
 
+def importance_tracker(peft_model: Any, beta1: float = 0.85, beta2: float = 0.85) -> Any:
+    """A :class:`fedlora.importance.ComponentImportance` over every LoRA layer's ``A`` and ``B``;
+    call its ``step()`` from ``train_local(on_step=...)``."""
+    from fedlora.importance import ComponentImportance
+
+    def getter(layer: Any) -> Any:
+        return lambda: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+
+    params = {name: getter(layer) for name, layer in lora_layers(peft_model).items()}
+    return ComponentImportance(params, beta1, beta2)
+
+
 def freeze_a(peft_model: Any) -> None:
     """Make every ``A`` non-trainable (FFA-LoRA): no gradient, no optimizer state."""
     for layer in lora_layers(peft_model).values():

@@ -50,6 +50,48 @@ def stack(factors: Sequence[LoRAFactors], weights: Sequence[float]) -> LoRAFacto
     return LoRAFactors(A=A, B=B)
 
 
+def indexed_mean(
+    values: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    size: int,
+    dim: int,
+    *,
+    over: Literal["all", "present"],
+    previous: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted mean of slices along ``dim`` placed at global positions ``indices[k]``.
+
+    Client ``k``'s slice ``j`` along ``dim`` lands at position ``indices[k][j]`` of a result of
+    length ``size`` there. ``over="all"``: a client without position ``i`` counts as zeros,
+    ``c_i = Σ_k p_k c_{k,i}`` (``Σ_k p_k = 1``). ``over="present"``: the mean over only the clients
+    that hold ``i``, ``c_i = Σ_{k∋i} p_k c_{k,i} / Σ_{k∋i} p_k``; a position nobody holds keeps its
+    value in ``previous`` (zero where ``previous`` is absent or shorter).
+    """
+    ref = values[0]
+    dtype = work_dtype(ref.dtype)
+    shape = list(ref.shape)
+    shape[dim] = size
+    total = torch.zeros(shape, dtype=dtype, device=ref.device)
+    w_sum = torch.zeros(size, dtype=dtype, device=ref.device)
+    for v, idx, p in zip(values, indices, weights, strict=True):
+        idx = idx.to(ref.device)
+        total.index_add_(dim, idx, v.to(dtype), alpha=p)
+        w_sum.index_add_(0, idx, torch.full((idx.numel(),), p, dtype=dtype, device=ref.device))
+    if over == "all":
+        return total / float(sum(weights))
+    view = [1] * total.dim()
+    view[dim] = size
+    covered = (w_sum > 0).view(view)
+    mean = total / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum)).view(view)
+    if previous is not None and not bool(covered.all()):
+        prev = torch.zeros_like(mean)
+        keep = min(size, previous.shape[dim])
+        prev.narrow(dim, 0, keep).copy_(previous.narrow(dim, 0, keep))
+        mean = torch.where(covered, mean, prev)
+    return mean
+
+
 def componentwise_mean(
     factors: Sequence[LoRAFactors],
     indices: Sequence[torch.Tensor],
@@ -59,37 +101,29 @@ def componentwise_mean(
     over: Literal["all", "present"],
     previous: LoRAFactors | None = None,
 ) -> LoRAFactors:
-    """Weighted mean of each rank-1 component across clients.
-
-    Client ``k`` holds components ``indices[k]`` (global positions in ``0 … rank-1``).
-    With ``over="all"`` (zero-padding, FedIT) a client without component ``i`` counts as zeros:
-    ``c_i = Σ_k p_k c_{k,i}`` with ``Σ_k p_k = 1``. With ``over="present"`` (HAFL) the mean is
-    over only the clients that hold ``i``: ``c_i = Σ_{k∋i} p_k c_{k,i} / Σ_{k∋i} p_k``; a
-    component no client holds keeps its value in ``previous`` (zero when there is none).
-    Returns factors of rank ``rank``.
+    """Weighted mean of each rank-1 component across clients (:func:`indexed_mean` on the rows
+    of ``A`` and the columns of ``B``): zero-padding and FedIT with ``over="all"``, HAFL with
+    ``over="present"``. Returns factors of rank ``rank``.
     """
-    ref = factors[0]
-    dtype = work_dtype(ref.A.dtype)
-    device = ref.A.device
-    A_sum = torch.zeros(rank, ref.d_in, dtype=dtype, device=device)
-    B_sum = torch.zeros(ref.d_out, rank, dtype=dtype, device=device)
-    w_sum = torch.zeros(rank, dtype=dtype, device=device)
-    for f, idx, p in zip(factors, indices, weights, strict=True):
-        idx = idx.to(device)
-        A_sum.index_add_(0, idx, f.A.to(dtype), alpha=p)
-        B_sum.index_add_(1, idx, f.B.to(dtype), alpha=p)
-        w_sum.index_add_(0, idx, torch.full((idx.numel(),), p, dtype=dtype, device=device))
-    if over == "all":
-        total = float(sum(weights))
-        return LoRAFactors(A=A_sum / total, B=B_sum / total)
-    covered = w_sum > 0
-    safe = torch.where(covered, w_sum, torch.ones_like(w_sum))
-    A_mean, B_mean = A_sum / safe[:, None], B_sum / safe[None, :]
-    if previous is not None and not bool(covered.all()):
-        prev = pad(previous.to(dtype), rank) if previous.rank < rank else truncate(previous, rank)
-        A_mean = torch.where(covered[:, None], A_mean, prev.A.to(dtype))
-        B_mean = torch.where(covered[None, :], B_mean, prev.B.to(dtype))
-    return LoRAFactors(A=A_mean, B=B_mean)
+    A = indexed_mean(
+        [f.A for f in factors],
+        indices,
+        weights,
+        rank,
+        0,
+        over=over,
+        previous=None if previous is None else previous.A,
+    )
+    B = indexed_mean(
+        [f.B for f in factors],
+        indices,
+        weights,
+        rank,
+        1,
+        over=over,
+        previous=None if previous is None else previous.B,
+    )
+    return LoRAFactors(A=A, B=B)
 
 
 def factored_svd(

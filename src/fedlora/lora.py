@@ -111,7 +111,8 @@ class ClientUpdate:
     factors. ``component_index`` (HAFL) maps a module to the global component index of each
     of its ``r`` components, a long tensor ``(r,)``; absent means ``0 … r-1``, i.e. the client
     holds the first ``r`` components of the global adapter. ``num_examples`` drives the default
-    client weight ``p_k = n_k / Σ n``.
+    client weight ``p_k = n_k / Σ n``. ``importance`` (HAFL) maps a module to a non-negative
+    score ``(r,)`` per component (:mod:`fedlora.importance`).
     """
 
     client_id: str
@@ -119,6 +120,7 @@ class ClientUpdate:
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     component_index: Mapping[str, torch.Tensor] | None = None
+    importance: Mapping[str, torch.Tensor] | None = None
 
     def ranks(self) -> dict[str, int]:
         return {name: f.rank for name, f in self.factors.items()}
@@ -166,6 +168,27 @@ def validate_updates(updates: Sequence[ClientUpdate]) -> None:
             )
         for name, f in update.factors.items():
             _check_module(update, name, f, first.factors[name], dtype)
+        _check_importance(update)
+
+
+def _check_importance(update: ClientUpdate) -> None:
+    for name, score in (update.importance or {}).items():
+        if name not in update.factors:
+            raise UpdateError(
+                "importance for a module without factors", client=update.client_id, module=name
+            )
+        rank = update.factors[name].rank
+        if score.shape != (rank,) or not score.is_floating_point():
+            raise UpdateError(
+                f"importance must be a float tensor of shape ({rank},), got {score.dtype} "
+                f"{tuple(score.shape)}",
+                client=update.client_id,
+                module=name,
+            )
+        if not bool(torch.isfinite(score).all()) or bool((score < 0).any()):
+            raise UpdateError(
+                "importance must be finite and non-negative", client=update.client_id, module=name
+            )
 
 
 def _check_module(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +68,13 @@ def train_local(
     pad_id: int,
     seed: int,
     progress: str | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``; return the mean loss.
 
-    ``progress``: a label for a progress bar over the steps (None: no bar).
+    ``progress``: a label for a progress bar over the steps (None: no bar). ``on_step``: called
+    once per optimizer step after the backward passes, while the gradients are still there
+    (importance tracking).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -92,6 +95,8 @@ def train_local(
             (loss / cfg.grad_accum).backward()
             losses.append(loss.detach())
             seen += len(batch)
+        if on_step is not None:
+            on_step()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

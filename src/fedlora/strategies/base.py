@@ -53,11 +53,13 @@ class GlobalState:
     ``factors``: the global adapter per module (what clients start from, by truncation).
     ``base_delta``: the round's update to merge into the base weights (FLoRA), factored
     ``B @ A`` where that is smaller than dense. ``round``: rounds aggregated so far.
+    ``importance``: the server's aggregated importance per component ``(r_g,)`` (HAFL).
     """
 
     factors: Mapping[str, LoRAFactors] = field(default_factory=dict)
     base_delta: Mapping[str, BaseDelta] = field(default_factory=dict)
     round: int = 0
+    importance: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def global_delta(self, module: str) -> torch.Tensor:
         """The dense update this state applies to ``module`` (for tests and evaluation only)."""

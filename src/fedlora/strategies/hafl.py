@@ -14,8 +14,11 @@ decided on top of this rule by the HAFL client modes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
-from fedlora.linalg import componentwise_mean
+import torch
+
+from fedlora.linalg import componentwise_mean, indexed_mean
 from fedlora.lora import ClientUpdate, LoRAFactors
 from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
 
@@ -40,3 +43,30 @@ class HAFL(Strategy):
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
         return rank_one_mean(rnd.state, rnd.updates, rnd.weights, module)
+
+    def _aggregate(self, rnd: RoundInput) -> GlobalState:
+        new = super()._aggregate(rnd)
+        importance = {m: aggregate_importance(rnd, m, new.factors[m].rank) for m in rnd.modules}
+        return replace(new, importance={m: s for m, s in importance.items() if s is not None})
+
+
+def aggregate_importance(rnd: RoundInput, module: str, rank: int) -> torch.Tensor | None:
+    """The server's importance ``(r_g,)``: per component, the weighted mean of the scores of the
+    clients that reported it; components nobody reported keep their previous score."""
+    reporting = [
+        (u, p)
+        for u, p in zip(rnd.updates, rnd.weights, strict=True)
+        if u.importance is not None and module in u.importance
+    ]
+    previous = rnd.state.importance.get(module)
+    if not reporting:
+        return previous
+    return indexed_mean(
+        [u.importance[module] for u, _ in reporting],  # type: ignore[index]
+        [u.indices(module) for u, _ in reporting],
+        [p for _, p in reporting],
+        rank,
+        0,
+        over="present",
+        previous=previous,
+    )
