@@ -36,6 +36,9 @@ class OverheadBench:
     bare_s_per_step: float
     fedlora_s_per_step: float
     ratio: float
+    importance_s_per_step: float
+    importance_ratio: float
+    """fedlora's client path with HAFL importance tracking, against the bare loop."""
     torch_threads: int
 
     def to_json(self) -> dict[str, Any]:
@@ -81,12 +84,21 @@ def bare_loop(
 
 
 def fedlora_client(
-    model: Any, data: list[Encoded], cfg: LocalTraining, rank: int, pad_id: int, seed: int
+    model: Any,
+    data: list[Encoded],
+    cfg: LocalTraining,
+    rank: int,
+    pad_id: int,
+    seed: int,
+    importance: bool = False,
 ) -> float:
-    """fedlora's client path for one round; returns seconds."""
+    """fedlora's client path for one round (optionally tracking HAFL importance); seconds."""
     start = time.perf_counter()
     peft_model = adapters.attach(model, TARGETS, rank, 2.0 * rank, seed=seed)
-    train_local(peft_model, data, cfg, pad_id, seed)
+    tracker = adapters.importance_tracker(peft_model) if importance else None
+    train_local(peft_model, data, cfg, pad_id, seed, on_step=tracker.step if tracker else None)
+    if tracker is not None:
+        tracker.scores()
     adapters.read_factors(peft_model)
     adapters.detach(peft_model)
     return time.perf_counter() - start
@@ -108,13 +120,15 @@ def run_overhead_bench(
     data = synthetic_data(model.config.vocab_size, steps * batch_size, seq_len, seed=0)
     cfg = LocalTraining(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
     bare_loop(model, data, cfg, rank, pad_id, seed=0)  # warm-up, not timed
-    bare, ours = [], []
+    bare, ours, tracked = [], [], []
     for i in range(repeats):
         say(f"repeat {i + 1}/{repeats}")
         bare.append(bare_loop(model, data, cfg, rank, pad_id, seed=i))
         ours.append(fedlora_client(model, data, cfg, rank, pad_id, seed=i))
+        tracked.append(fedlora_client(model, data, cfg, rank, pad_id, seed=i, importance=True))
     bare_s = statistics.median(bare) / steps
     ours_s = statistics.median(ours) / steps
+    tracked_s = statistics.median(tracked) / steps
     return OverheadBench(
         model=model_name,
         steps=steps,
@@ -125,6 +139,8 @@ def run_overhead_bench(
         bare_s_per_step=bare_s,
         fedlora_s_per_step=ours_s,
         ratio=ours_s / bare_s,
+        importance_s_per_step=tracked_s,
+        importance_ratio=tracked_s / bare_s,
         torch_threads=torch.get_num_threads(),
     )
 
@@ -135,5 +151,7 @@ def format_overhead(result: OverheadBench) -> str:
         f"rank {result.rank}, {result.steps} steps, median of {result.repeats}\n"
         f"bare torch + peft: {result.bare_s_per_step:.3f} s/step\n"
         f"fedlora client:    {result.fedlora_s_per_step:.3f} s/step\n"
-        f"ratio: {result.ratio:.3f}"
+        f"ratio: {result.ratio:.3f}\n"
+        f"fedlora client with HAFL importance tracking: {result.importance_s_per_step:.3f} s/step "
+        f"(ratio {result.importance_ratio:.3f})"
     )
