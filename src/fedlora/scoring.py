@@ -1,0 +1,130 @@
+"""Log-likelihood scores of responses and of choices, from one or two forward passes.
+
+For a batch of sequences whose labels mark the response tokens, :func:`response_log_likelihood`
+gives ``Σ_{t ∈ R} log p(x_t | x_<t)`` per sequence. For ``B`` prompts with ``C`` choices each,
+:func:`choice_log_likelihood` gives ``s_bc = Σ_t log p(c_bc,t | prompt_b, c_bc,<t)``.
+
+Choices share their prompt: the ``B`` prompts run once, keeping their KV cache and only their
+last position's logits, then the ``B · C`` choice continuations (a few tokens each) run in a
+second pass on that cache, instead of ``B · C`` full prompt-plus-choice sequences. On
+SmolLM2-135M (CPU, 24 examples, evaluation defaults) that is 4× faster on MMLU and 5× on BBC
+News than full sequences, with the same numbers. A model whose forward returns no cache that
+can be repeated along the batch gets the full sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedlora.data.encode import IGNORE_INDEX, Encoded, collate
+
+Choices = list[list[int]]
+"""The token ids of each choice of one example, written as the response (end-of-turn included)."""
+
+
+def response_log_likelihood(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence ``Σ_{t: labels_t ≠ -100} log p(labels_t | x_<t)`` (float64) and the count.
+
+    ``batch``: :func:`fedlora.data.encode.collate`'s tensors, ``(B, T)``; returns two ``(B,)``
+    tensors on the CPU. Log-softmax runs in float32 on the labelled positions only.
+    """
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)  # (B, T)
+    attention_mask = batch["attention_mask"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    targets = batch["labels"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
+    mask = targets != IGNORE_INDEX
+    return _sum_log_p(logits[:, :-1], targets, mask), mask.sum(dim=1).cpu()
+
+
+def choice_log_likelihood(
+    model: Any, prompts: Sequence[list[int]], options: Sequence[Choices], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s_bc = Σ_t log p(o_bc,t | prompt_b, o_bc,<t)`` for ``B`` prompts with ``C`` options each.
+
+    Returns the scores ``(B, C)`` (float64) and the option lengths ``(B, C)``, on the CPU. The
+    prompts run once, left-padded (``(B, P)``, positions counted from each first real token),
+    keeping their KV cache and the logits of their last position only; the cache is repeated
+    ``C`` times and the options (``(B·C, L-1)``, their last token only a target) continue it
+    with positions ``len(prompt_b) + t``; pad keys are masked. A model that returns no such
+    cache gets the ``B · C`` full sequences instead.
+    """
+    device = next(model.parameters()).device
+    n_options = len(options[0])
+    prompt_ids, prompt_mask = pad_ids(prompts, pad_id, device, left=True)  # (B, P)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,  # a model without this option returns all positions: same last one
+    )
+    cache: Any = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return _choice_log_likelihood_full(model, prompts, options, pad_id)
+    option_ids, option_mask = pad_ids([o for row in options for o in row], pad_id, device)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    first = first.repeat_interleave(n_options, dim=0)  # (B·C, V)
+    sums = first.gather(1, option_ids[:, :1]).squeeze(1).double()  # (B·C,)
+    if option_ids.shape[1] > 1:
+        cache.batch_repeat_interleave(n_options)
+        steps = torch.arange(option_ids.shape[1] - 1, device=device)
+        lengths = prompt_mask.sum(dim=1).repeat_interleave(n_options)  # (B·C,)
+        logits = model(
+            input_ids=option_ids[:, :-1],
+            attention_mask=torch.cat(
+                [prompt_mask.repeat_interleave(n_options, dim=0), option_mask[:, :-1]], dim=1
+            ),
+            position_ids=lengths[:, None] + steps,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (B·C, L-1, V)
+        sums += _sum_log_p(logits, option_ids[:, 1:], option_mask[:, 1:].bool()).to(device)
+    shape = (len(prompts), n_options)
+    return sums.view(shape).cpu(), option_mask.sum(dim=1).view(shape).cpu()
+
+
+def _choice_log_likelihood_full(
+    model: Any, prompts: Sequence[list[int]], options: Sequence[Choices], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [
+        Encoded(p + o, [IGNORE_INDEX] * len(p) + o)
+        for p, row in zip(prompts, options, strict=True)
+        for o in row
+    ]
+    sums, counts = response_log_likelihood(model, collate(encoded, pad_id))
+    shape = (len(prompts), len(options[0]))
+    return sums.view(shape), counts.view(shape)
+
+
+def _sum_log_p(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_t mask_bt · log softmax(logits_bt)[targets_bt]`` per row ``b`` (float64, CPU).
+
+    ``logits: (B, T, V)``; ``targets``, ``mask: (B, T)``. Log-softmax runs in float32 on the
+    masked positions only, so the ``(B, T, V)`` float32 copy is never made.
+    """
+    picked = logits[mask].float()  # (N, V)
+    log_p = -F.cross_entropy(picked, targets[mask], reduction="none")  # (N,)
+    sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
+    sums.index_add_(0, mask.nonzero()[:, 0], log_p.double())
+    return sums.cpu()
+
+
+def pad_ids(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, both ``(B, T)`` long on ``device``, padded on the right (or left)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[b, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[b, span] = 1
+    return ids.to(device), mask.to(device)
