@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     over.add_argument("--model", default="smollm2-135m", help="model (default: the embedded one)")
     over.add_argument("--steps", type=_positive_int, default=5, help="steps per timed run")
-    over.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side")
+    over.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per side")
     over.add_argument("--batch-size", type=_positive_int, default=4)
     over.add_argument("--seq-len", type=_positive_int, default=64)
     over.add_argument("--rank", type=_positive_int, default=8)

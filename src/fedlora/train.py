@@ -111,7 +111,13 @@ def train_local(
 
 
 def release_memory() -> None:
-    """Give freed memory back between clients."""
-    gc.collect()
+    """Give freed memory back between clients.
+
+    On CUDA: collect reference cycles that may hold device tensors, then return the caching
+    allocator's free blocks. On CPU the optimizer state and activations are freed by reference
+    counting as soon as they go out of scope, and a full ``gc.collect()`` (about 0.2 s with a
+    transformers model loaded) would only add latency per client.
+    """
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()

@@ -1,10 +1,11 @@
 """Benchmark: seconds per local training step through fedlora's client code versus a bare
 torch + peft loop, on the same model, batch and seed, side by side in one process.
 
-Both sides train a fresh rank-``r`` LoRA on the same fixed batches; they alternate in blocks
-(bare, fedlora, bare, fedlora, …) so drift of the machine's speed hits both alike. The fedlora
-side is the whole client path of a round: attach, load start factors, encode-free batches
-through ``collate``, :func:`fedlora.train.train_local`, read factors, detach.
+Both sides train a fresh rank-``r`` LoRA on the same fixed batches; they alternate, in an order
+rotated every repeat, so drift of the machine's speed hits all sides alike; the median is kept.
+The fedlora side is the whole client path of a round: attach, ``collate``d batches through
+:func:`fedlora.train.train_local`, read factors, detach; a third side adds HAFL's importance
+tracking.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def fedlora_client(
 def run_overhead_bench(
     model_name: str = "smollm2-135m",
     steps: int = 5,
-    repeats: int = 3,
+    repeats: int = 5,
     batch_size: int = 4,
     seq_len: int = 64,
     rank: int = 8,
@@ -120,12 +121,20 @@ def run_overhead_bench(
     data = synthetic_data(model.config.vocab_size, steps * batch_size, seq_len, seed=0)
     cfg = LocalTraining(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
     bare_loop(model, data, cfg, rank, pad_id, seed=0)  # warm-up, not timed
-    bare, ours, tracked = [], [], []
+    sides: dict[str, Callable[[int], float]] = {
+        "bare": lambda i: bare_loop(model, data, cfg, rank, pad_id, seed=i),
+        "fedlora": lambda i: fedlora_client(model, data, cfg, rank, pad_id, seed=i),
+        "importance": lambda i: fedlora_client(
+            model, data, cfg, rank, pad_id, seed=i, importance=True
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
     for i in range(repeats):
         say(f"repeat {i + 1}/{repeats}")
-        bare.append(bare_loop(model, data, cfg, rank, pad_id, seed=i))
-        ours.append(fedlora_client(model, data, cfg, rank, pad_id, seed=i))
-        tracked.append(fedlora_client(model, data, cfg, rank, pad_id, seed=i, importance=True))
+        for name in order[i % 3 :] + order[: i % 3]:  # rotate so no side always runs first
+            times[name].append(sides[name](i))
+    bare, ours, tracked = times["bare"], times["fedlora"], times["importance"]
     bare_s = statistics.median(bare) / steps
     ours_s = statistics.median(ours) / steps
     tracked_s = statistics.median(tracked) / steps
