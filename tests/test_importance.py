@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from fedlora import adapters
+from fedlora.config import TrainConfig
 from fedlora.data import Example, encode
 from fedlora.importance import SmoothedSensitivity, component_scores
 from fedlora.models import build_tiny
-from fedlora.train import LocalTraining, train_local
+from fedlora.train import train_local
 
 
 def test_smoothed_sensitivity_matches_a_hand_computed_example() -> None:
@@ -49,7 +50,7 @@ def test_importance_is_tracked_during_local_training() -> None:
     train_local(
         peft_model,
         data,
-        LocalTraining(lr=1e-2, steps=3),
+        TrainConfig(lr=1e-2, steps=3),
         tokenizer.pad_token_id,
         0,
         on_step=tracker.step,

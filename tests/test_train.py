@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 
 from fedlora import adapters
+from fedlora.config import TrainConfig
 from fedlora.data import Example, encode
 from fedlora.models import build_tiny
-from fedlora.train import LocalTraining, num_steps, train_local
+from fedlora.train import num_steps, train_local
 
 TARGETS = ["q_proj", "v_proj"]
 EXAMPLES = [Example(prompt=f"what is {i} plus {i}", response=f"it is {2 * i}") for i in range(12)]
 
 
-def trained(seed: int, cfg: LocalTraining, freeze_a: bool = False) -> tuple[dict, dict, float]:
+def trained(seed: int, cfg: TrainConfig, freeze_a: bool = False) -> tuple[dict, dict, float]:
     model, tokenizer = build_tiny(seed=0)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     peft_model = adapters.attach(model, TARGETS, rank=4, alpha=8.0, seed=1)
@@ -30,7 +31,7 @@ def trained(seed: int, cfg: LocalTraining, freeze_a: bool = False) -> tuple[dict
 
 
 def test_training_is_seeded_and_moves_only_the_adapter() -> None:
-    cfg = LocalTraining(lr=1e-2, steps=3, batch_size=4)
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4)
 
     _, a, loss_a = trained(0, cfg)
     _, b, loss_b = trained(0, cfg)
@@ -43,7 +44,7 @@ def test_training_is_seeded_and_moves_only_the_adapter() -> None:
 
 
 def test_frozen_a_stays_bitwise_and_b_trains() -> None:
-    before, after, _ = trained(0, LocalTraining(lr=1e-2, steps=2, batch_size=4), freeze_a=True)
+    before, after, _ = trained(0, TrainConfig(lr=1e-2, steps=2, batch_size=4), freeze_a=True)
 
     for name in before:
         assert torch.equal(before[name].A, after[name].A)
@@ -51,13 +52,13 @@ def test_frozen_a_stays_bitwise_and_b_trains() -> None:
 
 
 def test_loss_goes_down_on_repeated_data() -> None:
-    _, _, short = trained(0, LocalTraining(lr=1e-2, steps=1, batch_size=12))
-    _, _, long = trained(0, LocalTraining(lr=1e-2, steps=15, batch_size=12))
+    _, _, short = trained(0, TrainConfig(lr=1e-2, steps=1, batch_size=12))
+    _, _, long = trained(0, TrainConfig(lr=1e-2, steps=15, batch_size=12))
 
     assert long < short
 
 
 def test_epochs_and_accumulation_set_the_step_count() -> None:
-    assert num_steps(LocalTraining(steps=7), 100) == 7
-    assert num_steps(LocalTraining(epochs=1.0, batch_size=4, grad_accum=2), 100) == 13
-    assert num_steps(LocalTraining(epochs=0.01, batch_size=4), 10) == 1
+    assert num_steps(TrainConfig(steps=7), 100) == 7
+    assert num_steps(TrainConfig(epochs=1.0, batch_size=4, grad_accum=2), 100) == 13
+    assert num_steps(TrainConfig(epochs=0.01, batch_size=4), 10) == 1

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedlora import __version__
 from fedlora.errors import ConfigError, FedloraError
@@ -163,13 +164,9 @@ def _bench_aggregation(args: argparse.Namespace) -> int:
         ranks=args.ranks,
         repeat=args.repeat,
         seed=args.seed,
-        progress=lambda msg: print(f"... {msg}", file=sys.stderr, flush=True),
+        progress=_progress,
     )
-    print(format_table(result))
-    if args.json is not None:
-        _write_json(args.json, result.to_json())
-        print(f"wrote {args.json}")
-    return 0
+    return _report(format_table(result), result.to_json(), args.json)
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
@@ -182,12 +179,21 @@ def _bench_overhead(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         rank=args.rank,
-        progress=lambda msg: print(f"... {msg}", file=sys.stderr, flush=True),
+        progress=_progress,
     )
-    print(format_overhead(result))
-    if args.json is not None:
-        _write_json(args.json, result.to_json())
-        print(f"wrote {args.json}")
+    return _report(format_overhead(result), result.to_json(), args.json)
+
+
+def _progress(msg: str) -> None:
+    print(f"... {msg}", file=sys.stderr, flush=True)
+
+
+def _report(text: str, figures: dict[str, Any], path: Path | None) -> int:
+    """Print a benchmark's table and, with ``--json``, write its figures."""
+    print(text)
+    if path is not None:
+        _write_json(path, figures)
+        print(f"wrote {path}")
     return 0
 
 

@@ -67,9 +67,13 @@ class ClientsConfig:
 
 @dataclass
 class TrainConfig:
+    """Hyper-parameters of one client's local training (:func:`fedlora.train.train_local`)."""
+
     lr: float = 3e-4
     steps: int = 10
+    """Optimizer steps per round; used unless ``epochs`` is set."""
     epochs: float | None = None
+    """Passes over the client's data per round (overrides ``steps``)."""
     batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0

@@ -9,6 +9,7 @@ on disk as safetensors, so memory does not grow with the number of registered cl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
 from fedlora.models import LoadedModel, load_model
 from fedlora.ranks import client_ranks
 from fedlora.strategies import Start, Strategy, get_strategy
-from fedlora.train import LocalTraining, train_local
+from fedlora.train import train_local
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class Runner:
         self.cfg = fed.cfg
         self.workdir = workdir
         self.progress = progress
-        self.local = LocalTraining(**vars(self.cfg.train))
+        self.local = self.cfg.train
         self.model = fed.loaded.model
         self.tokenizer = fed.loaded.tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -273,7 +274,7 @@ class Runner:
         factors: dict[str, LoRAFactors] | None = None
         k = max(1, round(self.cfg.clients.fraction * len(self.fed.clients)))
         steps = self.local.steps * k
-        self.local = LocalTraining(**{**vars(self.cfg.train), "steps": steps})
+        self.local = dataclasses.replace(self.cfg.train, steps=steps)
         for t in self.rounds():
             factors, loss = self.train_client(central, factors, t)
             metrics = self.evaluate_with(factors) if self.due(t) else {}

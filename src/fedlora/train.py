@@ -15,22 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    """Hyper-parameters of one client's local training."""
-
-    lr: float = 3e-4
-    steps: int = 10
-    """Optimizer steps per round; used unless ``epochs`` is set."""
-    epochs: float | None = None
-    """Passes over the client's data per round (overrides ``steps``)."""
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +39,7 @@ def batches(
             yield [data[j] for j in order[i : i + batch_size]]
 
 
-def num_steps(cfg: LocalTraining, num_examples: int) -> int:
+def num_steps(cfg: TrainConfig, num_examples: int) -> int:
     """Optimizer steps for a round: ``steps``, or ``epochs`` over the data rounded up."""
     if cfg.epochs is None:
         return cfg.steps
@@ -64,7 +50,7 @@ def num_steps(cfg: LocalTraining, num_examples: int) -> int:
 def train_local(
     model: Any,
     data: Sequence[Encoded],
-    cfg: LocalTraining,
+    cfg: TrainConfig,
     pad_id: int,
     seed: int,
     progress: str | None = None,

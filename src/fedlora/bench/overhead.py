@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from fedlora import adapters
+from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
 from fedlora.models import load_model
-from fedlora.train import LocalTraining, train_local
+from fedlora.train import train_local
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -58,7 +59,7 @@ def synthetic_data(vocab: int, n: int, seq_len: int, seed: int) -> list[Encoded]
 
 
 def bare_loop(
-    model: Any, data: list[Encoded], cfg: LocalTraining, rank: int, pad_id: int, seed: int
+    model: Any, data: list[Encoded], cfg: TrainConfig, rank: int, pad_id: int, seed: int
 ) -> float:
     """What a user would write with torch and peft alone; returns seconds."""
     from peft import LoraConfig, get_peft_model
@@ -87,7 +88,7 @@ def bare_loop(
 def fedlora_client(
     model: Any,
     data: list[Encoded],
-    cfg: LocalTraining,
+    cfg: TrainConfig,
     rank: int,
     pad_id: int,
     seed: int,
@@ -119,7 +120,7 @@ def run_overhead_bench(
     model = loaded.model
     pad_id = int(loaded.tokenizer.pad_token_id)
     data = synthetic_data(model.config.vocab_size, steps * batch_size, seq_len, seed=0)
-    cfg = LocalTraining(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
+    cfg = TrainConfig(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
     bare_loop(model, data, cfg, rank, pad_id, seed=0)  # warm-up, not timed
     sides: dict[str, Callable[[int], float]] = {
         "bare": lambda i: bare_loop(model, data, cfg, rank, pad_id, seed=i),
