@@ -34,7 +34,16 @@ def assert_states_equal(a: GlobalState, b: GlobalState) -> None:
 
 
 def test_registry_holds_the_seven_strategies() -> None:
-    assert set(REGISTRY) == {"fedit", "zeropad", "hetlora", "flora", "flexlora", "ffa", "hafl"}
+    assert set(REGISTRY) == {
+        "fedit",
+        "zeropad",
+        "hetlora",
+        "flora",
+        "flexlora",
+        "ffa",
+        "hafl",
+        "hafl-truncate",
+    }
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -230,7 +239,8 @@ def test_given_uniform_and_example_weights_differ_as_they_should(name: str) -> N
 
 def test_unknown_strategy_lists_the_available_ones() -> None:
     with pytest.raises(
-        ValueError, match="available: fedit, ffa, flexlora, flora, hafl, hetlora, zeropad"
+        ValueError,
+        match="available: fedit, ffa, flexlora, flora, hafl, hafl-truncate, hetlora, zeropad",
     ):
         get_strategy("fedavg")
 

@@ -182,10 +182,12 @@ class Runner:
         start: Start,
         t: int,
         freeze_a: bool = False,
+        importance: bool = False,
         rank: int | None = None,
         examples: Sequence[Example] | None = None,
-    ) -> tuple[dict[str, LoRAFactors], float]:
-        """Attach a fresh rank-``r_k`` LoRA, load ``start``, train, read the factors, detach."""
+    ) -> tuple[dict[str, LoRAFactors], float, dict[str, torch.Tensor] | None]:
+        """Attach a fresh rank-``r_k`` LoRA, load ``start``, train (tracking component importance
+        if asked), read the factors and scores, detach."""
         r = rank or client.rank
         alpha = client.alpha if rank is None else (self.cfg.clients.alpha or 2.0 * r)
         idx = int(client.cid.rsplit("-", 1)[-1]) if "-" in client.cid else 0
@@ -198,11 +200,21 @@ class Runner:
                 adapters.freeze_a(peft_model)
             data = encode(examples or client.examples, self.tokenizer, self.cfg.model.max_length)
             label = f"round {t} {client.cid} (r={r})" if self.progress else None
-            result = train_local(peft_model, data, self.local, self.pad_id, seed, label)
+            tracker = adapters.importance_tracker(peft_model) if importance else None
+            result = train_local(
+                peft_model,
+                data,
+                self.local,
+                self.pad_id,
+                seed,
+                label,
+                on_step=tracker.step if tracker is not None else None,
+            )
             factors = adapters.read_factors(peft_model)
+            scores = tracker.scores() if tracker is not None else None
         finally:
             self.model = adapters.detach(peft_model)
-        return factors, result.loss
+        return factors, result.loss, scores
 
     def traffic(self, client: Client, up: int, down: int) -> Traffic:
         return Traffic(client.cid, client.rank, up, down, 4, self.fed.model_params)
@@ -238,12 +250,21 @@ class Runner:
             starts = strategy.redistribute(state, [c.rank for c in sampled])
             updates, traffic, losses = [], [], []
             for client, start in zip(sampled, starts, strict=True):
-                factors, loss = self.train_client(client, start, t, strategy.traits.fixed_a)
+                factors, loss, scores = self.train_client(
+                    client, start, t, strategy.traits.fixed_a, strategy.traits.needs_importance
+                )
                 b_only = strategy.traits.fixed_a
                 down = factor_params(start, b_only) + delta_params(sent_down)
                 traffic.append(self.traffic(client, factor_params(factors, b_only), down))
                 updates.append(
-                    ClientUpdate(client.cid, factors, len(client.examples), {"loss": loss})
+                    ClientUpdate(
+                        client.cid,
+                        factors,
+                        len(client.examples),
+                        {"loss": loss},
+                        component_index=strategy.component_indices(state, client.rank),
+                        importance=scores,
+                    )
                 )
                 losses.append(loss)
             state = strategy.aggregate(state, updates)
@@ -276,7 +297,7 @@ class Runner:
         steps = self.local.steps * k
         self.local = dataclasses.replace(self.cfg.train, steps=steps)
         for t in self.rounds():
-            factors, loss = self.train_client(central, factors, t)
+            factors, loss, _ = self.train_client(central, factors, t)
             metrics = self.evaluate_with(factors) if self.due(t) else {}
             record = RoundRecord(t, metrics, loss, ["centralized"])
             records.append(record)
@@ -297,7 +318,7 @@ class Runner:
             for client in sampled:
                 path = store / f"{client.cid}.safetensors"
                 start = load_factors(path) if path.exists() else None
-                factors, loss = self.train_client(client, start, t)
+                factors, loss, _ = self.train_client(client, start, t)
                 save_factors(path, factors)
                 losses.append(loss)
                 if self.due(t):

@@ -44,6 +44,8 @@ class Traits:
     """``A`` stays at the shared init of :meth:`Strategy.init_state`; only ``B`` trains."""
     component_level: bool = False
     """Aggregates per rank-1 component and honours :attr:`ClientUpdate.component_index`."""
+    needs_importance: bool = False
+    """Clients track and send component importance (:mod:`fedlora.importance`)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,14 @@ class Strategy(ABC):
                 cache[key] = self._start(state, spec)
             starts.append(cache[key])
         return starts
+
+    def component_indices(
+        self, state: GlobalState, spec: RankSpec
+    ) -> dict[str, torch.Tensor] | None:
+        """The global component index of each of a rank-``spec`` client's components, per module
+        (what its update's ``component_index`` must say); None: the first ``r_k``."""
+        del state, spec
+        return None
 
     def _start(self, state: GlobalState, spec: RankSpec) -> Start:
         """Default: the first ``min(r_k, r_g)`` components of the global adapter (truncation)."""
