@@ -169,17 +169,28 @@ def export_adapter(
     Each module gets its own rank (``rank_pattern``) and ``α = r`` so the scaling is 1 and
     ``B₀ = B``. ``model`` is wrapped only for the save and given back unchanged.
     """
-    ranks = {n: f.rank for n, f in factors.items()}
-    peft_model = attach(model, targets, ranks, {n: float(r) for n, r in ranks.items()}, seed=0)
+    peft_model = attach_factors(model, targets, factors)
     try:
         missing = set(lora_layers(peft_model)) - set(factors)
         if missing:
             raise ConfigError(f"no factors to export for modules {sorted(missing)}")
-        write_factors(peft_model, factors)
         peft_model.save_pretrained(str(folder))
     finally:
         detach(peft_model)
     return folder
+
+
+def attach_factors(model: Any, targets: Sequence[str], factors: Mapping[str, LoRAFactors]) -> Any:
+    """Wrap ``model`` in a LoRA holding exactly ``factors``: each module at its own rank with
+    ``α = r`` (scaling 1, so ``B₀ = B``). On a bad fit the model is given back unwrapped."""
+    ranks = {n: f.rank for n, f in factors.items()}
+    peft_model = attach(model, targets, ranks, {n: float(r) for n, r in ranks.items()}, seed=0)
+    try:
+        write_factors(peft_model, factors)
+    except Exception:
+        detach(peft_model)
+        raise
+    return peft_model
 
 
 def load_adapter(model: Any, folder: Path) -> Any:

@@ -10,7 +10,7 @@ on disk as safetensors, so memory does not grow with the number of registered cl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ from fedlora.train import train_local
 @dataclass(frozen=True)
 class Client:
     cid: str
+    index: int
+    """Position among the registered clients; seeds the client's adapter init and batches."""
     rank: int
     alpha: float
     examples: list[Example]
@@ -103,7 +105,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     )
     ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
     clients = [
-        Client(f"client-{k:04d}", r, cfg.clients.alpha or 2.0 * r, list(part))
+        Client(f"client-{k:04d}", k, r, cfg.clients.alpha or 2.0 * r, list(part))
         for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
     ]
     shapes = adapters.target_shapes(loaded.model, cfg.model.targets)
@@ -158,10 +160,7 @@ class Runner:
         """Evaluate the base model with ``factors`` attached (scaling 1), or the bare base."""
         if not factors:
             return self.evaluate()
-        ranks = {n: f.rank for n, f in factors.items()}
-        alphas = {n: float(r) for n, r in ranks.items()}
-        peft_model = adapters.attach(self.model, self.cfg.model.targets, ranks, alphas, seed=0)
-        adapters.write_factors(peft_model, factors)
+        peft_model = adapters.attach_factors(self.model, self.cfg.model.targets, factors)
         try:
             return self.evaluate()
         finally:
@@ -183,22 +182,18 @@ class Runner:
         t: int,
         freeze_a: bool = False,
         importance: bool = False,
-        rank: int | None = None,
-        examples: Sequence[Example] | None = None,
     ) -> tuple[dict[str, LoRAFactors], float, dict[str, torch.Tensor] | None]:
         """Attach a fresh rank-``r_k`` LoRA, load ``start``, train (tracking component importance
         if asked), read the factors and scores, detach."""
-        r = rank or client.rank
-        alpha = client.alpha if rank is None else (self.cfg.clients.alpha or 2.0 * r)
-        idx = int(client.cid.rsplit("-", 1)[-1]) if "-" in client.cid else 0
-        seed = _seed(self.cfg.seed, t, idx)
-        peft_model = adapters.attach(self.model, self.cfg.model.targets, r, alpha, seed=seed)
+        r = client.rank
+        seed = _seed(self.cfg.seed, t, client.index)
+        peft_model = adapters.attach(self.model, self.cfg.model.targets, r, client.alpha, seed=seed)
         try:
             if start:
                 adapters.write_factors(peft_model, start)
             if freeze_a:
                 adapters.freeze_a(peft_model)
-            data = encode(examples or client.examples, self.tokenizer, self.cfg.model.max_length)
+            data = encode(client.examples, self.tokenizer, self.cfg.model.max_length)
             label = f"round {t} {client.cid} (r={r})" if self.progress else None
             tracker = adapters.importance_tracker(peft_model) if importance else None
             result = train_local(
@@ -289,7 +284,7 @@ class Runner:
         optimizer steps as the sampled clients of a federated round take together."""
         pooled = [e for c in self.fed.clients for e in c.examples]
         rank = max(c.rank for c in self.fed.clients)
-        central = Client("centralized", rank, self.cfg.clients.alpha or 2.0 * rank, pooled)
+        central = Client("centralized", 0, rank, self.cfg.clients.alpha or 2.0 * rank, pooled)
         records = [RoundRecord(0, self.evaluate())]
         on_record(records[0])
         factors: dict[str, LoRAFactors] | None = None
