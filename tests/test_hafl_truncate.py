@@ -85,7 +85,10 @@ def test_runner_sends_importance_and_indices(
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and summary["improved"] and summary["adapter_ranks"] == [8]
     first, second = seen
-    assert all(u.importance is not None and u.component_index is None for u in first)
+    for u in first:  # round 1: no importance yet, so the first r_k of the shared init
+        assert u.importance is not None and u.component_index is not None
+        for name, f in u.factors.items():
+            assert u.component_index[name].tolist() == list(range(f.rank))
     for u in second:  # round 2: indices chosen by the importance aggregated in round 1
         assert u.importance is not None and u.component_index is not None
         for name, f in u.factors.items():

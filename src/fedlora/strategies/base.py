@@ -104,9 +104,12 @@ class Strategy(ABC):
         self, shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
     ) -> GlobalState:
         """The state before round 1, for modules ``{name: (d_out, d_in)}`` and the largest client
-        rank. Empty by default: clients start from fresh adapters."""
-        del shapes, rank, generator
-        return GlobalState()
+        rank: one shared initialisation (:func:`shared_init`) that every client starts from, as
+        the reference code's clients all load the server's one initial adapter. Empty for
+        strategies whose clients start from fresh adapters each round."""
+        if self.traits.fresh_client_adapters:
+            return GlobalState()
+        return GlobalState(factors=shared_init(shapes, rank, generator))
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         """Combine one round's client updates into the next global state."""
@@ -161,6 +164,20 @@ class Strategy(ABC):
             name: truncate(f, min(module_rank(spec, name), f.rank))
             for name, f in state.factors.items()
         }
+
+
+def shared_init(
+    shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
+) -> dict[str, LoRAFactors]:
+    """``A_0 ~ U(−1/√d_in, 1/√d_in)`` (PEFT's default LoRA ``A`` init) and ``B_0 = 0`` per module,
+    drawn from ``generator`` in sorted module order so every party derives the same ``A_0``."""
+    factors = {}
+    for name in sorted(shapes):
+        d_out, d_in = shapes[name]
+        bound = 1.0 / d_in**0.5
+        A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) * bound
+        factors[name] = LoRAFactors(A=A, B=torch.zeros(d_out, rank))
+    return factors
 
 
 def module_rank(spec: RankSpec, module: str) -> int:

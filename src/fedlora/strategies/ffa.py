@@ -10,39 +10,18 @@ from ``A_0`` is rejected, since averaging its ``B`` would no longer be exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 from fedlora.errors import UpdateError
 from fedlora.lora import LoRAFactors
-from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
+from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 from fedlora.strategies.zeropad import zero_padded_mean
-
-
-def shared_init(
-    shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
-) -> dict[str, LoRAFactors]:
-    """``A_0 ~ U(−1/√d_in, 1/√d_in)`` (PEFT's default LoRA ``A`` init) and ``B_0 = 0`` per module,
-    drawn from ``generator`` in sorted module order so every party derives the same ``A_0``."""
-    factors = {}
-    for name in sorted(shapes):
-        d_out, d_in = shapes[name]
-        bound = 1.0 / d_in**0.5
-        A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) * bound
-        factors[name] = LoRAFactors(A=A, B=torch.zeros(d_out, rank))
-    return factors
 
 
 @register
 class FFALoRA(Strategy):
     name = "ffa"
     traits = Traits(paper="Sun et al. 2024 (FFA-LoRA)", mixed_ranks=True, fixed_a=True)
-
-    def init_state(
-        self, shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
-    ) -> GlobalState:
-        return GlobalState(factors=shared_init(shapes, rank, generator))
 
     def _check(self, rnd: RoundInput) -> None:
         state = rnd.state
