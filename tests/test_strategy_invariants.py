@@ -14,7 +14,7 @@ from fedlora.strategies import REGISTRY, GlobalState, get_strategy
 from fedlora.weighting import client_weights
 
 ALL = sorted(REGISTRY)
-EXACT = {"flora", "flexlora", "ffa"}  # their global ΔW equals Σ p_k ΔW_k
+EXACT = {"flora", "flora-adalora", "flexlora", "ffa"}  # their global ΔW equals Σ p_k ΔW_k
 MIXED = [8, 4, 2, 2, 1]
 EQUAL = [4, 4, 4]
 
@@ -33,17 +33,40 @@ def assert_states_equal(a: GlobalState, b: GlobalState) -> None:
         assert torch.equal(a.global_delta(name), b.global_delta(name))
 
 
-def test_registry_holds_the_seven_strategies() -> None:
+def test_registry_holds_every_method() -> None:
     assert set(REGISTRY) == {
         "fedit",
         "zeropad",
         "hetlora",
         "flora",
+        "flora-adalora",
         "flexlora",
         "ffa",
         "hafl",
         "hafl-truncate",
+        "hafl-freeze",
     }
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_clients_start_round_one_from_one_shared_init(name: str) -> None:
+    strategy = get_strategy(name)
+    shapes = {m: (5, 3) for m in MODULES}
+    state = strategy.init_state(shapes, 4, torch.Generator().manual_seed(0))
+    again = strategy.init_state(shapes, 4, torch.Generator().manual_seed(0))
+
+    narrow_rank = 2 if strategy.traits.mixed_ranks else 4
+    starts = strategy.redistribute(state, [4, narrow_rank])
+
+    if strategy.traits.fresh_client_adapters:
+        assert starts == [None, None] and not state.factors
+        return
+    assert_states_equal(state, again)
+    wide, narrow = starts
+    assert wide is not None and narrow is not None
+    for m in MODULES:
+        assert torch.equal(narrow[m].A, wide[m].A[:narrow_rank]) and not narrow[m].A.eq(0).all()
+        assert wide[m].B.eq(0).all()
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -240,7 +263,8 @@ def test_given_uniform_and_example_weights_differ_as_they_should(name: str) -> N
 def test_unknown_strategy_lists_the_available_ones() -> None:
     with pytest.raises(
         ValueError,
-        match="available: fedit, ffa, flexlora, flora, hafl, hafl-truncate, hetlora, zeropad",
+        match="available: fedit, ffa, flexlora, flora, flora-adalora, hafl, hafl-freeze, "
+        "hafl-truncate, hetlora, zeropad",
     ):
         get_strategy("fedavg")
 

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
 from fedlora.errors import ConfigError
 from fedlora.lora import BaseDelta, LoRAFactors, fold_scaling
 
 ADAPTER = "default"
+FROZEN = "frozen"
+"""A second adapter holding components that are in the forward pass but never trained."""
 
 
 def target_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -82,44 +85,169 @@ def detach(peft_model: Any) -> Any:
     return peft_model.unload()
 
 
-def lora_layers(peft_model: Any) -> dict[str, Any]:
-    """``{base module name: LoRA layer}`` of a PEFT model."""
+def lora_layers(peft_model: Any, adapter: str = ADAPTER) -> dict[str, Any]:
+    """``{base module name: LoRA layer}`` of a PEFT model that hold ``adapter``."""
     return {
         name: module
         for name, module in peft_model.base_model.model.named_modules()
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
     }
 
 
-def read_factors(peft_model: Any) -> dict[str, LoRAFactors]:
-    """The adapter's factors with the scaling folded into ``B`` (detached copies, float32)."""
+def read_factors(peft_model: Any, adapter: str = ADAPTER) -> dict[str, LoRAFactors]:
+    """The adapter's factors with the scaling folded into ``B`` (detached copies, float32).
+
+    For an AdaLoRA layer (``ΔW = B (E ⊙ A) α / r``) the singular values ``E`` go into ``A`` and
+    only the components AdaLoRA kept (``E ≠ 0``) are returned; a module whose every component was
+    pruned returns one component with a zero ``A`` row (``ΔW = 0``; factors have rank ≥ 1).
+    """
     factors = {}
-    for name, layer in lora_layers(peft_model).items():
-        A = layer.lora_A[ADAPTER].weight.detach().float().clone()
-        B = layer.lora_B[ADAPTER].weight.detach().float().clone()
-        factors[name] = fold_scaling(A, B, float(layer.scaling[ADAPTER]))
+    for name, layer in lora_layers(peft_model, adapter).items():
+        if isinstance(layer, AdaLoraLayer):
+            factors[name] = _read_adalora(layer, adapter)
+            continue
+        A = layer.lora_A[adapter].weight.detach().float().clone()
+        B = layer.lora_B[adapter].weight.detach().float().clone()
+        factors[name] = fold_scaling(A, B, float(layer.scaling[adapter]))
     return factors
 
 
-def write_factors(peft_model: Any, start: Mapping[str, LoRAFactors]) -> None:
+def _read_adalora(layer: Any, adapter: str) -> LoRAFactors:
+    E = layer.lora_E[adapter].detach().float()  # (r, 1)
+    A = layer.lora_A[adapter].detach().float() * E
+    B = layer.lora_B[adapter].detach().float()
+    kept = (E[:, 0] != 0).nonzero()[:, 0]
+    if kept.numel() == 0:
+        kept = torch.zeros(1, dtype=torch.long)
+    scaling = float(layer.scaling[adapter]) / (float(layer.ranknum[adapter]) + 1e-5)
+    return fold_scaling(A[kept].contiguous(), B[:, kept].contiguous(), scaling)
+
+
+def kept_ranks(peft_model: Any) -> dict[str, int]:
+    """Components per module that carry an update: AdaLoRA's unpruned ones (``E ≠ 0``), or the
+    LoRA rank."""
+    ranks = {}
+    for name, layer in lora_layers(peft_model).items():
+        if isinstance(layer, AdaLoraLayer):
+            ranks[name] = int((layer.lora_E[ADAPTER] != 0).sum())
+        else:
+            ranks[name] = int(layer.r[ADAPTER])
+    return ranks
+
+
+def attach_adalora(
+    model: Any,
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    seed: int,
+    total_steps: int,
+    target_rank: int,
+    options: Any,
+) -> Any:
+    """Wrap ``model`` in a fresh PEFT AdaLoRA of initial rank ``rank`` whose budget shrinks to an
+    average of ``target_rank`` per module over ``total_steps`` optimizer steps; ``options`` is
+    :class:`fedlora.config.AdaLoRAConfig` (schedule fractions, EMA betas, orthogonality weight).
+    Call ``peft_model.base_model.update_and_allocate(step)`` after every optimizer step."""
+    if lora_layers_present(model):
+        raise ConfigError("the model already has LoRA layers; detach() the previous adapter first")
+    shapes = target_shapes(model, targets)
+    too_big = {n: s for n, s in shapes.items() if rank > min(s)}
+    if too_big:
+        name, shape = next(iter(too_big.items()))
+        raise ConfigError(f"rank {rank} is larger than module {name!r} allows (shape {shape})")
+    tinit = int(options.tinit * total_steps)
+    tfinal = max(1, int(options.tfinal * total_steps))
+    if total_steps - tfinal <= tinit:
+        raise ConfigError(
+            f"AdaLoRA needs a budgeting phase: {total_steps} local steps leave none after "
+            f"tinit={tinit} and tfinal={tfinal} steps; raise train.steps or lower "
+            "adalora.tinit / adalora.tfinal"
+        )
+    config = AdaLoraConfig(
+        init_r=rank,
+        target_r=target_rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT takes float α
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        total_step=total_steps,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=options.delta_t,
+        beta1=options.beta1,
+        beta2=options.beta2,
+        orth_reg_weight=options.orth_reg,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def tail_penalty(peft_model: Any, keep: Mapping[str, int]) -> Any:
+    """HetLoRA's regulariser as a callable for ``train_local(penalty=...)``:
+    ``Σ_modules ‖s B[:, keep:]‖_F ‖A[keep:]‖_F`` over the trainable adapter (scaling ``s``)."""
+    layers = lora_layers(peft_model)
+
+    def penalty() -> torch.Tensor:
+        terms = []
+        for name, layer in layers.items():
+            k = keep[name]
+            A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            s = float(layer.scaling[ADAPTER])
+            terms.append(torch.linalg.norm(B[:, k:]) * s * torch.linalg.norm(A[k:]))
+        return torch.stack(terms).sum()
+
+    return penalty
+
+
+def add_frozen(peft_model: Any, frozen: Mapping[str, LoRAFactors]) -> None:
+    """Add ``frozen`` (factors per module, scaling 1) as a second adapter that is active in the
+    forward pass but not trainable (HAFL's freezing mode): PEFT sums the outputs of all active
+    adapters, so the model computes ``W x + (B A + B_f A_f) x`` while only ``B A`` has
+    parameters with ``requires_grad``."""
+    if not frozen:
+        return
+    ranks = {n: f.rank for n, f in frozen.items()}
+    first = next(iter(ranks))
+    config = LoraConfig(
+        r=ranks[first],
+        lora_alpha=ranks[first],
+        target_modules=list(frozen),  # full module names: each matches itself only
+        lora_dropout=0.0,
+        bias="none",
+        rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
+        alpha_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
+    )
+    with torch.random.fork_rng(devices=[]):  # its init is overwritten; keep the caller's RNG
+        peft_model.add_adapter(FROZEN, config)
+    write_factors(peft_model, frozen, FROZEN)
+    peft_model.base_model.set_adapter([ADAPTER, FROZEN])
+    for layer in lora_layers(peft_model, FROZEN).values():
+        for param in (layer.lora_A[FROZEN].weight, layer.lora_B[FROZEN].weight):
+            param.requires_grad_(False)
+
+
+def write_factors(
+    peft_model: Any, start: Mapping[str, LoRAFactors], adapter: str = ADAPTER
+) -> None:
     """Load ``start`` into the first ``r'`` components of each module (``B₀ = B / s``).
 
     Components beyond ``r'`` keep their fresh initialisation (``A`` random, ``B`` zero), so none
     is dead (a component with zero ``A`` row and zero ``B`` column gets no gradient).
     """
-    layers = lora_layers(peft_model)
+    layers = lora_layers(peft_model, adapter)
     for name, factors in start.items():
         if name not in layers:
             raise ConfigError(f"start factors for unknown module {name!r}")
         layer = layers[name]
-        A0, B0 = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        A0, B0 = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         r = factors.rank
         if r > A0.shape[0] or factors.shape != (B0.shape[0], A0.shape[1]):
             raise ConfigError(
                 f"module {name!r}: start factors of rank {r} and shape {factors.shape} do not fit "
                 f"the adapter of rank {A0.shape[0]} and shape {(B0.shape[0], A0.shape[1])}"
             )
-        scaling = float(layer.scaling[ADAPTER])
+        scaling = float(layer.scaling[adapter])
         with torch.no_grad():
             A0[:r].copy_(factors.A)
             B0[:, :r].copy_(factors.B / scaling)

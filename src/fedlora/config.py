@@ -81,6 +81,35 @@ class TrainConfig:
 
 
 @dataclass
+class HetLoRAConfig:
+    """HetLoRA's rank self-pruning on the client (strategy ``hetlora``)."""
+
+    prune: bool = True
+    gamma: float = 0.9
+    """A client that prunes keeps rank ``max(1, ⌊γ r⌋)``; the tail is the components beyond."""
+    reg: float = 0.01
+    """λ of the regulariser ``λ Σ ‖B_tail‖_F ‖A_tail‖_F`` added to the local loss."""
+
+
+@dataclass
+class AdaLoRAConfig:
+    """AdaLoRA clients (strategy ``flora-adalora``), through PEFT's ``AdaLoraConfig``."""
+
+    target_ratio: float = 0.5
+    """Each client's budget shrinks to ``max(1, round(ratio · r_k))`` per module on average."""
+    tinit: float = 0.1
+    """Fraction of the local steps before pruning starts."""
+    tfinal: float = 0.2
+    """Fraction of the local steps after the final budget is fixed (at least one step)."""
+    delta_t: int = 1
+    """Steps between budget allocations."""
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg: float = 0.5
+    """Weight of AdaLoRA's orthogonality regulariser."""
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 16
     rouge_samples: int = 0
@@ -92,8 +121,8 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     strategy: str = "flora"
-    """An aggregation strategy (fedit, zeropad, hetlora, flora, flexlora, ffa, hafl), or
-    ``centralized`` / ``standalone``."""
+    """An aggregation strategy (fedit, zeropad, hetlora, flora, flora-adalora, flexlora, ffa,
+    hafl, hafl-truncate, hafl-freeze), or ``centralized`` / ``standalone``."""
     rounds: int = 2
     seed: int = 0
     weighting: str = "examples"
@@ -107,6 +136,8 @@ class RunConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
+    adalora: AdaLoRAConfig = field(default_factory=AdaLoRAConfig)
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -264,6 +295,20 @@ def check(config: RunConfig) -> None:
         not config.clients.ranks or min(config.clients.ranks) < 1
     ):
         raise ConfigError(f"clients.ranks must be ranks >= 1, got {config.clients.ranks}")
+    if not 0 < config.hetlora.gamma < 1:
+        raise ConfigError(f"hetlora.gamma must be in (0, 1), got {config.hetlora.gamma}")
+    if config.hetlora.reg < 0:
+        raise ConfigError(f"hetlora.reg must be >= 0, got {config.hetlora.reg}")
+    a = config.adalora
+    if not 0 < a.target_ratio <= 1:
+        raise ConfigError(f"adalora.target_ratio must be in (0, 1], got {a.target_ratio}")
+    if not (0 <= a.tinit < 1 and 0 <= a.tfinal < 1 and a.tinit + a.tfinal < 1):
+        raise ConfigError(
+            f"adalora.tinit and adalora.tfinal must be fractions in [0, 1) with a sum below 1, "
+            f"got {a.tinit} and {a.tfinal}"
+        )
+    if a.delta_t < 1:
+        raise ConfigError(f"adalora.delta_t must be >= 1, got {a.delta_t}")
     if config.export_rank is not None and config.export_rank < 1:
         raise ConfigError(f"export_rank must be >= 1, got {config.export_rank}")
     _check_rank_mix(config)

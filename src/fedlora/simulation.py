@@ -30,7 +30,8 @@ from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
 from fedlora.models import LoadedModel, load_model
 from fedlora.ranks import client_ranks
 from fedlora.strategies import Start, Strategy, get_strategy
-from fedlora.train import train_local
+from fedlora.strategies.hetlora import pruned_rank, self_prune
+from fedlora.train import num_steps, train_local
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,34 @@ class Federation:
     model_params: int
 
 
+@dataclass(frozen=True)
+class LocalPlan:
+    """What one client does in a round, decided from the strategy's traits."""
+
+    rank: int
+    start: Start = None
+    frozen: Start = None
+    """Components held in the forward pass but not trained (hafl-freeze)."""
+    freeze_a: bool = False
+    importance: bool = False
+    adapter: str = "lora"
+    prune_gamma: float | None = None
+    """HetLoRA self-pruning with this γ (None: no pruning)."""
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    factors: dict[str, LoRAFactors]
+    loss: float
+    importance: dict[str, torch.Tensor] | None
+    kept: dict[str, int]
+    """Components per module that carry the update (after AdaLoRA's or HetLoRA's pruning)."""
+
+    @property
+    def mean_rank(self) -> float:
+        return sum(self.kept.values()) / len(self.kept)
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -63,15 +92,22 @@ class RoundRecord:
     train_loss: float | None = None
     clients: list[str] = field(default_factory=list)
     traffic: list[Traffic] = field(default_factory=list)
+    rank_sum_before: int | None = None
+    """Σ over the round's clients of the rank each started local training with."""
+    rank_sum_after: float | None = None
+    """Σ over the round's clients of the rank each sent (mean over modules of kept components)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "round": self.round,
             **{f"eval_{k}": v for k, v in self.metrics.items()},
             "train_loss": self.train_loss,
             "clients": self.clients,
             "traffic": [t.to_json() for t in self.traffic],
         }
+        if self.rank_sum_before is not None:
+            out.update(rank_sum_before=self.rank_sum_before, rank_sum_after=self.rank_sum_after)
+        return out
 
 
 @dataclass
@@ -141,6 +177,8 @@ class Runner:
         self.tokenizer = fed.loaded.tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.sampler = torch.Generator().manual_seed(_seed(self.cfg.seed, 1))
+        self.ranks = {c.cid: c.rank for c in fed.clients}
+        """Each client's current rank (HetLoRA's self-pruning lowers it)."""
 
     # --- building blocks -------------------------------------------------------------------
 
@@ -175,27 +213,48 @@ class Runner:
         picked = torch.randperm(n, generator=self.sampler)[:k].sort().values.tolist()
         return [self.fed.clients[i] for i in picked]
 
-    def train_client(
-        self,
-        client: Client,
-        start: Start,
-        t: int,
-        freeze_a: bool = False,
-        importance: bool = False,
-    ) -> tuple[dict[str, LoRAFactors], float, dict[str, torch.Tensor] | None]:
-        """Attach a fresh rank-``r_k`` LoRA, load ``start``, train (tracking component importance
-        if asked), read the factors and scores, detach."""
-        r = client.rank
+    def train_client(self, client: Client, plan: LocalPlan, t: int) -> LocalResult:
+        """Attach a fresh adapter of the plan's rank, load its start (and frozen components),
+        train (tracking importance, regularising the tail or running AdaLoRA's budget as the plan
+        says), read the factors and scores, detach."""
+        r = plan.rank
         seed = _seed(self.cfg.seed, t, client.index)
-        peft_model = adapters.attach(self.model, self.cfg.model.targets, r, client.alpha, seed=seed)
+        data = encode(client.examples, self.tokenizer, self.cfg.model.max_length)
+        steps = num_steps(self.local, len(data))
+        if plan.adapter == "adalora":
+            target = max(1, round(self.cfg.adalora.target_ratio * r))
+            peft_model = adapters.attach_adalora(
+                self.model,
+                self.cfg.model.targets,
+                r,
+                client.alpha,
+                seed,
+                steps,
+                target,
+                self.cfg.adalora,
+            )
+        else:
+            peft_model = adapters.attach(
+                self.model, self.cfg.model.targets, r, client.alpha, seed=seed
+            )
         try:
-            if start:
-                adapters.write_factors(peft_model, start)
-            if freeze_a:
+            if plan.start:
+                adapters.write_factors(peft_model, plan.start)
+            if plan.frozen:
+                adapters.add_frozen(peft_model, plan.frozen)
+            if plan.freeze_a:
                 adapters.freeze_a(peft_model)
-            data = encode(client.examples, self.tokenizer, self.cfg.model.max_length)
             label = f"round {t} {client.cid} (r={r})" if self.progress else None
-            tracker = adapters.importance_tracker(peft_model) if importance else None
+            tracker = adapters.importance_tracker(peft_model) if plan.importance else None
+            penalty = None
+            if plan.prune_gamma is not None and self.cfg.hetlora.reg > 0:
+                keep = {n: pruned_rank(r, plan.prune_gamma) for n in self.fed.shapes}
+                tail = adapters.tail_penalty(peft_model, keep)
+                reg = self.cfg.hetlora.reg
+                penalty = lambda: reg * tail()  # noqa: E731
+            allocate = (
+                peft_model.base_model.update_and_allocate if plan.adapter == "adalora" else None
+            )
             result = train_local(
                 peft_model,
                 data,
@@ -204,12 +263,20 @@ class Runner:
                 seed,
                 label,
                 on_step=tracker.step if tracker is not None else None,
+                penalty=penalty,
+                after_step=allocate,
             )
             factors = adapters.read_factors(peft_model)
+            kept = adapters.kept_ranks(peft_model)
             scores = tracker.scores() if tracker is not None else None
         finally:
             self.model = adapters.detach(peft_model)
-        return factors, result.loss, scores
+        if plan.prune_gamma is not None:
+            pruned = self_prune(plan.start, factors, plan.prune_gamma)
+            if pruned is not None:
+                factors = pruned
+                kept = {n: f.rank for n, f in pruned.items()}
+        return LocalResult(factors, result.loss, scores, kept)
 
     def traffic(self, client: Client, up: int, down: int) -> Traffic:
         return Traffic(client.cid, client.rank, up, down, 4, self.fed.model_params)
@@ -240,28 +307,50 @@ class Runner:
         on_record(records[0])
         merged: dict[str, list[BaseDelta]] = {}
         sent_down: dict[str, BaseDelta] = {}
+        traits = strategy.traits
         for t in self.rounds():
             sampled = self.sample()
-            starts = strategy.redistribute(state, [c.rank for c in sampled])
-            updates, traffic, losses = [], [], []
-            for client, start in zip(sampled, starts, strict=True):
-                factors, loss, scores = self.train_client(
-                    client, start, t, strategy.traits.fixed_a, strategy.traits.needs_importance
+            ranks = [self.ranks[c.cid] for c in sampled]
+            starts = strategy.redistribute(state, ranks)
+            updates, traffic, losses, kept = [], [], [], []
+            for client, rank, start in zip(sampled, ranks, starts, strict=True):
+                plan = LocalPlan(
+                    rank,
+                    start,
+                    strategy.frozen_components(state, rank),
+                    traits.fixed_a,
+                    traits.needs_importance,
+                    traits.client_adapter,
+                    self.cfg.hetlora.gamma
+                    if traits.self_pruning and self.cfg.hetlora.prune
+                    else None,
                 )
-                b_only = strategy.traits.fixed_a
-                down = factor_params(start, b_only) + delta_params(sent_down)
-                traffic.append(self.traffic(client, factor_params(factors, b_only), down))
+                local = self.train_client(client, plan, t)
+                b_only = traits.fixed_a
+                down = (
+                    factor_params(start, b_only)
+                    + factor_params(plan.frozen)
+                    + delta_params(sent_down)
+                )
+                up = factor_params(local.factors, b_only)
+                traffic.append(self.traffic(client, up, down))
+                index = strategy.component_indices(state, rank)
+                if index is not None:  # pruning keeps the first components of each
+                    index = {n: i[: local.factors[n].rank] for n, i in index.items()}
                 updates.append(
                     ClientUpdate(
                         client.cid,
-                        factors,
+                        local.factors,
                         len(client.examples),
-                        {"loss": loss},
-                        component_index=strategy.component_indices(state, client.rank),
-                        importance=scores,
+                        {"loss": local.loss},
+                        component_index=index,
+                        importance=local.importance,
                     )
                 )
-                losses.append(loss)
+                losses.append(local.loss)
+                kept.append(local.mean_rank)
+                if plan.prune_gamma is not None:  # a pruned rank stays pruned
+                    self.ranks[client.cid] = min(f.rank for f in local.factors.values())
             state = strategy.aggregate(state, updates)
             if strategy.traits.merges_into_base:
                 adapters.merge_delta(self.model, state.base_delta)
@@ -272,6 +361,9 @@ class Runner:
             record = RoundRecord(
                 t, metrics, sum(losses) / len(losses), [c.cid for c in sampled], traffic
             )
+            if traits.client_adapter != "lora" or traits.self_pruning:
+                record.rank_sum_before = sum(ranks)
+                record.rank_sum_after = sum(kept)
             records.append(record)
             on_record(record)
         if strategy.traits.merges_into_base:
@@ -292,7 +384,8 @@ class Runner:
         steps = self.local.steps * k
         self.local = dataclasses.replace(self.cfg.train, steps=steps)
         for t in self.rounds():
-            factors, loss, _ = self.train_client(central, factors, t)
+            local = self.train_client(central, LocalPlan(rank, factors), t)
+            factors, loss = local.factors, local.loss
             metrics = self.evaluate_with(factors) if self.due(t) else {}
             record = RoundRecord(t, metrics, loss, ["centralized"])
             records.append(record)
@@ -313,9 +406,10 @@ class Runner:
             for client in sampled:
                 path = store / f"{client.cid}.safetensors"
                 start = load_factors(path) if path.exists() else None
-                factors, loss, _ = self.train_client(client, start, t)
+                local = self.train_client(client, LocalPlan(client.rank, start), t)
+                factors = local.factors
                 save_factors(path, factors)
-                losses.append(loss)
+                losses.append(local.loss)
                 if self.due(t):
                     per_client.append(self.evaluate_with(factors))
             metrics = (

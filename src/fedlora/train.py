@@ -55,12 +55,16 @@ def train_local(
     seed: int,
     progress: str | None = None,
     on_step: Callable[[], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``; return the mean loss.
 
     ``progress``: a label for a progress bar over the steps (None: no bar). ``on_step``: called
     once per optimizer step after the backward passes, while the gradients are still there
-    (importance tracking).
+    (importance tracking). ``penalty``: a regulariser added to every micro-batch's loss (HetLoRA's
+    tail norm); the reported loss is the model's alone. ``after_step``: called with the step
+    index after each optimizer step, before the gradients are cleared (AdaLoRA's budget).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -73,12 +77,13 @@ def train_local(
     losses: list[torch.Tensor] = []
     seen = 0
     bar = tqdm(total=steps, desc=progress, leave=False, disable=progress is None)
-    for _ in range(steps):
+    for step in range(steps):
         for _ in range(cfg.grad_accum):
             batch = next(stream)
             tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
             loss = model(**tensors).loss
-            (loss / cfg.grad_accum).backward()
+            total = loss if penalty is None else loss + penalty()
+            (total / cfg.grad_accum).backward()
             losses.append(loss.detach())
             seen += len(batch)
         if on_step is not None:
@@ -86,6 +91,8 @@ def train_local(
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
     bar.close()

@@ -1,6 +1,16 @@
 """Aggregation strategies, one file each, selected by name from :data:`REGISTRY`."""
 
-from fedlora.strategies import fedit, ffa, flexlora, flora, hafl, hafl_truncate, hetlora, zeropad
+from fedlora.strategies import (
+    fedit,
+    ffa,
+    flexlora,
+    flora,
+    hafl,
+    hafl_freeze,
+    hafl_truncate,
+    hetlora,
+    zeropad,
+)
 from fedlora.strategies.base import (
     REGISTRY,
     GlobalState,
@@ -26,6 +36,7 @@ __all__ = [
     "flora",
     "get_strategy",
     "hafl",
+    "hafl_freeze",
     "hafl_truncate",
     "hetlora",
     "zeropad",

@@ -46,6 +46,10 @@ class Traits:
     """Aggregates per rank-1 component and honours :attr:`ClientUpdate.component_index`."""
     needs_importance: bool = False
     """Clients track and send component importance (:mod:`fedlora.importance`)."""
+    client_adapter: str = "lora"
+    """What clients train: ``lora``, or ``adalora`` (PEFT's AdaLoRA; ranks shrink locally)."""
+    self_pruning: bool = False
+    """Clients regularise their rank tail and may prune it (HetLoRA, :func:`self_prune`)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,12 @@ class Strategy(ABC):
     ) -> dict[str, torch.Tensor] | None:
         """The global component index of each of a rank-``spec`` client's components, per module
         (what its update's ``component_index`` must say); None: the first ``r_k``."""
+        del state, spec
+        return None
+
+    def frozen_components(self, state: GlobalState, spec: RankSpec) -> Start:
+        """Components a rank-``spec`` client holds in its forward pass but does not train (HAFL's
+        freezing mode), per module; None: it holds only what it trains."""
         del state, spec
         return None
 
