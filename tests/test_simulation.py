@@ -133,6 +133,25 @@ def test_compare_runs_strategies_on_identical_federations(tmp_path: Path) -> Non
     assert clients[0] == clients[1] == clients[2]
 
 
+def test_compare_tables_bytes_rank_sums_and_the_metric_per_round(tmp_path: Path) -> None:
+    summaries, table = compare_strategies(
+        tiny(**{"train.steps": 5}), ["flora", "flora-adalora"], tmp_path, progress=False
+    )
+
+    rows: dict[str, str] = {}
+    for line in table.splitlines():  # the first table: one row per strategy
+        if line.startswith("| f"):
+            rows.setdefault(line.split(" | ")[0][2:], line)
+    flora, ada = summaries["flora"], summaries["flora-adalora"]
+    up_mb = ada["communication"]["up_bytes"] / 1e6
+    assert f"| {up_mb:.3f} |" in rows["flora-adalora"] and "| 14 → 7 |" in rows["flora-adalora"]
+    assert ada["communication"]["up_bytes"] < flora["communication"]["up_bytes"]
+    assert "| strategy | 0 | 1 | 2 |" in table
+    per_round = [line for line in table.splitlines() if line.startswith("| flora | ")][-1]
+    cells = per_round.rstrip(" |").split(" | ")[1:]
+    assert cells == [f"{v:.4f}" for v in flora["per_round"]["loss"].values()]
+
+
 def test_compare_runs_every_strategy_on_a_tiny_config(tmp_path: Path) -> None:
     summaries, table = compare_strategies(
         tiny(rounds=1, **{"clients.ranks": "[4]"}), MODES, tmp_path, progress=False

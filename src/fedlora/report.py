@@ -65,6 +65,13 @@ def summarize(
     base, final = points[0][1], points[-1][1]
     higher = HIGHER_IS_BETTER.get(metric, True)
     traffic = [t for r in rows for t in r.get("traffic", [])]
+    ranked = [r for r in rows if "rank_sum_before" in r]
+    if ranked:  # the last round's sums of local ranks (AdaLoRA clients, HetLoRA pruning)
+        extra = {
+            "rank_sum_before": ranked[-1]["rank_sum_before"],
+            "rank_sum_after": ranked[-1]["rank_sum_after"],
+            **extra,
+        }
     return {
         "strategy": strategy,
         "task": kind,
@@ -151,27 +158,49 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: P
 
 
 def comparison(summaries: dict[str, dict[str, Any]], out: Path) -> str:
-    """``compare.md``, ``compare.json`` and ``compare.png`` across strategies; returns the table."""
+    """``compare.md``, ``compare.json`` and ``compare.png`` across strategies; returns the tables:
+    one row per strategy (final metric, traffic per client per round, the sums of local ranks
+    where ranks shrink locally) and the headline metric per round."""
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(summaries.values()))
     metric = first["metric"]
-    lines = [
+    ranks = any("rank_sum_before" in s for s in summaries.values())
+    head = (
         f"| strategy | base {metric} | final {metric} | improved | up params/client/round | "
-        "ratio to full FT |",
-        "|---|---|---|---|---|---|",
+        "up MB/client/round | down MB/client/round | ratio to full FT |"
+    )
+    lines = [
+        head + (" Σ local ranks before → after |" if ranks else ""),
+        "|---" * (8 + ranks) + "|",
     ]
     for name, s in summaries.items():
         comm = s.get("communication") or {}
-        lines.append(
+        row = (
             f"| {name} | {s['base']:.4f} | {s['final']:.4f} | {'yes' if s['improved'] else 'no'} | "
-            f"{comm.get('up_params', 0):.0f} | {comm.get('ratio_to_full', 0):.5f} |"
+            f"{comm.get('up_params', 0):.0f} | {comm.get('up_bytes', 0) / 1e6:.3f} | "
+            f"{comm.get('down_bytes', 0) / 1e6:.3f} | {comm.get('ratio_to_full', 0):.5f} |"
         )
-    table = "\n".join(lines) + "\n"
-    (out / "compare.md").write_text(table)
-    (out / "compare.json").write_text(json.dumps(summaries, indent=2) + "\n")
+        if ranks:
+            before, after = s.get("rank_sum_before"), s.get("rank_sum_after")
+            row += f" {before} → {after:g} |" if before is not None else " |"
+        lines.append(row)
     curves = {
         name: sorted((int(r), float(v)) for r, v in s["per_round"].get(metric, {}).items())
         for name, s in summaries.items()
     }
+    rounds = sorted({r for points in curves.values() for r, _ in points})
+    lines += [
+        "",
+        f"Held-out {metric} per round (round 0: the base model):",
+        "",
+        "| strategy | " + " | ".join(str(r) for r in rounds) + " |",
+        "|---" * (len(rounds) + 1) + "|",
+    ]
+    for name, points in curves.items():
+        values = dict(points)
+        lines.append(f"| {name} | " + " | ".join(_fmt(values.get(r)) for r in rounds) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps(summaries, indent=2) + "\n")
     plot_curves(curves, metric, out / "compare.png")
     return table

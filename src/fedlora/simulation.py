@@ -278,8 +278,8 @@ class Runner:
                 kept = {n: f.rank for n, f in pruned.items()}
         return LocalResult(factors, result.loss, scores, kept)
 
-    def traffic(self, client: Client, up: int, down: int) -> Traffic:
-        return Traffic(client.cid, client.rank, up, down, 4, self.fed.model_params)
+    def traffic(self, client: Client, up: int, down: int, rank: int) -> Traffic:
+        return Traffic(client.cid, rank, up, down, 4, self.fed.model_params)
 
     def rounds(self) -> Any:
         return tqdm(
@@ -333,7 +333,7 @@ class Runner:
                     + delta_params(sent_down)
                 )
                 up = factor_params(local.factors, b_only)
-                traffic.append(self.traffic(client, up, down))
+                traffic.append(self.traffic(client, up, down, rank))
                 index = strategy.component_indices(state, rank)
                 if index is not None:  # pruning keeps the first components of each
                     index = {n: i[: local.factors[n].rank] for n, i in index.items()}
