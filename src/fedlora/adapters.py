@@ -54,17 +54,9 @@ def attach(
     ``rank``/``alpha`` are one value or one per module name. The base weights are shared with
     ``model``, not copied; :func:`detach` gives the plain model back.
     """
-    if lora_layers_present(model):
-        raise ConfigError("the model already has LoRA layers; detach() the previous adapter first")
-    shapes = target_shapes(model, targets)
-    ranks = {n: rank[n] if isinstance(rank, Mapping) else rank for n in shapes}
-    alphas = {n: alpha[n] if isinstance(alpha, Mapping) else alpha for n in shapes}
-    for name, r in ranks.items():
-        if r > min(shapes[name]):
-            raise ConfigError(
-                f"rank {r} is larger than module {name!r} allows (shape {shapes[name]})"
-            )
-    first = next(iter(shapes))
+    ranks = _fitting_ranks(model, targets, rank)
+    alphas = {n: alpha[n] if isinstance(alpha, Mapping) else alpha for n in ranks}
+    first = next(iter(ranks))
     config = LoraConfig(
         r=ranks[first],
         lora_alpha=alphas[first],  # type: ignore[arg-type]  # PEFT takes float α
@@ -78,6 +70,22 @@ def attach(
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     return peft_model
+
+
+def _fitting_ranks(
+    model: Any, targets: Sequence[str], rank: int | Mapping[str, int]
+) -> dict[str, int]:
+    """The rank of every target module, checked to fit it, on a model without LoRA layers."""
+    if lora_layers_present(model):
+        raise ConfigError("the model already has LoRA layers; detach() the previous adapter first")
+    shapes = target_shapes(model, targets)
+    ranks = {n: rank[n] if isinstance(rank, Mapping) else rank for n in shapes}
+    for name, r in ranks.items():
+        if r > min(shapes[name]):
+            raise ConfigError(
+                f"rank {r} is larger than module {name!r} allows (shape {shapes[name]})"
+            )
+    return ranks
 
 
 def detach(peft_model: Any) -> Any:
@@ -149,13 +157,7 @@ def attach_adalora(
     average of ``target_rank`` per module over ``total_steps`` optimizer steps; ``options`` is
     :class:`fedlora.config.AdaLoRAConfig` (schedule fractions, EMA betas, orthogonality weight).
     Call ``peft_model.base_model.update_and_allocate(step)`` after every optimizer step."""
-    if lora_layers_present(model):
-        raise ConfigError("the model already has LoRA layers; detach() the previous adapter first")
-    shapes = target_shapes(model, targets)
-    too_big = {n: s for n, s in shapes.items() if rank > min(s)}
-    if too_big:
-        name, shape = next(iter(too_big.items()))
-        raise ConfigError(f"rank {rank} is larger than module {name!r} allows (shape {shape})")
+    _fitting_ranks(model, targets, rank)
     tinit = int(options.tinit * total_steps)
     tfinal = max(1, int(options.tfinal * total_steps))
     if total_steps - tfinal <= tinit:
