@@ -1,0 +1,385 @@
+"""One federated round, for any engine: what the server plans, what a client does, what comes back.
+
+The path of a round is ``sample → plan → train → aggregate → (merge) → evaluate``. The server side
+(:class:`FederatedRounds`) samples clients, plans each one's local work from the strategy's traits
+and state, aggregates what comes back with the strategy and records the round. The client side
+(:meth:`Workbench.train`) trains one plan on one client's data. An engine only moves plans and
+results between the two: the in-process runner calls the workbench directly
+(:mod:`fedlora.simulation`), Flower sends them as messages (:mod:`fedlora.flower`). All math lives
+in :mod:`fedlora.strategies`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from fedlora import adapters
+from fedlora.comm import Traffic, delta_params, factor_params
+from fedlora.config import RunConfig, TrainConfig
+from fedlora.data import Example, encode
+from fedlora.evaluate import evaluate
+from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
+from fedlora.strategies import Start, Strategy
+from fedlora.strategies.hetlora import pruned_rank, self_prune
+from fedlora.train import num_steps, train_local
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server knows of a registered client."""
+
+    cid: str
+    index: int
+    """Position among the registered clients; seeds the client's adapter init and batches."""
+    rank: int
+    alpha: float
+
+
+@dataclass(frozen=True)
+class Client(ClientInfo):
+    """A client with its data (in-process, or on its own node)."""
+
+    examples: list[Example]
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What one client does in a round, decided from the strategy's traits."""
+
+    rank: int
+    start: Start = None
+    frozen: Start = None
+    """Components held in the forward pass but not trained (hafl-freeze)."""
+    freeze_a: bool = False
+    importance: bool = False
+    adapter: str = "lora"
+    prune_gamma: float | None = None
+    """HetLoRA self-pruning with this γ (None: no pruning)."""
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    factors: dict[str, LoRAFactors]
+    loss: float
+    importance: dict[str, torch.Tensor] | None
+    kept: dict[str, int]
+    """Components per module that carry the update (after AdaLoRA's or HetLoRA's pruning)."""
+    num_examples: int
+
+    @property
+    def mean_rank(self) -> float:
+        return sum(self.kept.values()) / len(self.kept)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One client's work in one round, as the server sends it."""
+
+    client: ClientInfo
+    round: int
+    plan: LocalPlan
+    base_deltas: list[dict[str, BaseDelta]]
+    """Merged base updates this client has not received yet, oldest first (FLoRA); an engine
+    whose clients share the server's base weights ignores them."""
+    down_params: int
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    metrics: dict[str, float]
+    train_loss: float | None = None
+    clients: list[str] = field(default_factory=list)
+    traffic: list[Traffic] = field(default_factory=list)
+    rank_sum_before: int | None = None
+    """Σ over the round's clients of the rank each started local training with."""
+    rank_sum_after: float | None = None
+    """Σ over the round's clients of the rank each sent (mean over modules of kept components)."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "round": self.round,
+            **{f"eval_{k}": v for k, v in self.metrics.items()},
+            "train_loss": self.train_loss,
+            "clients": self.clients,
+            "traffic": [t.to_json() for t in self.traffic],
+        }
+        if self.rank_sum_before is not None:
+            out.update(rank_sum_before=self.rank_sum_before, rank_sum_after=self.rank_sum_after)
+        return out
+
+
+C = TypeVar("C", bound=ClientInfo)
+
+
+def sample_clients(clients: Sequence[C], fraction: float, generator: torch.Generator) -> list[C]:
+    """``max(1, round(fraction · n))`` of ``clients`` without replacement, in registration order."""
+    k = max(1, round(fraction * len(clients)))
+    picked = torch.randperm(len(clients), generator=generator)[:k].sort().values.tolist()
+    return [clients[i] for i in picked]
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic seed from integers (no global RNG)."""
+    value = 0
+    for p in parts:
+        value = (value * 1_000_003 + p) % (2**63 - 1)
+    return value
+
+
+class Workbench:
+    """The model a party works on: a client trains plans on it, the server merges into it and
+    evaluates it. ``heldout`` is empty on a client that only trains."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        cfg: RunConfig,
+        kind: str,
+        heldout: Sequence[Example] = (),
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.kind = kind
+        self.heldout = list(heldout)
+        self.progress = progress
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.shapes = adapters.target_shapes(model, cfg.model.targets)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            self.heldout,
+            self.kind,  # type: ignore[arg-type]
+            batch_size=self.cfg.eval.batch_size,
+            max_length=self.cfg.model.max_length,
+            rouge_samples=self.cfg.eval.rouge_samples,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+        )
+
+    def evaluate_with(self, factors: dict[str, LoRAFactors] | None) -> dict[str, float]:
+        """Evaluate the base model with ``factors`` attached (scaling 1), or the bare base."""
+        if not factors:
+            return self.evaluate()
+        peft_model = adapters.attach_factors(self.model, self.cfg.model.targets, factors)
+        try:
+            return self.evaluate()
+        finally:
+            self.model = adapters.detach(peft_model)
+
+    def merge(self, deltas: dict[str, BaseDelta]) -> None:
+        adapters.merge_delta(self.model, deltas)
+
+    def train(
+        self, client: Client, plan: LocalPlan, t: int, local: TrainConfig | None = None
+    ) -> LocalResult:
+        """Attach a fresh adapter of the plan's rank, load its start (and frozen components),
+        train (tracking importance, regularising the tail or running AdaLoRA's budget as the plan
+        says), read the factors and scores, detach. ``local`` overrides ``cfg.train``."""
+        cfg = self.cfg
+        local = local or cfg.train
+        r = plan.rank
+        seed = derive_seed(cfg.seed, t, client.index)
+        data = encode(client.examples, self.tokenizer, cfg.model.max_length)
+        steps = num_steps(local, len(data))
+        if plan.adapter == "adalora":
+            target = max(1, round(cfg.adalora.target_ratio * r))
+            peft_model = adapters.attach_adalora(
+                self.model, cfg.model.targets, r, client.alpha, seed, steps, target, cfg.adalora
+            )
+        else:
+            peft_model = adapters.attach(self.model, cfg.model.targets, r, client.alpha, seed=seed)
+        try:
+            if plan.start:
+                adapters.write_factors(peft_model, plan.start)
+            if plan.frozen:
+                adapters.add_frozen(peft_model, plan.frozen)
+            if plan.freeze_a:
+                adapters.freeze_a(peft_model)
+            label = f"round {t} {client.cid} (r={r})" if self.progress else None
+            tracker = adapters.importance_tracker(peft_model) if plan.importance else None
+            penalty = None
+            if plan.prune_gamma is not None and cfg.hetlora.reg > 0:
+                keep = {n: pruned_rank(r, plan.prune_gamma) for n in self.shapes}
+                tail = adapters.tail_penalty(peft_model, keep)
+                reg = cfg.hetlora.reg
+                penalty = lambda: reg * tail()  # noqa: E731
+            allocate = (
+                peft_model.base_model.update_and_allocate if plan.adapter == "adalora" else None
+            )
+            result = train_local(
+                peft_model,
+                data,
+                local,
+                self.pad_id,
+                seed,
+                label,
+                on_step=tracker.step if tracker is not None else None,
+                penalty=penalty,
+                after_step=allocate,
+            )
+            factors = adapters.read_factors(peft_model)
+            kept = adapters.kept_ranks(peft_model)
+            scores = tracker.scores() if tracker is not None else None
+        finally:
+            self.model = adapters.detach(peft_model)
+        if plan.prune_gamma is not None:
+            pruned = self_prune(plan.start, factors, plan.prune_gamma)
+            if pruned is not None:
+                factors = pruned
+                kept = {n: f.rank for n, f in pruned.items()}
+        return LocalResult(factors, result.loss, scores, kept, len(client.examples))
+
+
+class FederatedRounds:
+    """The server side of federated rounds with one strategy, whatever carries the messages.
+
+    Holds the strategy's state, the client sampler, each client's current rank (HetLoRA's pruning
+    persists) and, for strategies that merge into the base, every merged update and how many of
+    them each client has received. ``bench`` is the server's model: merged into, and evaluated.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        strategy: Strategy,
+        clients: Sequence[ClientInfo],
+        shapes: dict[str, tuple[int, int]],
+        model_params: int,
+        bench: Workbench,
+    ) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        self.clients = list(clients)
+        self.model_params = model_params
+        self.bench = bench
+        self.sampler = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
+        self.ranks = {c.cid: c.rank for c in self.clients}
+        """Each client's current rank (HetLoRA's self-pruning lowers it)."""
+        init_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 2))
+        self.state = strategy.init_state(shapes, max(c.rank for c in self.clients), init_gen)
+        self.merged: list[dict[str, BaseDelta]] = []
+        self.received = {c.cid: 0 for c in self.clients}
+        """How many of :attr:`merged` each client has received."""
+
+    def start(self) -> RoundRecord:
+        """Round 0: the base model's metrics."""
+        return RoundRecord(0, self.bench.evaluate())
+
+    def tasks(self, t: int) -> list[Task]:
+        """Sample round ``t``'s clients and plan each one's local work."""
+        strategy, traits, cfg = self.strategy, self.strategy.traits, self.cfg
+        sampled = sample_clients(self.clients, cfg.clients.fraction, self.sampler)
+        ranks = [self.ranks[c.cid] for c in sampled]
+        starts = strategy.redistribute(self.state, ranks)
+        prune = cfg.hetlora.gamma if traits.self_pruning and cfg.hetlora.prune else None
+        tasks = []
+        for client, rank, start in zip(sampled, ranks, starts, strict=True):
+            plan = LocalPlan(
+                rank,
+                start,
+                strategy.frozen_components(self.state, rank),
+                traits.fixed_a,
+                traits.needs_importance,
+                traits.client_adapter,
+                prune,
+            )
+            pending = self.merged[self.received[client.cid] :]
+            down = (
+                factor_params(start, traits.fixed_a)
+                + factor_params(plan.frozen)
+                + sum(delta_params(d) for d in pending)
+            )
+            tasks.append(Task(client, t, plan, pending, down))
+        return tasks
+
+    def finish(self, tasks: Sequence[Task], results: Sequence[LocalResult]) -> RoundRecord:
+        """Aggregate one round's results (in the order of ``tasks``), merge, evaluate, record."""
+        strategy, traits = self.strategy, self.strategy.traits
+        t = tasks[0].round
+        updates, traffic = [], []
+        for task, local in zip(tasks, results, strict=True):
+            client = task.client
+            up = factor_params(local.factors, traits.fixed_a)
+            traffic.append(
+                Traffic(client.cid, task.plan.rank, up, task.down_params, 4, self.model_params)
+            )
+            index = strategy.component_indices(self.state, task.plan.rank)
+            if index is not None:  # pruning keeps the first components of each
+                index = {n: i[: local.factors[n].rank] for n, i in index.items()}
+            updates.append(
+                ClientUpdate(
+                    client.cid,
+                    local.factors,
+                    local.num_examples,
+                    {"loss": local.loss},
+                    component_index=index,
+                    importance=local.importance,
+                )
+            )
+            self.received[client.cid] = len(self.merged)
+            if task.plan.prune_gamma is not None:  # a pruned rank stays pruned
+                self.ranks[client.cid] = min(f.rank for f in local.factors.values())
+        self.state = strategy.aggregate(self.state, updates)
+        if traits.merges_into_base:
+            self.bench.merge(dict(self.state.base_delta))
+            self.merged.append(dict(self.state.base_delta))
+        due = t == self.cfg.rounds or t % self.cfg.eval.every == 0
+        metrics = self.bench.evaluate_with(dict(self.state.factors)) if due else {}
+        losses = [r.loss for r in results]
+        record = RoundRecord(
+            t, metrics, sum(losses) / len(losses), [task.client.cid for task in tasks], traffic
+        )
+        if traits.client_adapter != "lora" or traits.self_pruning:
+            record.rank_sum_before = sum(task.plan.rank for task in tasks)
+            record.rank_sum_after = sum(r.mean_rank for r in results)
+        return record
+
+    def export(self) -> tuple[dict[str, LoRAFactors], float | None]:
+        """The global result: FLoRA's accumulated merged update (exact or at ``export_rank``),
+        else the global adapter."""
+        if self.strategy.traits.merges_into_base:
+            return accumulated_factors(self.merged, self.cfg.export_rank)
+        return dict(self.state.factors), None
+
+
+def accumulated_factors(
+    merged: Sequence[dict[str, BaseDelta]], export_rank: int | None
+) -> tuple[dict[str, LoRAFactors], float | None]:
+    """FLoRA's total update ``Σ_t ΔW_t`` per module as factors: exact (stacked over rounds), or
+    compressed to ``export_rank`` by SVD with the largest relative Frobenius error returned."""
+    from fedlora.linalg import stack, svd_factors, truncate
+
+    out: dict[str, LoRAFactors] = {}
+    worst = 0.0
+    names = list(merged[0]) if merged else []
+    for name in names:
+        parts = [dense_as_factors(d[name]) for d in merged]
+        total = stack(parts, [1.0] * len(parts))
+        if export_rank is None and total.rank <= min(total.shape):
+            out[name] = total
+            continue
+        svd = svd_factors(total)
+        keep = min(export_rank or svd.rank, svd.rank)
+        s = torch.linalg.norm(svd.B, dim=0)
+        norm = float(torch.linalg.norm(s))
+        worst = max(worst, float(torch.linalg.norm(s[keep:])) / norm if norm > 0 else 0.0)
+        out[name] = truncate(svd, keep)
+    return out, (worst if export_rank is not None else None)
+
+
+def dense_as_factors(delta: BaseDelta) -> LoRAFactors:
+    """A base delta as factors: factored ones as they are, a dense ``(d_out, d_in)`` one as exact
+    factors ``U S`` and ``Vh``."""
+    if isinstance(delta, LoRAFactors):
+        return delta
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return LoRAFactors(A=Vh.contiguous(), B=(U * S).contiguous())
