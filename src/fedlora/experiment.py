@@ -13,7 +13,8 @@ from typing import Any
 from fedlora import adapters
 from fedlora.config import RunConfig, to_dict
 from fedlora.report import RunWriter, comparison, headline_metric, summarize
-from fedlora.simulation import Runner, build_federation
+from fedlora.rounds import Workbench
+from fedlora.simulation import Runner, RunOutcome, build_federation
 from fedlora.strategies import REGISTRY
 
 
@@ -24,40 +25,49 @@ def run_experiment(cfg: RunConfig, out: Path, progress: bool = True) -> dict[str
     writer = RunWriter(out, to_dict(cfg))
     runner = Runner(fed, out, progress=progress)
     outcome = runner.run(lambda record: writer.record(record.to_json()))
+    clients = [
+        {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": len(c.examples)}
+        for c in fed.clients
+    ]
+    facts = {"heldout_examples": len(fed.heldout), "device": str(fed.loaded.device)}
+    return finish_run(cfg, writer, outcome, runner.bench, clients, facts, start)
 
-    extra: dict[str, Any] = {
-        "clients": [
-            {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": len(c.examples)}
-            for c in fed.clients
-        ],
-        "heldout_examples": len(fed.heldout),
-        "model": cfg.model.name,
-        "device": str(fed.loaded.device),
-    }
+
+def finish_run(
+    cfg: RunConfig,
+    writer: RunWriter,
+    outcome: RunOutcome,
+    bench: Workbench,
+    clients: list[dict[str, Any]],
+    facts: dict[str, Any],
+    start: float,
+) -> dict[str, Any]:
+    """Export the global adapter (and merged model), summarise, write the report; any engine."""
+    extra: dict[str, Any] = {"clients": clients, **facts, "model": cfg.model.name}
     if outcome.export:
         folder = adapters.export_adapter(
-            runner.model, outcome.export, cfg.model.targets, out / "adapter"
+            bench.model, outcome.export, cfg.model.targets, writer.out / "adapter"
         )
         extra["adapter"] = str(folder)
         extra["adapter_ranks"] = sorted({f.rank for f in outcome.export.values()})
         if outcome.export_error is not None:
             extra["adapter_relative_error"] = outcome.export_error
     if cfg.save_merged:
-        extra["merged_model"] = str(save_merged(runner, outcome.export, out / "merged", cfg))
+        extra["merged_model"] = str(save_merged(bench, outcome.export, writer.out / "merged", cfg))
     extra["seconds"] = time.perf_counter() - start
-    metric = headline_metric(fed.kind, cfg.eval.rouge_samples > 0)
-    summary = summarize(cfg.strategy, fed.kind, metric, writer.rows, extra)
+    metric = headline_metric(bench.kind, cfg.eval.rouge_samples > 0)
+    summary = summarize(cfg.strategy, bench.kind, metric, writer.rows, extra)
     return writer.finish(summary)
 
 
-def save_merged(runner: Runner, export: Any, folder: Path, cfg: RunConfig) -> Path:
+def save_merged(bench: Workbench, export: Any, folder: Path, cfg: RunConfig) -> Path:
     """The full model with the global update merged (FLoRA's is already in the base)."""
-    model = runner.model
+    model = bench.model
     merged_already = cfg.strategy in REGISTRY and REGISTRY[cfg.strategy].traits.merges_into_base
     if export and not merged_already:
         adapters.merge_delta(model, export)
     model.save_pretrained(str(folder))
-    runner.tokenizer.save_pretrained(str(folder))
+    bench.tokenizer.save_pretrained(str(folder))
     return folder
 
 

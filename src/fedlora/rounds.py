@@ -82,6 +82,8 @@ class Task:
     client: ClientInfo
     round: int
     plan: LocalPlan
+    base_from: int
+    """Position among all merged base updates of the first of :attr:`base_deltas`."""
     base_deltas: list[dict[str, BaseDelta]]
     """Merged base updates this client has not received yet, oldest first (FLoRA); an engine
     whose clients share the server's base weights ignores them."""
@@ -292,13 +294,14 @@ class FederatedRounds:
                 traits.client_adapter,
                 prune,
             )
-            pending = self.merged[self.received[client.cid] :]
+            first = self.received[client.cid]
+            pending = self.merged[first:]
             down = (
                 factor_params(start, traits.fixed_a)
                 + factor_params(plan.frozen)
                 + sum(delta_params(d) for d in pending)
             )
-            tasks.append(Task(client, t, plan, pending, down))
+            tasks.append(Task(client, t, plan, first, pending, down))
         return tasks
 
     def finish(self, tasks: Sequence[Task], results: Sequence[LocalResult]) -> RoundRecord:

@@ -1,0 +1,351 @@
+"""fedlora's Flower ``ServerApp`` and ``ClientApp`` (Flower's Message API).
+
+The server side is :class:`fedlora.rounds.FederatedRounds`, the client side
+:meth:`fedlora.rounds.Workbench.train`, exactly as in the in-process runner; this module only
+turns their plans and results into Flower messages and back (:mod:`fedlora.flower.records`).
+
+Both apps read the run's configuration from the Flower run config: ``fedlora-config`` (the
+resolved fedlora config as JSON), ``out`` (the run folder on the server's host),
+``wait-nodes-s`` (how long the server waits for ``clients.num_clients`` nodes) and
+``round-timeout-s`` (how long it waits for a round's replies). A node says who it is in its node
+config: ``partition-id`` (required: which client it is), and optionally ``rank``, ``alpha`` and
+``data`` (a data file of its own, used whole, instead of its partition of ``data.source``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora import adapters
+from fedlora.config import RunConfig, build, check, to_dict
+from fedlora.data import load_examples
+from fedlora.errors import ConfigError, FedloraError, UpdateError
+from fedlora.flower.records import (
+    array_part,
+    config_part,
+    content_plan,
+    content_result,
+    factors_record,
+    record_deltas,
+    result_content,
+    task_content,
+)
+from fedlora.lora import BaseDelta
+from fedlora.models import LoadedModel, load_model
+from fedlora.ranks import client_ranks
+from fedlora.report import RunWriter
+from fedlora.rounds import Client, ClientInfo, FederatedRounds, LocalResult, Task, Workbench
+from fedlora.simulation import RunOutcome, check_client_ranks, federation_data
+from fedlora.strategies import get_strategy
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+CONFIG_KEY = "fedlora-config"
+OUT_KEY = "out"
+WAIT_KEY = "wait-nodes-s"
+TIMEOUT_KEY = "round-timeout-s"
+
+
+def config_from_json(text: str) -> RunConfig:
+    """A resolved fedlora config from its JSON (as :func:`fedlora.config.to_dict` writes it)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"run config {CONFIG_KEY!r} is not valid JSON: {exc}") from None
+    config: RunConfig = build(RunConfig, _drop_none(raw), "")
+    check(config)
+    return config
+
+
+def _drop_none(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _drop_none(v) for k, v in raw.items() if v is not None}
+    return raw
+
+
+def _run_value(context: Context, key: str) -> Any:
+    if key not in context.run_config:
+        raise ConfigError(f"the Flower run config has no {key!r}; write the app with fedlora")
+    return context.run_config[key]
+
+
+# --- server ---------------------------------------------------------------------------------
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    cfg = config_from_json(str(_run_value(context, CONFIG_KEY)))
+    serve(
+        grid,
+        cfg,
+        Path(str(_run_value(context, OUT_KEY))),
+        wait_s=float(_run_value(context, WAIT_KEY)),
+        timeout_s=float(_run_value(context, TIMEOUT_KEY)),
+    )
+
+
+def serve(grid: Grid, cfg: RunConfig, out: Path, wait_s: float, timeout_s: float) -> dict[str, Any]:
+    """Run ``cfg`` over the nodes of ``grid``; write the run folder ``out`` as ``fedlora run``
+    does; return the summary."""
+    from fedlora.experiment import finish_run  # experiment imports the runner; keep apps light
+
+    start = time.perf_counter()
+    if cfg.strategy in ("centralized", "standalone"):
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} is a single-party reference point; run it in-process "
+            "(fedlora run without --engine flower)"
+        )
+    nodes = _wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
+    clients, node_of, examples = _identify(grid, nodes, cfg, timeout_s)
+    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
+    _, heldout, kind = _federation_data(json.dumps(to_dict(cfg)))
+    bench = Workbench(loaded.model, loaded.tokenizer, cfg, kind, heldout, progress=False)
+    check_client_ranks(clients, bench.shapes)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    strategy = get_strategy(cfg.strategy, weighting=cfg.weighting)
+    rounds = FederatedRounds(cfg, strategy, clients, bench.shapes, params, bench)
+    writer = RunWriter(out, to_dict(cfg))
+    records = [rounds.start()]
+    writer.record(records[0].to_json())
+    for t in range(1, cfg.rounds + 1):
+        tasks = rounds.tasks(t)
+        results = _exchange(grid, tasks, node_of, timeout_s)
+        records.append(rounds.finish(tasks, results))
+        writer.record(records[-1].to_json())
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in records[-1].metrics.items())
+        print(f"fedlora: round {t}/{cfg.rounds} done ({len(tasks)} clients) {metrics}", flush=True)
+    factors, err = rounds.export()
+    info = [
+        {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": examples[c.cid]}
+        for c in clients
+    ]
+    facts = {
+        "heldout_examples": len(heldout),
+        "device": str(loaded.device),
+        "engine": "flower",
+        "nodes": {c.cid: node_of[c.cid] for c in clients},
+    }
+    summary = finish_run(cfg, writer, RunOutcome(records, factors, err), bench, info, facts, start)
+    print(f"fedlora: run folder {out}", flush=True)
+    return summary
+
+
+def _wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedloraError(
+                f"only {len(nodes)} of clients.num_clients = {count} nodes connected within "
+                f"{wait_s:.0f} s; start more SuperNodes or lower clients.num_clients"
+            )
+        time.sleep(1.0)
+
+
+def _identify(
+    grid: Grid, nodes: Sequence[int], cfg: RunConfig, timeout_s: float
+) -> tuple[list[ClientInfo], dict[str, int], dict[str, int]]:
+    """Ask every node which client it is: the registered clients in index order, the node of
+    each and its number of examples."""
+    messages = [Message(RecordDict(), node, "query") for node in nodes]
+    replies = _send(grid, messages, timeout_s, [f"node {n}" for n in nodes])
+    by_index: dict[int, tuple[ClientInfo, int]] = {}
+    examples = {}
+    for node, reply in zip(nodes, replies, strict=True):
+        rec = config_part(reply, "client", f"node {node}")
+        info = ClientInfo(
+            str(rec["cid"]),
+            _int(rec["index"], "index", node),
+            _int(rec["rank"], "rank", node),
+            float(rec["alpha"]),  # type: ignore[arg-type]
+        )
+        if info.index in by_index:
+            raise ConfigError(
+                f"nodes {by_index[info.index][1]} and {node} both say partition-id "
+                f"{info.index}; give each SuperNode its own --node-config partition-id"
+            )
+        by_index[info.index] = (info, node)
+        examples[info.cid] = _int(rec["examples"], "examples", node)
+    missing = sorted(set(range(cfg.clients.num_clients)) - set(by_index))
+    if missing:
+        raise ConfigError(
+            f"no node has partition-id {missing[0]}; the {cfg.clients.num_clients} nodes need "
+            f"partition-id 0 … {cfg.clients.num_clients - 1}"
+        )
+    ordered = [by_index[i] for i in sorted(by_index)][: cfg.clients.num_clients]
+    node_of = {info.cid: node for info, node in ordered}
+    return [info for info, _ in ordered], node_of, examples
+
+
+def _int(value: Any, key: str, node: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UpdateError(f"node {node}: {key} must be an int, got {value!r}")
+    return value
+
+
+def _exchange(
+    grid: Grid, tasks: Sequence[Task], node_of: Mapping[str, int], timeout_s: float
+) -> list[LocalResult]:
+    """Send each task to its node as a ``train`` message; the results in the order of tasks."""
+    messages = [
+        Message(task_content(task), node_of[task.client.cid], "train", group_id=str(task.round))
+        for task in tasks
+    ]
+    replies = _send(grid, messages, timeout_s, [task.client.cid for task in tasks])
+    return [
+        content_result(reply, task.client.cid) for task, reply in zip(tasks, replies, strict=True)
+    ]
+
+
+def _send(
+    grid: Grid, messages: Sequence[Message], timeout_s: float, names: Sequence[str]
+) -> list[RecordDict]:
+    """Push ``messages``, pull every reply (or fail naming who did not answer or failed)."""
+    ids = list(grid.push_messages(messages))
+    pending = {mid: i for i, mid in enumerate(ids) if mid}
+    if len(pending) != len(messages):
+        raise FedloraError("Flower did not accept every message (no message id returned)")
+    contents: dict[int, RecordDict] = {}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            i = pending.pop(reply.metadata.reply_to_message_id)
+            if reply.has_error():
+                raise FedloraError(f"{names[i]} failed: {reply.error.reason}")
+            contents[i] = reply.content
+        if pending and time.monotonic() > deadline:
+            late = ", ".join(names[i] for i in sorted(pending.values()))
+            raise FedloraError(f"no reply within {timeout_s:.0f} s from {late}")
+        if pending:
+            time.sleep(0.1)
+    return [contents[i] for i in range(len(messages))]
+
+
+# --- client ---------------------------------------------------------------------------------
+
+
+@client_app.query()
+def _client_query(msg: Message, context: Context) -> Message:
+    client, _ = node_client(_config(context), context.node_config)
+    record = ConfigRecord(
+        {
+            "cid": client.cid,
+            "index": client.index,
+            "rank": client.rank,
+            "alpha": float(client.alpha),
+            "examples": len(client.examples),
+        }
+    )
+    return Message(RecordDict({"client": record}), reply_to=msg)
+
+
+@client_app.train()
+def _client_train(msg: Message, context: Context) -> Message:
+    cfg = _config(context)
+    client, kind = node_client(cfg, context.node_config)
+    plan, t, base = content_plan(msg.content)
+    for i, delta in base.items():  # keep every merged update this node has received
+        context.state[f"base.{i}"] = factors_record(delta)
+    bench = _workbench(cfg, kind)
+    _restore_base(bench, cfg, _received_base(context))
+    result = bench.train(client, plan, t)
+    return Message(result_content(result), reply_to=msg)
+
+
+def _config(context: Context) -> RunConfig:
+    return _config_cached(str(_run_value(context, CONFIG_KEY)))
+
+
+@functools.lru_cache(maxsize=2)
+def _config_cached(text: str) -> RunConfig:
+    return config_from_json(text)
+
+
+@functools.lru_cache(maxsize=2)
+def _federation_data(config_json: str) -> Any:
+    return federation_data(config_from_json(config_json))
+
+
+def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, str]:
+    """The client a node is, from its node config (see the module docstring) and ``cfg``, and
+    the kind of its data."""
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "the node config has no partition-id; start the SuperNode with "
+            '--node-config "partition-id=K" (K = 0 … clients.num_clients - 1)'
+        )
+    index = node_config["partition-id"]
+    n = cfg.clients.num_clients
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        raise ConfigError(f"node config partition-id must be an int in 0 … {n - 1}, got {index!r}")
+    rank = node_config.get("rank")
+    if rank is None:
+        rank = client_ranks(cfg.clients.ranks, n, cfg.clients.rank_set, cfg.seed)[index]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"node config rank must be an int >= 1, got {rank!r}")
+    alpha = float(node_config.get("alpha") or cfg.clients.alpha or 2.0 * rank)
+    if "data" in node_config:
+        examples, kind = load_examples(
+            str(node_config["data"]),
+            kind=cfg.data.kind,  # type: ignore[arg-type]
+            columns=cfg.data.columns,
+            limit=None,
+            seed=cfg.seed,
+        )
+    else:
+        parts, _, kind = _federation_data(json.dumps(to_dict(cfg)))
+        examples = parts[index]
+    return Client(f"client-{index:04d}", index, rank, alpha, list(examples)), kind
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(
+    name: str, device: str, dtype: str, seed: int
+) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+    """The model, once per process, with a copy of its pristine target weights."""
+    loaded = load_model(name, device, dtype, seed=seed)
+    return loaded, {}
+
+
+def _workbench(cfg: RunConfig, kind: str) -> Workbench:
+    loaded, _ = _loaded(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.seed)
+    return Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False)
+
+
+def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
+    """The merged base updates this node holds, in order; a gap is an error."""
+    keys = sorted(int(k.split(".", 1)[1]) for k in context.state if k.startswith("base."))
+    if keys != list(range(len(keys))):
+        raise UpdateError(f"this node holds merged updates {keys}, expected 0 … {len(keys) - 1}")
+    return [
+        record_deltas(array_part(context.state, f"base.{i}", "node state"), "node state")
+        for i in keys
+    ]
+
+
+def _restore_base(bench: Workbench, cfg: RunConfig, deltas: list[dict[str, BaseDelta]]) -> None:
+    """Target weights back to the pristine base, then every merged update in order (the server
+    merged the same updates in the same order, so both hold the same base weights)."""
+    _, pristine = _loaded(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.seed)
+    modules = dict(bench.model.named_modules())
+    with torch.no_grad():
+        for name in bench.shapes:
+            weight = modules[name].weight
+            if name not in pristine:
+                pristine[name] = weight.detach().clone()
+            weight.copy_(pristine[name])
+    for delta in deltas:
+        adapters.merge_delta(bench.model, delta)

@@ -1,0 +1,342 @@
+"""Running fedlora on Flower from the command line: the Flower app folder, the processes, the run.
+
+``write_app`` writes a Flower app (a ``pyproject.toml`` whose components are
+:mod:`fedlora.flower.apps` and whose run config carries the resolved fedlora config).
+``run_simulation`` runs it on Flower's simulation engine: it starts a SuperLink in simulation
+mode on a free local port, submits the app with ``flwr run`` and stops the SuperLink by its
+process id. Flower's own files go under ``FLWR_HOME`` inside the run folder, never the home
+directory; runtime dependency installation is disabled, so Flower never replaces torch.
+:class:`Processes` starts and stops SuperLinks and SuperNodes (the deployment test uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+from fedlora import __version__
+from fedlora.config import RunConfig, to_dict
+from fedlora.errors import FedloraError
+from fedlora.flower.apps import CONFIG_KEY, OUT_KEY, TIMEOUT_KEY, WAIT_KEY
+
+CONNECTION = "fedlora"
+"""The name of the SuperLink connection fedlora writes into ``FLWR_HOME/config.toml``."""
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string with ASCII escapes is a valid TOML basic string
+
+
+def write_app(
+    cfg: RunConfig,
+    folder: Path,
+    out: Path,
+    wait_nodes_s: float = 300.0,
+    round_timeout_s: float = 3600.0,
+) -> Path:
+    """Write the Flower app for ``cfg`` into ``folder``; the server writes its run folder to
+    ``out`` (an absolute path on the SuperLink's host)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(to_dict(cfg), sort_keys=True)
+    text = f"""# A Flower app written by fedlora {__version__}: `flwr run` this folder.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedlora-run"
+version = "1.0.0"
+description = "fedlora {cfg.strategy} on Flower"
+license = "Apache-2.0"
+dependencies = []  # fedlora and torch are installed on every host already
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedlora"
+
+[tool.flwr.app.components]
+serverapp = "fedlora.flower.apps:server_app"
+clientapp = "fedlora.flower.apps:client_app"
+
+[tool.flwr.app.config]
+{CONFIG_KEY} = {_toml_string(config)}
+{OUT_KEY} = {_toml_string(str(out.resolve()))}
+{WAIT_KEY} = {float(wait_nodes_s)}
+{TIMEOUT_KEY} = {float(round_timeout_s)}
+"""
+    (folder / "pyproject.toml").write_text(text)
+    return folder
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment for Flower's processes: ``FLWR_HOME`` in the run folder, no telemetry
+    or update checks, this Python's scripts first on the PATH."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home.resolve()),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def write_connection(
+    home: Path, address: str, root_certificates: Path | None = None, name: str = CONNECTION
+) -> None:
+    """``FLWR_HOME/config.toml`` with one SuperLink connection ``name`` (the default)."""
+    home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f"root-certificates = {_toml_string(str(root_certificates.resolve()))}"
+        if root_certificates
+        else "insecure = true"
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+        f'address = "{address}"\n{security}\n'
+    )
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 below the ephemeral range (so no outgoing connection of
+    this host can take it between now and the bind)."""
+    for port in range(20000 + os.getpid() % 5000, 32000, 7):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise FedloraError("no free TCP port on 127.0.0.1 in 20000 … 32000")
+
+
+@dataclass
+class Processes:
+    """SuperLinks and SuperNodes started as separate processes, each in its own process group,
+    all stopped by their process ids on exit (with everything they started)."""
+
+    home: Path
+    logs: Path
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _files: list[TextIO] = field(default_factory=list)
+
+    def __enter__(self) -> Processes:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("w")
+        self._files.append(log)
+        proc = subprocess.Popen(
+            list(argv),
+            env=flower_env(self.home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.started.append(proc)
+        return proc
+
+    def superlink(
+        self,
+        port: int,
+        simulation: bool = False,
+        tls: tuple[Path, Path, Path] | None = None,
+        node_auth: bool = False,
+    ) -> str:
+        """Start a SuperLink on 127.0.0.1:``port``; wait until it answers; its address.
+        ``tls``: (CA certificate, server certificate, server key)."""
+        argv = [
+            "flower-superlink",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        if simulation:
+            argv.append("--simulation")
+        if tls:
+            ca, cert, key = tls
+            argv += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert)]
+            argv += ["--ssl-keyfile", str(key)]
+        else:
+            argv.append("--insecure")
+        if node_auth:
+            argv.append("--enable-supernode-auth")
+        proc = self.start("superlink", argv)
+        wait_healthy(port, proc, self.logs / "superlink.log", tls[0] if tls else None)
+        return f"127.0.0.1:{port}"
+
+    def supernode(
+        self,
+        index: int,
+        superlink: str,
+        node_config: Mapping[str, Any],
+        port: int,
+        root_certificates: Path | None = None,
+        auth_keys: tuple[Path, Path] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a SuperNode that connects to ``superlink`` with ``node_config``."""
+        argv = ["flower-supernode", "--superlink", superlink, "--port", str(port)]
+        argv += ["--node-config", node_config_arg(node_config)]
+        if root_certificates:
+            argv += ["--root-certificates", str(root_certificates)]
+        else:
+            argv.append("--insecure")
+        if auth_keys:
+            private, public = auth_keys
+            argv += ["--auth-supernode-private-key", str(private)]
+            argv += ["--auth-supernode-public-key", str(public)]
+        return self.start(f"supernode-{index}", argv)
+
+    def stop(self) -> None:
+        for proc in reversed(self.started):
+            _stop_group(proc)
+        self.started.clear()
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM to the process group of ``proc``, SIGKILL after ``grace_s``."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # children that outlived their parent (e.g. a ServerApp or ClientApp process)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def node_config_arg(values: Mapping[str, Any]) -> str:
+    """``--node-config`` text: space-separated ``key=value`` with TOML values."""
+    parts = []
+    for key, value in values.items():
+        text = json.dumps(value) if isinstance(value, str) else str(value).lower()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            text = str(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def wait_healthy(
+    port: int, proc: subprocess.Popen[bytes], log: Path, ca: Path | None, timeout_s: float = 60
+) -> None:
+    """Wait until the SuperLink on ``port`` answers ``/health`` (or fail with its log)."""
+    import ssl
+
+    scheme = "https" if ca else "http"
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedloraError(
+                f"the SuperLink exited with code {proc.returncode}; see {log}:\n" + _tail(log)
+            )
+        try:
+            with urllib.request.urlopen(
+                f"{scheme}://127.0.0.1:{port}/health", timeout=2, context=context
+            ) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise FedloraError(f"the SuperLink did not answer on port {port} within {timeout_s:.0f} s")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def flwr_run(
+    app: Path,
+    home: Path,
+    connection: str = CONNECTION,
+    federation_config: str | None = None,
+    log: TextIO | None = None,
+    timeout_s: float | None = None,
+) -> str:
+    """``flwr run APP CONNECTION --stream``; the run's final status from ``flwr ls`` (``flwr run
+    --stream`` exits 0 even when the run failed)."""
+    argv = ["flwr", "run", str(app), connection, "--stream"]
+    if federation_config:
+        argv += ["--federation-config", federation_config]
+    env = flower_env(home)
+    try:
+        subprocess.run(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        raise FedloraError(f"`flwr run` failed with exit code {exc.returncode}") from None
+    except subprocess.TimeoutExpired:
+        raise FedloraError(f"`flwr run` did not finish within {timeout_s:.0f} s") from None
+    listed = subprocess.run(
+        ["flwr", "ls", connection, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        runs = json.loads(listed.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError):
+        raise FedloraError(f"cannot read the run status from `flwr ls`: {listed.stdout}") from None
+    latest = max(runs, key=lambda r: str(r.get("pending-at", "")))
+    return str(latest.get("status", "unknown"))
+
+
+def run_simulation(
+    cfg: RunConfig, out: Path, supernodes: int | None = None, echo: bool = True
+) -> dict[str, Any]:
+    """Run ``cfg`` on Flower's simulation engine with one SuperNode per client; write the run
+    folder ``out`` (Flower's files in ``out/flower``); return the summary."""
+    out = out.resolve()
+    home = out / "flower"
+    app = write_app(cfg, home / "app", out)
+    with Processes(home, home / "logs") as procs:
+        address = procs.superlink(free_port(), simulation=True)
+        write_connection(home, address)
+        n = supernodes or cfg.clients.num_clients
+        with (home / "logs" / "run.log").open("w") as log:
+            status = flwr_run(
+                app, home, federation_config=f"num-supernodes={n}", log=None if echo else log
+            )
+    if status != "finished:completed":
+        raise FedloraError(f"the Flower run ended with status {status!r}; logs in {home / 'logs'}")
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return summary

@@ -1,0 +1,196 @@
+"""Plans and results as Flower records, and back: tensors as ``ArrayRecord`` (NumPy ``.npy``
+bytes, loaded with ``allow_pickle=False``), scalars as ``ConfigRecord``. Nothing is pickled.
+
+A plan travels as ``plan`` (rank, round, flags), ``start`` / ``frozen`` (factors, ``{module}.A``
+and ``{module}.B``) and one ``base.{i}`` record per merged base update the node has not received
+(``{module}.A``/``.B`` when factored, ``{module}.W`` when dense). A result travels as ``result``
+(loss, examples), ``factors``, ``kept`` and, for HAFL, ``importance``. Flower splits arrays into
+chunks itself, so adapter size is not bounded by one message frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedlora.errors import UpdateError
+from fedlora.lora import BaseDelta, LoRAFactors
+from fedlora.rounds import LocalPlan, LocalResult, Task
+
+
+def _array(t: torch.Tensor) -> Array:
+    return Array(t.detach().to("cpu").contiguous().numpy())
+
+
+def _tensor(record: ArrayRecord, key: str, where: str) -> torch.Tensor:
+    try:
+        array = record[key]
+    except KeyError:
+        raise UpdateError(f"{where}: missing array {key!r}") from None
+    value = array.numpy()
+    if value.dtype.kind != "f":
+        raise UpdateError(f"{where}: array {key!r} has dtype {value.dtype}, expected float")
+    return torch.from_numpy(np.array(value, copy=True))
+
+
+def factors_record(factors: Mapping[str, BaseDelta]) -> ArrayRecord:
+    """Factors (or dense deltas) per module as one record."""
+    record = ArrayRecord()
+    for name, f in factors.items():
+        if isinstance(f, LoRAFactors):
+            record[f"{name}.A"] = _array(f.A)
+            record[f"{name}.B"] = _array(f.B)
+        else:
+            record[f"{name}.W"] = _array(f)
+    return record
+
+
+def record_factors(record: ArrayRecord, where: str) -> dict[str, LoRAFactors]:
+    """The inverse of :func:`factors_record` for factors; ``where`` names the sender in errors."""
+    out = {}
+    for name, delta in record_deltas(record, where).items():
+        if not isinstance(delta, LoRAFactors):
+            raise UpdateError(f"{where}: module {name!r} is dense, expected factors A and B")
+        out[name] = delta
+    return out
+
+
+def record_deltas(record: ArrayRecord, where: str) -> dict[str, BaseDelta]:
+    """Factors or dense deltas per module from a record made by :func:`factors_record`."""
+    names: dict[str, set[str]] = {}
+    for key in record:
+        name, _, part = key.rpartition(".")
+        if part not in ("A", "B", "W") or not name:
+            raise UpdateError(f"{where}: unexpected array {key!r} (expected MODULE.A/.B/.W)")
+        names.setdefault(name, set()).add(part)
+    out: dict[str, BaseDelta] = {}
+    for name, parts in names.items():
+        if parts == {"W"}:
+            out[name] = _tensor(record, f"{name}.W", where)
+            continue
+        if parts != {"A", "B"}:
+            raise UpdateError(f"{where}: module {name!r} has arrays {sorted(parts)}, need A and B")
+        try:
+            out[name] = LoRAFactors(
+                A=_tensor(record, f"{name}.A", where), B=_tensor(record, f"{name}.B", where)
+            )
+        except ValueError as exc:
+            raise UpdateError(f"{where}: module {name!r}: {exc}") from None
+    return out
+
+
+def task_content(task: Task) -> RecordDict:
+    """A task as the content of a ``train`` message."""
+    plan = task.plan
+    content = RecordDict(
+        {
+            "plan": ConfigRecord(
+                {
+                    "client": task.client.cid,
+                    "round": task.round,
+                    "rank": plan.rank,
+                    "freeze_a": plan.freeze_a,
+                    "importance": plan.importance,
+                    "adapter": plan.adapter,
+                    "prune_gamma": -1.0 if plan.prune_gamma is None else plan.prune_gamma,
+                    "base_from": task.base_from,
+                    "base_count": len(task.base_deltas),
+                }
+            )
+        }
+    )
+    if plan.start:
+        content["start"] = factors_record(plan.start)
+    if plan.frozen:
+        content["frozen"] = factors_record(plan.frozen)
+    for i, delta in enumerate(task.base_deltas):
+        content[f"base.{task.base_from + i}"] = factors_record(delta)
+    return content
+
+
+def content_plan(content: RecordDict) -> tuple[LocalPlan, int, dict[int, dict[str, BaseDelta]]]:
+    """A ``train`` message's plan, round and merged base updates (by their position)."""
+    where = "train message"
+    p = config_part(content, "plan", where)
+    gamma = float(_scalar(p, "prune_gamma", where))
+    start = frozen = None
+    if "start" in content:
+        start = record_factors(array_part(content, "start", where), where)
+    if "frozen" in content:
+        frozen = record_factors(array_part(content, "frozen", where), where)
+    plan = LocalPlan(
+        rank=int(_scalar(p, "rank", where)),
+        start=start,
+        frozen=frozen,
+        freeze_a=bool(_scalar(p, "freeze_a", where)),
+        importance=bool(_scalar(p, "importance", where)),
+        adapter=str(_scalar(p, "adapter", where)),
+        prune_gamma=None if gamma < 0 else gamma,
+    )
+    first = int(_scalar(p, "base_from", where))
+    count = int(_scalar(p, "base_count", where))
+    base = {}
+    for i in range(first, first + count):
+        key = f"base.{i}"
+        base[i] = record_deltas(array_part(content, key, where), f"{where} ({key})")
+    return plan, int(_scalar(p, "round", where)), base
+
+
+def result_content(result: LocalResult) -> RecordDict:
+    """A client's result as the content of its reply."""
+    content = RecordDict(
+        {
+            "result": ConfigRecord(
+                {"loss": float(result.loss), "num_examples": int(result.num_examples)}
+            ),
+            "factors": factors_record(result.factors),
+            "kept": ConfigRecord({name: int(k) for name, k in result.kept.items()}),
+        }
+    )
+    if result.importance is not None:
+        content["importance"] = ArrayRecord(
+            {name: _array(score) for name, score in result.importance.items()}
+        )
+    return content
+
+
+def content_result(content: RecordDict, client: str) -> LocalResult:
+    """A reply's result; a malformed reply raises :class:`UpdateError` naming ``client``."""
+    where = f"reply of client {client!r}"
+    r = config_part(content, "result", where)
+    factors = record_factors(array_part(content, "factors", where), where)
+    importance = None
+    if "importance" in content:
+        rec = array_part(content, "importance", where)
+        importance = {name: _tensor(rec, name, where) for name in rec}
+    kept_rec = config_part(content, "kept", where)
+    kept = {name: int(_scalar(kept_rec, name, where)) for name in kept_rec}
+    examples = _scalar(r, "num_examples", where)
+    if isinstance(examples, bool) or not isinstance(examples, int):
+        raise UpdateError(f"{where}: num_examples must be an int, got {examples!r}")
+    return LocalResult(factors, float(_scalar(r, "loss", where)), importance, kept, examples)
+
+
+def config_part(content: RecordDict, key: str, where: str) -> ConfigRecord:
+    """The ``ConfigRecord`` ``key`` of ``content``, or an error naming ``where``."""
+    if key not in content.config_records:
+        raise UpdateError(f"{where}: no config record {key!r}")
+    return content.config_records[key]
+
+
+def array_part(content: RecordDict, key: str, where: str) -> ArrayRecord:
+    """The ``ArrayRecord`` ``key`` of ``content``, or an error naming ``where``."""
+    if key not in content.array_records:
+        raise UpdateError(f"{where}: no array record {key!r}")
+    return content.array_records[key]
+
+
+def _scalar(record: ConfigRecord, key: str, where: str) -> Any:
+    try:
+        return record[key]
+    except KeyError:
+        raise UpdateError(f"{where}: missing value {key!r}") from None
