@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: ``run``, ``compare`` and ``bench``.
+"""The ``fedlora`` command line: ``run``, ``compare``, ``flower`` and ``bench``.
 
 Errors fedlora raises on purpose print as one paragraph with exit code 2; ``--debug`` shows the
 traceback instead.
@@ -54,6 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one federated fine-tuning (default: the demo run)")
     _run_arguments(run)
     run.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME-TIME)")
+    run.add_argument(
+        "--engine",
+        choices=["inprocess", "flower"],
+        default="inprocess",
+        help="inprocess (default) or flower: Flower's simulation engine, or the SuperLink given "
+        "by --superlink",
+    )
+    run.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        default=None,
+        help="with --engine flower: a running SuperLink to submit to (default: start a local "
+        "simulation SuperLink)",
+    )
+    run.add_argument(
+        "--root-certificates",
+        type=Path,
+        default=None,
+        help="with --superlink: the CA certificate for TLS (default: insecure)",
+    )
+    run.add_argument(
+        "--supernodes",
+        type=_positive_int,
+        default=None,
+        help="with the local simulation: simulated SuperNodes (default: clients.num_clients)",
+    )
 
     compare = commands.add_parser("compare", help="run several strategies on identical federations")
     _run_arguments(compare)
@@ -64,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--out", type=Path, default=None, help="folder (default: runs/compare-TIME)"
+    )
+
+    flower = commands.add_parser("flower", help="credentials for a Flower deployment")
+    flower_cmds = flower.add_subparsers(dest="flower", required=True, metavar="WHAT")
+    certs = flower_cmds.add_parser(
+        "certs", help="a CA and a SuperLink certificate for TLS, and SuperNode keys"
+    )
+    certs.add_argument("folder", type=Path, help="where to write them")
+    certs.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        help="a name or IP the SuperNodes use to reach the SuperLink (repeatable; "
+        "localhost and 127.0.0.1 are always included)",
+    )
+    certs.add_argument(
+        "--nodes", type=int, default=0, help="also write this many SuperNode key pairs"
     )
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
@@ -133,9 +177,40 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries(args.quiet)
     out = args.out or _timestamped(cfg.strategy)
-    summary = run_experiment(cfg, out, progress=not args.quiet)
+    if args.engine == "flower":
+        summary = _run_flower(args, cfg, out)
+    else:
+        if args.superlink or args.root_certificates or args.supernodes:
+            raise ConfigError(
+                "--superlink, --root-certificates and --supernodes need --engine flower"
+            )
+        summary = run_experiment(cfg, out, progress=not args.quiet)
     print((out / "summary.md").read_text())
     print(f"run folder: {out}  ({summary['seconds']:.0f} s)")
+    return 0
+
+
+def _run_flower(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
+    from fedlora.flower.launch import run_simulation, submit
+
+    if args.superlink:
+        if args.supernodes:
+            raise ConfigError("--supernodes is for the local simulation, not with --superlink")
+        return submit(cfg, out, args.superlink, args.root_certificates, echo=not args.quiet)
+    if args.root_certificates:
+        raise ConfigError("--root-certificates needs --superlink")
+    return run_simulation(cfg, out, args.supernodes, echo=not args.quiet)
+
+
+def _flower_certs(args: argparse.Namespace) -> int:
+    from fedlora.flower.certs import make_certificates, make_node_key
+
+    hosts = list(dict.fromkeys([*args.hosts, "localhost", "127.0.0.1"]))
+    for path in make_certificates(args.folder, hosts):
+        print(f"wrote {path}")
+    for k in range(args.nodes):
+        for path in make_node_key(args.folder, f"node-{k}"):
+            print(f"wrote {path}")
     return 0
 
 
@@ -212,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "flower" and args.flower == "certs":
+            return _flower_certs(args)
         if args.command == "bench" and args.bench == "aggregation":
             return _bench_aggregation(args)
         if args.command == "bench" and args.bench == "overhead":

@@ -11,6 +11,7 @@ directory; runtime dependency installation is disabled, so Flower never replaces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -228,14 +229,10 @@ def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # children that outlived their parent (e.g. a ServerApp or ClientApp process)
+    with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -320,23 +317,46 @@ def flwr_run(
     return str(latest.get("status", "unknown"))
 
 
-def run_simulation(
-    cfg: RunConfig, out: Path, supernodes: int | None = None, echo: bool = True
+def submit(
+    cfg: RunConfig,
+    out: Path,
+    superlink: str,
+    root_certificates: Path | None = None,
+    federation_config: str | None = None,
+    echo: bool = True,
 ) -> dict[str, Any]:
-    """Run ``cfg`` on Flower's simulation engine with one SuperNode per client; write the run
-    folder ``out`` (Flower's files in ``out/flower``); return the summary."""
+    """Run ``cfg`` on the SuperLink at ``superlink`` (``HOST:PORT``; TLS with
+    ``root_certificates``, else insecure) and wait for it; the ServerApp writes the run folder
+    ``out`` on the SuperLink's host (Flower's files here go to ``out/flower``). The summary."""
     out = out.resolve()
     home = out / "flower"
     app = write_app(cfg, home / "app", out)
+    write_connection(home, superlink, root_certificates)
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    with (home / "logs" / "run.log").open("w") as log:
+        status = flwr_run(app, home, federation_config=federation_config, log=None if echo else log)
+    if status != "finished:completed":
+        raise FedloraError(
+            f"the Flower run ended with status {status!r}; see the SuperLink's logs"
+            + ("" if echo else f" and {home / 'logs' / 'run.log'}")
+        )
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise FedloraError(
+            f"the run completed but {summary_path} does not exist: the ServerApp writes the run "
+            "folder on the SuperLink's host"
+        )
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    return summary
+
+
+def run_simulation(
+    cfg: RunConfig, out: Path, supernodes: int | None = None, echo: bool = True
+) -> dict[str, Any]:
+    """Run ``cfg`` on Flower's simulation engine with one SuperNode per client (a SuperLink in
+    simulation mode on a free local port, stopped afterwards); the summary."""
+    home = out.resolve() / "flower"
     with Processes(home, home / "logs") as procs:
         address = procs.superlink(free_port(), simulation=True)
-        write_connection(home, address)
         n = supernodes or cfg.clients.num_clients
-        with (home / "logs" / "run.log").open("w") as log:
-            status = flwr_run(
-                app, home, federation_config=f"num-supernodes={n}", log=None if echo else log
-            )
-    if status != "finished:completed":
-        raise FedloraError(f"the Flower run ended with status {status!r}; logs in {home / 'logs'}")
-    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
-    return summary
+        return submit(cfg, out, address, federation_config=f"num-supernodes={n}", echo=echo)
