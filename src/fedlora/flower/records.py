@@ -31,7 +31,10 @@ def _tensor(record: ArrayRecord, key: str, where: str) -> torch.Tensor:
         array = record[key]
     except KeyError:
         raise UpdateError(f"{where}: missing array {key!r}") from None
-    value = array.numpy()
+    try:
+        value = array.numpy()
+    except (ValueError, TypeError) as exc:  # e.g. a pickled object array: never loaded
+        raise UpdateError(f"{where}: array {key!r} is not a plain NumPy array ({exc})") from None
     if value.dtype.kind != "f":
         raise UpdateError(f"{where}: array {key!r} has dtype {value.dtype}, expected float")
     return torch.from_numpy(np.array(value, copy=True))

@@ -1,0 +1,146 @@
+"""fedlora on Flower: the simulation engine and a real deployment (a SuperLink and three
+SuperNodes as separate processes, insecure and with TLS and node authentication) give the same
+global adapter as the in-process runner, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.cli import main
+from fedlora.config import RunConfig, load_config
+from fedlora.experiment import run_experiment
+from fedlora.flower.certs import make_certificates, make_node_key
+from fedlora.flower.launch import (
+    Processes,
+    flower_env,
+    free_port,
+    run_simulation,
+    submit,
+    write_connection,
+)
+
+TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
+RANKS = [8, 4, 2]
+
+
+def tiny(strategy: str) -> RunConfig:
+    ranks = "[4]" if strategy == "fedit" else str(RANKS)
+    return load_config(TINY, [f"strategy={strategy}", f"clients.ranks={ranks}"])
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows]
+
+
+def assert_same_run(flower: Path, inprocess: Path) -> None:
+    got, want = adapter(flower), adapter(inprocess)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert losses(flower) == pytest.approx(losses(inprocess), rel=1e-5)
+
+
+def our_processes(marker: Path) -> list[str]:
+    """Command lines of running processes that mention ``marker`` (our run folder)."""
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if str(marker) in line]
+
+
+@pytest.fixture(scope="module")
+def inprocess(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inprocess")
+    runs = {}
+    for strategy in ("flora", "flexlora", "fedit"):
+        run_experiment(tiny(strategy), root / strategy, progress=False)
+        runs[strategy] = root / strategy
+    return runs
+
+
+@pytest.mark.parametrize("strategy", ["flora", "flexlora", "fedit"])
+def test_flower_simulation_equals_the_inprocess_runner(
+    strategy: str, inprocess: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Flower must not write there
+    out = tmp_path / "run"
+
+    if strategy == "fedit":  # through the command line, as a user runs it
+        argv = ["run", str(TINY), "--engine", "flower", "--out", str(out), "--quiet"]
+        argv += ["--set", "strategy=fedit", "--set", "clients.ranks=[4]"]
+        assert main(argv) == 0
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        summary = run_simulation(tiny(strategy), out, echo=False)
+
+    assert summary["engine"] == "flower" and summary["rounds"] == 2
+    assert_same_run(out, inprocess[strategy])
+    assert (out / "flower" / "config.toml").is_file()  # FLWR_HOME is inside the run folder
+    assert not (tmp_path / "home" / ".flwr").exists()
+    assert our_processes(out) == []  # the SuperLink and what it started are stopped
+
+
+def test_flower_options_need_the_flower_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(TINY), "--superlink", "127.0.0.1:9093"]) == 2
+    assert "need --engine flower" in capsys.readouterr().err
+    argv = ["run", str(TINY), "--engine", "flower", "--root-certificates", "ca.crt"]
+    assert main(argv) == 2
+    assert "--root-certificates needs --superlink" in capsys.readouterr().err
+
+
+def _deploy(out: Path, strategy: str, tls: bool) -> dict[str, object]:
+    home = out.resolve() / "flower"
+    with Processes(home, home / "logs") as procs:
+        creds = make_certificates(out / "certs") if tls else None
+        address = procs.superlink(free_port(), tls=creds, node_auth=tls)
+        write_connection(home, address, creds[0] if creds else None)
+        for k, rank in enumerate(RANKS):
+            keys = None
+            if tls:  # node authentication: only registered SuperNodes may connect
+                keys = make_node_key(out / "keys", f"node-{k}")
+                subprocess.run(
+                    ["flwr", "supernode", "register", str(keys[1]), "fedlora"],
+                    env=flower_env(home),
+                    check=True,
+                    capture_output=True,
+                )
+            root = creds[0] if creds else None
+            node_config = {"partition-id": k, "rank": rank}
+            procs.supernode(k, address, node_config, free_port() + 1 + k, root, keys)
+        summary = submit(tiny(strategy), out, address, creds[0] if creds else None, echo=False)
+        pids = [p.pid for p in procs.started]
+    for pid in pids:  # stopped by their process ids
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    return summary
+
+
+def test_deployment_superlink_and_three_supernodes(
+    inprocess: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    summary = _deploy(out, "flora", tls=False)
+    assert summary["engine"] == "flower" and len(summary["nodes"]) == 3  # type: ignore[arg-type]
+    assert [c["rank"] for c in summary["clients"]] == RANKS  # type: ignore[index, union-attr]
+    assert_same_run(out, inprocess["flora"])
+    assert our_processes(out) == []
+
+
+def test_deployment_with_tls_and_node_authentication(
+    inprocess: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    _deploy(out, "flexlora", tls=True)
+    assert_same_run(out, inprocess["flexlora"])
+    log = (out / "flower" / "logs" / "superlink.log").read_text()
+    assert "insecure" not in log.lower() or "ssl" in log.lower()
