@@ -144,3 +144,18 @@ def test_deployment_with_tls_and_node_authentication(
     assert_same_run(out, inprocess["flexlora"])
     log = (out / "flower" / "logs" / "superlink.log").read_text()
     assert "insecure" not in log.lower() or "ssl" in log.lower()
+
+
+def test_bench_flower_prints_and_writes_its_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "flower.json"
+    argv = ["bench", "flower", str(TINY), "--set", "rounds=1", "--workdir", str(tmp_path / "w")]
+    assert main([*argv, "--json", str(path)]) == 0
+
+    figures = json.loads(path.read_text())
+    assert figures["inprocess_s_per_round"] > 0 and figures["flower_s_per_round"] > 0
+    ratio = figures["flower_s_per_round"] / figures["inprocess_s_per_round"]
+    assert figures["ratio"] == pytest.approx(ratio)
+    assert figures["same_result"] is True and figures["rounds"] == 1
+    assert "| Flower simulation |" in capsys.readouterr().out

@@ -128,6 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--seed", type=int, default=0, help="seed of the synthetic client factors")
     agg.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
 
+    flower_bench = benches.add_parser(
+        "flower", help="seconds per round: Flower's simulation engine vs in-process, same config"
+    )
+    flower_bench.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        default=Path("configs/tiny.toml"),
+        help="a TOML config (default: configs/tiny.toml)",
+    )
+    flower_bench.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=["rounds=4"],
+        metavar="KEY=VALUE",
+        help="override a config key (default: rounds=4)",
+    )
+    flower_bench.add_argument(
+        "--workdir", type=Path, default=None, help="run folders (default: runs/bench-flower-TIME)"
+    )
+    flower_bench.add_argument(
+        "--json", type=Path, default=None, help="also write the figures to this file"
+    )
+
     over = benches.add_parser(
         "overhead", help="seconds per local step: fedlora's client code vs a bare torch+peft loop"
     )
@@ -259,6 +284,18 @@ def _bench_overhead(args: argparse.Namespace) -> int:
     return _report(format_overhead(result), result.to_json(), args.json)
 
 
+def _bench_flower(args: argparse.Namespace) -> int:
+    from fedlora.bench.flower import format_flower, run_flower_bench
+    from fedlora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries(True)
+    workdir = args.workdir or _timestamped("bench-flower")
+    _progress(f"{cfg.strategy}, {cfg.rounds} rounds: in-process, then Flower simulation")
+    result = run_flower_bench(cfg, workdir)
+    return _report(format_flower(result), result.to_json(), args.json)
+
+
 def _progress(msg: str) -> None:
     print(f"... {msg}", file=sys.stderr, flush=True)
 
@@ -291,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _flower_certs(args)
         if args.command == "bench" and args.bench == "aggregation":
             return _bench_aggregation(args)
+        if args.command == "bench" and args.bench == "flower":
+            return _bench_flower(args)
         if args.command == "bench" and args.bench == "overhead":
             return _bench_overhead(args)
         raise ConfigError(f"unknown command {args.command!r}")

@@ -11,6 +11,7 @@ in :mod:`fedlora.strategies`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -101,6 +102,8 @@ class RoundRecord:
     """Σ over the round's clients of the rank each started local training with."""
     rank_sum_after: float | None = None
     """Σ over the round's clients of the rank each sent (mean over modules of kept components)."""
+    seconds: float | None = None
+    """Wall time of the round: from planning to the evaluated result."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -112,6 +115,8 @@ class RoundRecord:
         }
         if self.rank_sum_before is not None:
             out.update(rank_sum_before=self.rank_sum_before, rank_sum_after=self.rank_sum_after)
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
         return out
 
 
@@ -271,6 +276,7 @@ class FederatedRounds:
         self.merged: list[dict[str, BaseDelta]] = []
         self.received = {c.cid: 0 for c in self.clients}
         """How many of :attr:`merged` each client has received."""
+        self._started = time.perf_counter()
 
     def start(self) -> RoundRecord:
         """Round 0: the base model's metrics."""
@@ -278,6 +284,7 @@ class FederatedRounds:
 
     def tasks(self, t: int) -> list[Task]:
         """Sample round ``t``'s clients and plan each one's local work."""
+        self._started = time.perf_counter()
         strategy, traits, cfg = self.strategy, self.strategy.traits, self.cfg
         sampled = sample_clients(self.clients, cfg.clients.fraction, self.sampler)
         ranks = [self.ranks[c.cid] for c in sampled]
@@ -344,6 +351,7 @@ class FederatedRounds:
         if traits.client_adapter != "lora" or traits.self_pruning:
             record.rank_sum_before = sum(task.plan.rank for task in tasks)
             record.rank_sum_after = sum(r.mean_rank for r in results)
+        record.seconds = time.perf_counter() - self._started
         return record
 
     def export(self) -> tuple[dict[str, LoRAFactors], float | None]:
