@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,38 @@ def test_bench_flower_prints_and_writes_its_figures(
     assert figures["ratio"] == pytest.approx(ratio)
     assert figures["same_result"] is True and figures["rounds"] == 1
     assert "| Flower simulation |" in capsys.readouterr().out
+
+
+def test_a_supernode_that_dies_mid_run_fails_its_client_and_the_run_completes(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    home = out.resolve() / "flower"
+    overrides = ["clients.min_clients=2", "flower.round_timeout_s=60"]
+    cfg = load_config(TINY, overrides)
+    with Processes(home, home / "logs") as procs:
+        address = procs.superlink(free_port())
+        write_connection(home, address)
+        nodes = [
+            procs.supernode(k, address, {"partition-id": k}, free_port() + 1 + k) for k in range(3)
+        ]
+
+        def kill_node_2_after_round_1() -> None:
+            metrics = out / "metrics.jsonl"
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                    os.killpg(nodes[2].pid, signal.SIGKILL)
+                    return
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=kill_node_2_after_round_1)
+        killer.start()
+        summary = submit(cfg, out, address, echo=False)
+        killer.join()
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds"] == 2 and "failed" not in rows[1]
+    assert list(rows[2]["failed"]) == ["client-0002"], rows[2]
+    assert rows[2]["clients"] == ["client-0000", "client-0001"]
+    assert our_processes(out) == []

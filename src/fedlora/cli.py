@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(run)
     run.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME-TIME)")
     run.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint, with its own config.json",
+    )
+    run.add_argument(
         "--engine",
         choices=["inprocess", "flower"],
         default="inprocess",
@@ -199,6 +206,8 @@ def _run(args: argparse.Namespace) -> int:
     from fedlora.config import load_config
     from fedlora.experiment import run_experiment
 
+    if args.resume is not None:
+        return _resume(args)
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries(args.quiet)
     out = args.out or _timestamped(cfg.strategy)
@@ -212,6 +221,21 @@ def _run(args: argparse.Namespace) -> int:
         summary = run_experiment(cfg, out, progress=not args.quiet)
     print((out / "summary.md").read_text())
     print(f"run folder: {out}  ({summary['seconds']:.0f} s)")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from fedlora.experiment import resume_experiment
+
+    if args.config or args.overrides or args.out or args.engine != "inprocess":
+        raise ConfigError(
+            "--resume RUN_DIR takes the run's own config and folder; drop the config, --set, "
+            "--out and --engine"
+        )
+    _quiet_libraries(args.quiet)
+    summary = resume_experiment(args.resume, progress=not args.quiet)
+    print((args.resume / "summary.md").read_text())
+    print(f"run folder: {args.resume}  ({summary['seconds']:.0f} s after resuming)")
     return 0
 
 

@@ -7,6 +7,7 @@ Every key is a dataclass field with a default; an unknown key or a value of the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -63,6 +64,10 @@ class ClientsConfig:
     """LoRA α for every client; None: α = 2r (FLoRA's setting)."""
     fraction: float = 1.0
     """Fraction of clients sampled per round (at least one)."""
+    min_clients: int = 1
+    """A round aggregates only if at least this many sampled clients reply."""
+    retries: int = 1
+    """Times a round with too few replies is tried again with a fresh sample; then skipped."""
 
 
 @dataclass
@@ -119,6 +124,32 @@ class EvalConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Client faults injected into the in-process simulation: the probability that a sampled
+    client, in a round, does each (drawn from the run's seed, so runs repeat and resume)."""
+
+    crash_before: float = 0.0
+    """Fails before training: nothing trained, no reply."""
+    crash_after: float = 0.0
+    """Trains, then fails before its reply arrives."""
+    timeout: float = 0.0
+    """Trains, but its reply does not arrive before the round closes."""
+    straggler: float = 0.0
+    """Replies in time after only ``straggler_work`` of its local steps (partial work)."""
+    straggler_work: float = 0.5
+
+
+@dataclass
+class FlowerConfig:
+    """How the server side waits on Flower (``fedlora run --engine flower``)."""
+
+    wait_nodes_s: float = 300.0
+    """How long the server waits for ``clients.num_clients`` SuperNodes before round 1."""
+    round_timeout_s: float = 3600.0
+    """How long it waits for a round's replies; a node silent for longer counts as failed."""
+
+
+@dataclass
 class RunConfig:
     strategy: str = "flora"
     """An aggregation strategy (fedit, zeropad, hetlora, flora, flora-adalora, flexlora, ffa,
@@ -138,6 +169,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     adalora: AdaLoRAConfig = field(default_factory=AdaLoRAConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -151,6 +184,23 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     config: RunConfig = build(RunConfig, raw, "")
     check(config)
     return config
+
+
+def config_from_json(text: str, where: str) -> RunConfig:
+    """A resolved config from the JSON :func:`to_dict` wrote (``where`` names it in errors)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where} is not valid JSON: {exc}") from None
+    config: RunConfig = build(RunConfig, _drop_none(raw), "")
+    check(config)
+    return config
+
+
+def _drop_none(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _drop_none(v) for k, v in raw.items() if v is not None}
+    return raw
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -309,9 +359,48 @@ def check(config: RunConfig) -> None:
         )
     if a.delta_t < 1:
         raise ConfigError(f"adalora.delta_t must be >= 1, got {a.delta_t}")
+    _check_faults(config)
     if config.export_rank is not None and config.export_rank < 1:
         raise ConfigError(f"export_rank must be >= 1, got {config.export_rank}")
     _check_rank_mix(config)
+
+
+def _check_faults(config: RunConfig) -> None:
+    c, f = config.clients, config.faults
+    if not 1 <= c.min_clients <= c.num_clients:
+        raise ConfigError(
+            f"clients.min_clients must be in 1 … clients.num_clients = {c.num_clients}, "
+            f"got {c.min_clients}"
+        )
+    sampled = max(1, round(c.fraction * c.num_clients))
+    if c.min_clients > sampled:
+        raise ConfigError(
+            f"clients.min_clients = {c.min_clients} is more than the {sampled} clients sampled "
+            "per round (clients.fraction × clients.num_clients); no round could aggregate"
+        )
+    if c.retries < 0:
+        raise ConfigError(f"clients.retries must be >= 0, got {c.retries}")
+    probs = {
+        "faults.crash_before": f.crash_before,
+        "faults.crash_after": f.crash_after,
+        "faults.timeout": f.timeout,
+        "faults.straggler": f.straggler,
+    }
+    for key, p in probs.items():
+        if not 0 <= p <= 1:
+            raise ConfigError(f"{key} must be a probability in [0, 1], got {p}")
+    if sum(probs.values()) > 1:
+        raise ConfigError(
+            f"the fault probabilities sum to {sum(probs.values()):g}; they are exclusive "
+            "outcomes and must sum to at most 1"
+        )
+    if config.flower.wait_nodes_s <= 0 or config.flower.round_timeout_s <= 0:
+        raise ConfigError(
+            "flower.wait_nodes_s and flower.round_timeout_s must be > 0 seconds, got "
+            f"{config.flower.wait_nodes_s} and {config.flower.round_timeout_s}"
+        )
+    if not 0 < f.straggler_work <= 1:
+        raise ConfigError(f"faults.straggler_work must be in (0, 1], got {f.straggler_work}")
 
 
 def _check_rank_mix(config: RunConfig) -> None:

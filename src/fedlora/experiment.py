@@ -6,31 +6,71 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from fedlora import adapters
-from fedlora.config import RunConfig, to_dict
+from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.config import RunConfig, config_from_json, to_dict
+from fedlora.errors import ConfigError
 from fedlora.report import RunWriter, comparison, headline_metric, summarize
-from fedlora.rounds import Workbench
-from fedlora.simulation import Runner, RunOutcome, build_federation
+from fedlora.rounds import RoundRecord, Workbench
+from fedlora.simulation import OnRound, Runner, RunOutcome, Snapshot, build_federation
 from fedlora.strategies import REGISTRY
 
 
-def run_experiment(cfg: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg.strategy`` on its federation; write the run folder ``out``; return the summary."""
+def run_experiment(
+    cfg: RunConfig, out: Path, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Run ``cfg.strategy`` on its federation; write the run folder ``out`` (with a checkpoint
+    after every round); return the summary. ``resume``: continue ``out`` from its checkpoint."""
     start = time.perf_counter()
+    snapshot = resume_point(cfg, out) if resume else None
     fed = build_federation(cfg)
-    writer = RunWriter(out, to_dict(cfg))
+    writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     runner = Runner(fed, out, progress=progress)
-    outcome = runner.run(lambda record: writer.record(record.to_json()))
+    outcome = runner.run(checkpointing(writer, cfg), resume=snapshot)
     clients = [
         {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": len(c.examples)}
         for c in fed.clients
     ]
     facts = {"heldout_examples": len(fed.heldout), "device": str(fed.loaded.device)}
     return finish_run(cfg, writer, outcome, runner.bench, clients, facts, start)
+
+
+def checkpointing(writer: RunWriter, cfg: RunConfig) -> OnRound:
+    """After each round: its row in ``metrics.jsonl``, then the checkpoint (with every row and
+    the config, so a resume can check it continues the same run)."""
+
+    def on_round(record: RoundRecord, snapshot: Snapshot) -> None:
+        writer.record(record.to_json())
+        tensors, meta = snapshot
+        save_checkpoint(writer.out, tensors, {**meta, "rows": writer.rows, "config": to_dict(cfg)})
+
+    return on_round
+
+
+def resume_point(cfg: RunConfig, out: Path) -> Snapshot:
+    """``out``'s checkpoint, checked to belong to a run of ``cfg``."""
+    tensors, meta = load_checkpoint(out)
+    if meta.get("config") != json.loads(json.dumps(to_dict(cfg))):
+        raise ConfigError(
+            f"the checkpoint in {out} is of a run with another configuration; resume it with "
+            "its own config (fedlora run --resume RUN_DIR reads RUN_DIR/config.json)"
+        )
+    return tensors, meta
+
+
+def resume_experiment(out: Path, progress: bool = True) -> dict[str, Any]:
+    """Continue the run folder ``out`` from its last checkpoint, with its own config."""
+    path = out / "config.json"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot resume {out}: {path} cannot be read ({exc.strerror})") from None
+    return run_experiment(config_from_json(text, str(path)), out, progress, resume=True)
 
 
 def finish_run(

@@ -22,13 +22,17 @@ def headline_metric(kind: str, rouge: bool) -> str:
 class RunWriter:
     """Writes a run folder as the run goes: ``config.json`` first, a line per round after."""
 
-    def __init__(self, out: Path, config: dict[str, Any]):
+    def __init__(
+        self, out: Path, config: dict[str, Any], rows: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """``rows``: the rounds a resumed run already has (``metrics.jsonl`` is rewritten with
+        exactly those, dropping any written after its checkpoint)."""
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         self.metrics_path = out / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows)
+        self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

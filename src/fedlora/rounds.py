@@ -11,20 +11,22 @@ in :mod:`fedlora.strategies`.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import torch
 
 from fedlora import adapters
+from fedlora.checkpoint import put_deltas, take_deltas, take_factors
 from fedlora.comm import Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
 from fedlora.data import Example, encode
 from fedlora.evaluate import evaluate
 from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
-from fedlora.strategies import Start, Strategy
+from fedlora.strategies import GlobalState, Start, Strategy
 from fedlora.strategies.hetlora import pruned_rank, self_prune
 from fedlora.train import num_steps, train_local
 
@@ -77,6 +79,13 @@ class LocalResult:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """A sampled client that did not deliver its result in a round, and why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Task:
     """One client's work in one round, as the server sends it."""
 
@@ -89,6 +98,12 @@ class Task:
     """Merged base updates this client has not received yet, oldest first (FLoRA); an engine
     whose clients share the server's base weights ignores them."""
     down_params: int
+    attempt: int = 0
+    """Which try of the round this is (a round with too few replies is tried again)."""
+
+
+Execute: TypeAlias = Callable[[list[Task]], list["LocalResult | Failure"]]
+"""An engine's way of running a round's tasks: a result or a failure per task, in order."""
 
 
 @dataclass
@@ -104,6 +119,11 @@ class RoundRecord:
     """Σ over the round's clients of the rank each sent (mean over modules of kept components)."""
     seconds: float | None = None
     """Wall time of the round: from planning to the evaluated result."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Sampled clients that did not deliver (in any try of the round), with the reason."""
+    attempts: int = 1
+    skipped: str | None = None
+    """Why the round changed nothing (too few replies in every try), or None."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -117,8 +137,16 @@ class RoundRecord:
             out.update(rank_sum_before=self.rank_sum_before, rank_sum_after=self.rank_sum_after)
         if self.seconds is not None:
             out["seconds"] = self.seconds
+        if self.failed:
+            out["failed"] = self.failed
+        if self.attempts != 1:
+            out["attempts"] = self.attempts
+        if self.skipped is not None:
+            out["skipped"] = self.skipped
         return out
 
+
+log = logging.getLogger("fedlora")
 
 C = TypeVar("C", bound=ClientInfo)
 
@@ -277,14 +305,65 @@ class FederatedRounds:
         self.received = {c.cid: 0 for c in self.clients}
         """How many of :attr:`merged` each client has received."""
         self._started = time.perf_counter()
+        self.done = 0
+        """Rounds finished."""
 
     def start(self) -> RoundRecord:
         """Round 0: the base model's metrics."""
         return RoundRecord(0, self.bench.evaluate())
 
-    def tasks(self, t: int) -> list[Task]:
-        """Sample round ``t``'s clients and plan each one's local work."""
+    def run_round(self, t: int, execute: Execute) -> RoundRecord:
+        """Round ``t``: plan, ``execute`` (the engine), aggregate over the clients that delivered.
+        With fewer than ``clients.min_clients`` of them, the round is tried again with a fresh
+        sample up to ``clients.retries`` times, then skipped; the record says which clients
+        failed and why."""
         self._started = time.perf_counter()
+        failed: dict[str, str] = {}
+        need = self.cfg.clients.min_clients
+        for attempt in range(self.cfg.clients.retries + 1):
+            tasks = self.tasks(t, attempt)
+            results = execute(tasks)
+            lost = {
+                task.client.cid: r.reason
+                for task, r in zip(tasks, results, strict=True)
+                if isinstance(r, Failure)
+            }
+            failed.update(lost)
+            for cid, reason in lost.items():
+                log.warning("round %d: client %s failed: %s", t, cid, reason)
+            if len(tasks) - len(lost) >= need:
+                pairs = zip(tasks, results, strict=True)
+                done = [(task, r) for task, r in pairs if isinstance(r, LocalResult)]
+                record = self.finish([d[0] for d in done], [d[1] for d in done])
+                record.failed, record.attempts = failed, attempt + 1
+                return record
+            log.warning(
+                "round %d, try %d: %d of %d clients delivered, clients.min_clients = %d",
+                t,
+                attempt + 1,
+                len(tasks) - len(lost),
+                len(tasks),
+                need,
+            )
+        reason = (
+            f"fewer than clients.min_clients = {need} clients delivered in each of "
+            f"{self.cfg.clients.retries + 1} tries"
+        )
+        log.warning("round %d skipped: %s", t, reason)
+        due = t == self.cfg.rounds or t % self.cfg.eval.every == 0
+        metrics = self.bench.evaluate_with(dict(self.state.factors)) if due else {}
+        self.done = t
+        return RoundRecord(
+            t,
+            metrics,
+            failed=failed,
+            attempts=self.cfg.clients.retries + 1,
+            skipped=reason,
+            seconds=time.perf_counter() - self._started,
+        )
+
+    def tasks(self, t: int, attempt: int = 0) -> list[Task]:
+        """Sample round ``t``'s clients and plan each one's local work."""
         strategy, traits, cfg = self.strategy, self.strategy.traits, self.cfg
         sampled = sample_clients(self.clients, cfg.clients.fraction, self.sampler)
         ranks = [self.ranks[c.cid] for c in sampled]
@@ -308,11 +387,12 @@ class FederatedRounds:
                 + factor_params(plan.frozen)
                 + sum(delta_params(d) for d in pending)
             )
-            tasks.append(Task(client, t, plan, first, pending, down))
+            tasks.append(Task(client, t, plan, first, pending, down, attempt))
         return tasks
 
     def finish(self, tasks: Sequence[Task], results: Sequence[LocalResult]) -> RoundRecord:
-        """Aggregate one round's results (in the order of ``tasks``), merge, evaluate, record."""
+        """Aggregate one round's results (in the order of ``tasks``), merge, evaluate, record.
+        Engines call :meth:`run_round`, which calls this with the clients that delivered."""
         strategy, traits = self.strategy, self.strategy.traits
         t = tasks[0].round
         updates, traffic = [], []
@@ -352,7 +432,45 @@ class FederatedRounds:
             record.rank_sum_before = sum(task.plan.rank for task in tasks)
             record.rank_sum_after = sum(r.mean_rank for r in results)
         record.seconds = time.perf_counter() - self._started
+        self.done = t
         return record
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to go on after the last finished round (:mod:`fedlora.checkpoint`)."""
+        tensors: dict[str, torch.Tensor] = {"sampler": self.sampler.get_state()}
+        put_deltas(tensors, "factors", self.state.factors)
+        put_deltas(tensors, "base_delta", self.state.base_delta)
+        for name, score in self.state.importance.items():
+            tensors[f"importance/{name}"] = score
+        for i, delta in enumerate(self.merged):
+            put_deltas(tensors, f"merged/{i}", delta)
+        meta = {
+            "mode": self.strategy.name,
+            "round": self.done,
+            "state_round": self.state.round,
+            "merged": len(self.merged),
+            "ranks": dict(self.ranks),
+            "received": dict(self.received),
+        }
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Continue from :meth:`snapshot`; merges the merged updates into the server's model
+        (pristine when this is called) in their order, as the uninterrupted run did."""
+        prefix = "importance/"
+        self.state = GlobalState(
+            factors=take_factors(tensors, "factors"),
+            base_delta=take_deltas(tensors, "base_delta"),
+            round=int(meta["state_round"]),
+            importance={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+        )
+        self.merged = [take_deltas(tensors, f"merged/{i}") for i in range(int(meta["merged"]))]
+        for delta in self.merged:
+            self.bench.merge(delta)
+        self.sampler.set_state(tensors["sampler"])
+        self.ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
+        self.received = {str(k): int(v) for k, v in meta["received"].items()}
+        self.done = int(meta["round"])
 
     def export(self) -> tuple[dict[str, LoRAFactors], float | None]:
         """The global result: FLoRA's accumulated merged update (exact or at ``export_rank``),

@@ -13,13 +13,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fedlora import adapters
+from fedlora.checkpoint import put_deltas, take_factors
 from fedlora.config import RunConfig, check
 from fedlora.data import Example, load_examples, partition, split_heldout
 from fedlora.errors import ConfigError
@@ -29,14 +30,18 @@ from fedlora.ranks import client_ranks
 from fedlora.rounds import (
     Client,
     ClientInfo,
+    Failure,
     FederatedRounds,
     LocalPlan,
+    LocalResult,
     RoundRecord,
+    Task,
     Workbench,
     derive_seed,
     sample_clients,
 )
 from fedlora.strategies import Strategy, get_strategy
+from fedlora.train import num_steps
 
 
 @dataclass
@@ -54,9 +59,8 @@ class Federation:
 
 @dataclass
 class RunOutcome:
-    """What a run leaves in memory for the report: records and the final global result."""
+    """The final global result of a run (None: standalone has none)."""
 
-    records: list[RoundRecord]
     export: dict[str, LoRAFactors] | None
     export_error: float | None = None
 
@@ -110,8 +114,20 @@ def check_client_ranks(clients: Sequence[ClientInfo], shapes: dict[str, tuple[in
                 )
 
 
+Snapshot: TypeAlias = tuple[dict[str, torch.Tensor], dict[str, Any]]
+"""A run's state after a round: tensors, and metadata that JSON can hold."""
+
+OnRound: TypeAlias = Callable[[RoundRecord, Snapshot], None]
+"""Called after every round (round 0: the base model) with its record and the run's state."""
+
+
 class Runner:
-    """Runs one federation with one strategy (or centralized / standalone), in this process."""
+    """Runs one federation with one strategy (or centralized / standalone), in this process.
+
+    After every round it hands the record and a :data:`Snapshot` of the run's state to
+    ``on_round``; ``run(..., resume=snapshot)`` continues from one, with the same result as a run
+    that never stopped (every random draw is seeded by round and client, or is in the snapshot).
+    """
 
     def __init__(self, fed: Federation, workdir: Path, progress: bool = True):
         self.fed = fed
@@ -130,25 +146,32 @@ class Runner:
     def tokenizer(self) -> Any:
         return self.bench.tokenizer
 
-    def rounds(self) -> Any:
+    def rounds(self, first: int = 1) -> Any:
         return tqdm(
-            range(1, self.cfg.rounds + 1), desc=self.cfg.strategy, disable=not self.progress
+            range(first, self.cfg.rounds + 1),
+            desc=self.cfg.strategy,
+            disable=not self.progress,
+            initial=first - 1,
+            total=self.cfg.rounds,
         )
 
     def due(self, t: int) -> bool:
         return t == self.cfg.rounds or t % self.cfg.eval.every == 0
 
-    def run(self, on_record: Callable[[RoundRecord], None]) -> RunOutcome:
+    def run(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
+        if resume is not None and resume[1].get("mode") != self.cfg.strategy:
+            raise ConfigError(
+                f"the checkpoint is of a {resume[1].get('mode')!r} run, not {self.cfg.strategy!r}"
+            )
         if self.cfg.strategy == "centralized":
-            return self.run_centralized(on_record)
+            return self.run_centralized(on_round, resume)
         if self.cfg.strategy == "standalone":
-            return self.run_standalone(on_record)
-        return self.run_federated(
-            get_strategy(self.cfg.strategy, weighting=self.cfg.weighting), on_record
-        )
+            return self.run_standalone(on_round, resume)
+        strategy = get_strategy(self.cfg.strategy, weighting=self.cfg.weighting)
+        return self.run_federated(strategy, on_round, resume)
 
     def run_federated(
-        self, strategy: Strategy, on_record: Callable[[RoundRecord], None]
+        self, strategy: Strategy, on_round: OnRound, resume: Snapshot | None = None
     ) -> RunOutcome:
         """The rounds of :class:`FederatedRounds`, each client trained here in turn on the
         shared model (so merged base updates are already in it)."""
@@ -156,55 +179,92 @@ class Runner:
         server = FederatedRounds(
             self.cfg, strategy, fed.clients, fed.shapes, fed.model_params, self.bench
         )
-        records = [server.start()]
-        on_record(records[0])
-        for t in self.rounds():
-            tasks = server.tasks(t)
-            results = [
-                self.bench.train(fed.clients[task.client.index], task.plan, t) for task in tasks
-            ]
-            records.append(server.finish(tasks, results))
-            on_record(records[-1])
+        if resume is None:
+            on_round(server.start(), server.snapshot())
+        else:
+            server.restore(*resume)
+        for t in self.rounds(server.done + 1):
+            on_round(server.run_round(t, self.execute), server.snapshot())
         factors, err = server.export()
-        return RunOutcome(records, factors, err)
+        return RunOutcome(factors, err)
 
-    def run_centralized(self, on_record: Callable[[RoundRecord], None]) -> RunOutcome:
+    def execute(self, tasks: list[Task]) -> list[LocalResult | Failure]:
+        """Train each task's client here in turn, with the faults of ``[faults]`` injected."""
+        out: list[LocalResult | Failure] = []
+        for task in tasks:
+            client = self.fed.clients[task.client.index]
+            fault = injected_fault(self.cfg, task)
+            if fault == "crash_before":
+                out.append(Failure("injected fault: crashed before training"))
+                continue
+            local = None
+            if fault == "straggler":
+                steps = num_steps(self.cfg.train, len(client.examples))
+                work = max(1, int(self.cfg.faults.straggler_work * steps))
+                local = dataclasses.replace(self.cfg.train, steps=work, epochs=None)
+            result = self.bench.train(client, task.plan, task.round, local)
+            if fault == "crash_after":
+                out.append(Failure("injected fault: crashed after training, before replying"))
+            elif fault == "timeout":
+                out.append(Failure("injected fault: no reply before the round closed"))
+            else:
+                out.append(result)
+        return out
+
+    def run_centralized(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
         """One LoRA of the largest client rank on all client data pooled; per round as many
         optimizer steps as the sampled clients of a federated round take together."""
         pooled = [e for c in self.fed.clients for e in c.examples]
         rank = max(c.rank for c in self.fed.clients)
         central = Client("centralized", 0, rank, self.cfg.clients.alpha or 2.0 * rank, pooled)
-        records = [RoundRecord(0, self.bench.evaluate())]
-        on_record(records[0])
-        factors: dict[str, LoRAFactors] | None = None
         k = max(1, round(self.cfg.clients.fraction * len(self.fed.clients)))
         local = dataclasses.replace(self.cfg.train, steps=self.cfg.train.steps * k)
-        for t in self.rounds():
+
+        def snapshot(t: int, factors: dict[str, LoRAFactors] | None) -> Snapshot:
+            tensors: dict[str, torch.Tensor] = {}
+            put_deltas(tensors, "factors", factors or {})
+            return tensors, {"mode": "centralized", "round": t}
+
+        factors: dict[str, LoRAFactors] | None = None
+        first = 1
+        if resume is None:
+            on_round(RoundRecord(0, self.bench.evaluate()), snapshot(0, None))
+        else:
+            factors = take_factors(resume[0], "factors") or None
+            first = int(resume[1]["round"]) + 1
+        for t in self.rounds(first):
             result = self.bench.train(central, LocalPlan(rank, factors), t, local)
             factors = result.factors
             metrics = self.bench.evaluate_with(factors) if self.due(t) else {}
-            record = RoundRecord(t, metrics, result.loss, ["centralized"])
-            records.append(record)
-            on_record(record)
-        return RunOutcome(records, factors)
+            on_round(RoundRecord(t, metrics, result.loss, ["centralized"]), snapshot(t, factors))
+        return RunOutcome(factors)
 
-    def run_standalone(self, on_record: Callable[[RoundRecord], None]) -> RunOutcome:
-        """Each client trains its own adapter across rounds (kept on disk); the reported metric
-        is the mean over the round's clients of each one's adapter on the held-out set."""
-        store = self.workdir / "clients"
-        store.mkdir(parents=True, exist_ok=True)
-        records = [RoundRecord(0, self.bench.evaluate())]
-        on_record(records[0])
+    def run_standalone(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
+        """Each client trains its own adapter across rounds (kept on disk, one file per client
+        and round, so a resumed run finds every adapter as it was at its checkpoint); the
+        reported metric is the mean over the round's clients of each one's adapter on the
+        held-out set."""
+        store = AdapterStore(self.workdir / "clients")
         sampler = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 1))
-        for t in self.rounds():
+
+        def snapshot(t: int) -> Snapshot:
+            return {"sampler": sampler.get_state()}, {"mode": "standalone", "round": t}
+
+        first = 1
+        if resume is None:
+            on_round(RoundRecord(0, self.bench.evaluate()), snapshot(0))
+        else:
+            sampler.set_state(resume[0]["sampler"])
+            first = int(resume[1]["round"]) + 1
+        store.forget_after(first - 1)
+        for t in self.rounds(first):
             sampled = sample_clients(self.fed.clients, self.cfg.clients.fraction, sampler)
             per_client: list[dict[str, float]] = []
             losses = []
             for client in sampled:
-                path = store / f"{client.cid}.safetensors"
-                start = load_factors(path) if path.exists() else None
+                start = store.load(client.cid)
                 result = self.bench.train(client, LocalPlan(client.rank, start), t)
-                save_factors(path, result.factors)
+                store.save(client.cid, t, result.factors)
                 losses.append(result.loss)
                 if self.due(t):
                     per_client.append(self.bench.evaluate_with(result.factors))
@@ -214,22 +274,73 @@ class Runner:
                 else {}
             )
             record = RoundRecord(t, metrics, sum(losses) / len(losses), [c.cid for c in sampled])
-            records.append(record)
-            on_record(record)
-        return RunOutcome(records, None)
+            on_round(record, snapshot(t))
+            store.prune(t)
+        return RunOutcome(None)
 
 
-def save_factors(path: Path, factors: dict[str, LoRAFactors]) -> None:
-    tensors = {}
-    for name, f in factors.items():
-        tensors[f"{name}.A"] = f.A.contiguous()
-        tensors[f"{name}.B"] = f.B.contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+def injected_fault(cfg: RunConfig, task: Task) -> str | None:
+    """The fault ``[faults]`` injects into ``task`` (``crash_before``, ``crash_after``,
+    ``timeout``, ``straggler``) or None; one uniform draw seeded by (seed, round, try, client)."""
+    f = cfg.faults
+    gen = torch.Generator().manual_seed(
+        derive_seed(cfg.seed, 3, task.round, task.attempt, task.client.index)
+    )
+    u = float(torch.rand(1, generator=gen))
+    edge = 0.0
+    for name, p in (
+        ("crash_before", f.crash_before),
+        ("crash_after", f.crash_after),
+        ("timeout", f.timeout),
+        ("straggler", f.straggler),
+    ):
+        edge += p
+        if u < edge:
+            return name
+    return None
 
 
-def load_factors(path: Path) -> dict[str, LoRAFactors]:
-    tensors = load_file(str(path))
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    return {n: LoRAFactors(A=tensors[f"{n}.A"], B=tensors[f"{n}.B"]) for n in names}
+class AdapterStore:
+    """Per-client adapters on disk, ``FOLDER/CID.rROUND.safetensors``: the newest is a client's
+    adapter; older ones are pruned once a checkpoint past them exists."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _versions(self, cid: str) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.folder.glob(f"{cid}.r*.safetensors"):
+            tag = path.name[len(cid) + 2 : -len(".safetensors")]
+            if tag.isdigit():
+                found.append((int(tag), path))
+        return sorted(found)
+
+    def load(self, cid: str) -> dict[str, LoRAFactors] | None:
+        versions = self._versions(cid)
+        if not versions:
+            return None
+        tensors: dict[str, torch.Tensor] = load_file(str(versions[-1][1]))
+        return take_factors(tensors, "factors")
+
+    def save(self, cid: str, t: int, factors: dict[str, LoRAFactors]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        put_deltas(tensors, "factors", factors)
+        path = self.folder / f"{cid}.r{t}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path)
+
+    def forget_after(self, t: int) -> None:
+        """Delete adapters of rounds after ``t`` (written by a run that stopped mid-round)."""
+        for path in self.folder.glob("*.r*.safetensors"):
+            tag = path.name.rsplit(".r", 1)[-1][: -len(".safetensors")]
+            if tag.isdigit() and int(tag) > t:
+                path.unlink()
+
+    def prune(self, t: int) -> None:
+        """Keep only each client's newest adapter of rounds ``<= t``."""
+        cids = {p.name.rsplit(".r", 1)[0] for p in self.folder.glob("*.r*.safetensors")}
+        for cid in cids:
+            for _, path in [v for v in self._versions(cid) if v[0] <= t][:-1]:
+                path.unlink()

@@ -5,9 +5,9 @@ The server side is :class:`fedlora.rounds.FederatedRounds`, the client side
 turns their plans and results into Flower messages and back (:mod:`fedlora.flower.records`).
 
 Both apps read the run's configuration from the Flower run config: ``fedlora-config`` (the
-resolved fedlora config as JSON), ``out`` (the run folder on the server's host),
-``wait-nodes-s`` (how long the server waits for ``clients.num_clients`` nodes) and
-``round-timeout-s`` (how long it waits for a round's replies). A node says who it is in its node
+resolved fedlora config as JSON; its ``[flower]`` section says how long the server waits for
+nodes and for a round's replies) and ``out`` (the run folder on the server's host). A node says
+who it is in its node
 config: ``partition-id`` (required: which client it is), and optionally ``rank``, ``alpha`` and
 ``data`` (a data file of its own, used whole, instead of its partition of ``data.source``).
 """
@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import adapters
-from fedlora.config import RunConfig, build, check, to_dict
+from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.flower.records import (
@@ -44,7 +44,15 @@ from fedlora.lora import BaseDelta
 from fedlora.models import LoadedModel, load_model
 from fedlora.ranks import client_ranks
 from fedlora.report import RunWriter
-from fedlora.rounds import Client, ClientInfo, FederatedRounds, LocalResult, Task, Workbench
+from fedlora.rounds import (
+    Client,
+    ClientInfo,
+    Failure,
+    FederatedRounds,
+    LocalResult,
+    Task,
+    Workbench,
+)
 from fedlora.simulation import RunOutcome, check_client_ranks, federation_data
 from fedlora.strategies import get_strategy
 
@@ -53,25 +61,6 @@ client_app = ClientApp()
 
 CONFIG_KEY = "fedlora-config"
 OUT_KEY = "out"
-WAIT_KEY = "wait-nodes-s"
-TIMEOUT_KEY = "round-timeout-s"
-
-
-def config_from_json(text: str) -> RunConfig:
-    """A resolved fedlora config from its JSON (as :func:`fedlora.config.to_dict` writes it)."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"run config {CONFIG_KEY!r} is not valid JSON: {exc}") from None
-    config: RunConfig = build(RunConfig, _drop_none(raw), "")
-    check(config)
-    return config
-
-
-def _drop_none(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return {k: _drop_none(v) for k, v in raw.items() if v is not None}
-    return raw
 
 
 def _run_value(context: Context, key: str) -> Any:
@@ -85,20 +74,14 @@ def _run_value(context: Context, key: str) -> Any:
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    cfg = config_from_json(str(_run_value(context, CONFIG_KEY)))
-    serve(
-        grid,
-        cfg,
-        Path(str(_run_value(context, OUT_KEY))),
-        wait_s=float(_run_value(context, WAIT_KEY)),
-        timeout_s=float(_run_value(context, TIMEOUT_KEY)),
-    )
+    cfg = config_from_json(str(_run_value(context, CONFIG_KEY)), f"run config {CONFIG_KEY!r}")
+    serve(grid, cfg, Path(str(_run_value(context, OUT_KEY))))
 
 
-def serve(grid: Grid, cfg: RunConfig, out: Path, wait_s: float, timeout_s: float) -> dict[str, Any]:
+def serve(grid: Grid, cfg: RunConfig, out: Path) -> dict[str, Any]:
     """Run ``cfg`` over the nodes of ``grid``; write the run folder ``out`` as ``fedlora run``
     does; return the summary."""
-    from fedlora.experiment import finish_run  # experiment imports the runner; keep apps light
+    from fedlora.experiment import checkpointing, finish_run
 
     start = time.perf_counter()
     if cfg.strategy in ("centralized", "standalone"):
@@ -106,8 +89,9 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, wait_s: float, timeout_s: float
             f"strategy {cfg.strategy!r} is a single-party reference point; run it in-process "
             "(fedlora run without --engine flower)"
         )
+    wait_s, timeout_s = cfg.flower.wait_nodes_s, cfg.flower.round_timeout_s
     nodes = _wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
-    clients, node_of, examples = _identify(grid, nodes, cfg, timeout_s)
+    clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
     _, heldout, kind = _federation_data(json.dumps(to_dict(cfg)))
     bench = Workbench(loaded.model, loaded.tokenizer, cfg, kind, heldout, progress=False)
@@ -116,15 +100,18 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, wait_s: float, timeout_s: float
     strategy = get_strategy(cfg.strategy, weighting=cfg.weighting)
     rounds = FederatedRounds(cfg, strategy, clients, bench.shapes, params, bench)
     writer = RunWriter(out, to_dict(cfg))
-    records = [rounds.start()]
-    writer.record(records[0].to_json())
+    on_round = checkpointing(writer, cfg)
+    on_round(rounds.start(), rounds.snapshot())
     for t in range(1, cfg.rounds + 1):
-        tasks = rounds.tasks(t)
-        results = _exchange(grid, tasks, node_of, timeout_s)
-        records.append(rounds.finish(tasks, results))
-        writer.record(records[-1].to_json())
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in records[-1].metrics.items())
-        print(f"fedlora: round {t}/{cfg.rounds} done ({len(tasks)} clients) {metrics}", flush=True)
+        record = rounds.run_round(t, lambda tasks: _exchange(grid, tasks, node_of, timeout_s))
+        on_round(record, rounds.snapshot())
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
+        failed = f", {len(record.failed)} failed" if record.failed else ""
+        print(
+            f"fedlora: round {t}/{cfg.rounds} done ({len(record.clients)} clients{failed}) "
+            f"{metrics}",
+            flush=True,
+        )
     factors, err = rounds.export()
     info = [
         {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": examples[c.cid]}
@@ -136,7 +123,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, wait_s: float, timeout_s: float
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
     }
-    summary = finish_run(cfg, writer, RunOutcome(records, factors, err), bench, info, facts, start)
+    summary = finish_run(cfg, writer, RunOutcome(factors, err), bench, info, facts, start)
     print(f"fedlora: run folder {out}", flush=True)
     return summary
 
@@ -161,10 +148,15 @@ def _identify(
     """Ask every node which client it is: the registered clients in index order, the node of
     each and its number of examples."""
     messages = [Message(RecordDict(), node, "query") for node in nodes]
-    replies = _send(grid, messages, timeout_s, [f"node {n}" for n in nodes])
+    names = [f"node {n}" for n in nodes]
+    replies = _send(grid, messages, timeout_s, names)
+    for name, reply in zip(names, replies, strict=True):
+        if isinstance(reply, Failure):
+            raise FedloraError(f"{name} did not say which client it is: {reply.reason}")
     by_index: dict[int, tuple[ClientInfo, int]] = {}
     examples = {}
     for node, reply in zip(nodes, replies, strict=True):
+        assert not isinstance(reply, Failure)
         rec = config_part(reply, "client", f"node {node}")
         info = ClientInfo(
             str(rec["cid"]),
@@ -198,40 +190,51 @@ def _int(value: Any, key: str, node: int) -> int:
 
 def _exchange(
     grid: Grid, tasks: Sequence[Task], node_of: Mapping[str, int], timeout_s: float
-) -> list[LocalResult]:
-    """Send each task to its node as a ``train`` message; the results in the order of tasks."""
+) -> list[LocalResult | Failure]:
+    """Send each task to its node as a ``train`` message; per task, in order, its result or why
+    there is none (the node failed, did not answer in time, or sent a malformed reply)."""
     messages = [
         Message(task_content(task), node_of[task.client.cid], "train", group_id=str(task.round))
         for task in tasks
     ]
     replies = _send(grid, messages, timeout_s, [task.client.cid for task in tasks])
-    return [
-        content_result(reply, task.client.cid) for task, reply in zip(tasks, replies, strict=True)
-    ]
+    out: list[LocalResult | Failure] = []
+    for task, reply in zip(tasks, replies, strict=True):
+        if isinstance(reply, Failure):
+            out.append(reply)
+            continue
+        try:
+            out.append(content_result(reply, task.client.cid))
+        except UpdateError as exc:
+            out.append(Failure(f"rejected reply: {exc}"))
+    return out
 
 
 def _send(
     grid: Grid, messages: Sequence[Message], timeout_s: float, names: Sequence[str]
-) -> list[RecordDict]:
-    """Push ``messages``, pull every reply (or fail naming who did not answer or failed)."""
+) -> list[RecordDict | Failure]:
+    """Push ``messages`` and pull the replies for up to ``timeout_s``: per message, its reply's
+    content, or a :class:`Failure` saying the node failed or did not answer in time."""
     ids = list(grid.push_messages(messages))
     pending = {mid: i for i, mid in enumerate(ids) if mid}
-    if len(pending) != len(messages):
-        raise FedloraError("Flower did not accept every message (no message id returned)")
-    contents: dict[int, RecordDict] = {}
+    out: dict[int, RecordDict | Failure] = {
+        i: Failure("Flower did not accept the message") for i, mid in enumerate(ids) if not mid
+    }
     deadline = time.monotonic() + timeout_s
     while pending:
         for reply in grid.pull_messages(list(pending)):
             i = pending.pop(reply.metadata.reply_to_message_id)
             if reply.has_error():
-                raise FedloraError(f"{names[i]} failed: {reply.error.reason}")
-            contents[i] = reply.content
+                out[i] = Failure(f"its node failed: {reply.error.reason}")
+            else:
+                out[i] = reply.content
         if pending and time.monotonic() > deadline:
-            late = ", ".join(names[i] for i in sorted(pending.values()))
-            raise FedloraError(f"no reply within {timeout_s:.0f} s from {late}")
+            for i in pending.values():
+                out[i] = Failure(f"no reply within {timeout_s:.0f} s")
+            break
         if pending:
             time.sleep(0.1)
-    return [contents[i] for i in range(len(messages))]
+    return [out[i] for i in range(len(messages))]
 
 
 # --- client ---------------------------------------------------------------------------------
@@ -271,12 +274,12 @@ def _config(context: Context) -> RunConfig:
 
 @functools.lru_cache(maxsize=2)
 def _config_cached(text: str) -> RunConfig:
-    return config_from_json(text)
+    return config_from_json(text, f"run config {CONFIG_KEY!r}")
 
 
 @functools.lru_cache(maxsize=2)
 def _federation_data(config_json: str) -> Any:
-    return federation_data(config_from_json(config_json))
+    return federation_data(config_from_json(config_json, "the run's config"))
 
 
 def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, str]:

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from fedlora import __version__
 from fedlora.config import RunConfig, to_dict
 from fedlora.errors import FedloraError
-from fedlora.flower.apps import CONFIG_KEY, OUT_KEY, TIMEOUT_KEY, WAIT_KEY
+from fedlora.flower.apps import CONFIG_KEY, OUT_KEY
 
 CONNECTION = "fedlora"
 """The name of the SuperLink connection fedlora writes into ``FLWR_HOME/config.toml``."""
@@ -39,13 +39,7 @@ def _toml_string(text: str) -> str:
     return json.dumps(text)  # a JSON string with ASCII escapes is a valid TOML basic string
 
 
-def write_app(
-    cfg: RunConfig,
-    folder: Path,
-    out: Path,
-    wait_nodes_s: float = 300.0,
-    round_timeout_s: float = 3600.0,
-) -> Path:
+def write_app(cfg: RunConfig, folder: Path, out: Path) -> Path:
     """Write the Flower app for ``cfg`` into ``folder``; the server writes its run folder to
     ``out`` (an absolute path on the SuperLink's host)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,8 +69,6 @@ clientapp = "fedlora.flower.apps:client_app"
 [tool.flwr.app.config]
 {CONFIG_KEY} = {_toml_string(config)}
 {OUT_KEY} = {_toml_string(str(out.resolve()))}
-{WAIT_KEY} = {float(wait_nodes_s)}
-{TIMEOUT_KEY} = {float(round_timeout_s)}
 """
     (folder / "pyproject.toml").write_text(text)
     return folder
