@@ -70,7 +70,7 @@ def test_flora_merges_exactly_what_its_exported_adapter_holds(tmp_path: Path) ->
     fed = build_federation(cfg)
     runner = Runner(fed, tmp_path, progress=False)
 
-    outcome = runner.run(lambda record: None)
+    outcome = runner.run(lambda record, snapshot: None)
 
     original, _ = build_tiny(seed=cfg.seed)
     before = dict(original.named_modules())

@@ -140,6 +140,17 @@ class FaultsConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Checks on every client update before aggregation, beyond keys, shapes, rank, dtype and
+    finite values (always checked)."""
+
+    max_norm: float | None = None
+    """Reject a module whose update ``‖B A‖_F`` exceeds this (None: no bound)."""
+    max_examples: int | None = None
+    """Reject a client that claims more examples than this (None: no bound)."""
+
+
+@dataclass
 class FlowerConfig:
     """How the server side waits on Flower (``fedlora run --engine flower``)."""
 
@@ -171,6 +182,7 @@ class RunConfig:
     adalora: AdaLoRAConfig = field(default_factory=AdaLoRAConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -399,6 +411,11 @@ def _check_faults(config: RunConfig) -> None:
             "flower.wait_nodes_s and flower.round_timeout_s must be > 0 seconds, got "
             f"{config.flower.wait_nodes_s} and {config.flower.round_timeout_s}"
         )
+    v = config.validation
+    if v.max_norm is not None and not v.max_norm > 0:
+        raise ConfigError(f"validation.max_norm must be > 0, got {v.max_norm}")
+    if v.max_examples is not None and v.max_examples < 1:
+        raise ConfigError(f"validation.max_examples must be >= 1, got {v.max_examples}")
     if not 0 < f.straggler_work <= 1:
         raise ConfigError(f"faults.straggler_work must be in (0, 1], got {f.straggler_work}")
 

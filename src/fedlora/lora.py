@@ -191,6 +191,13 @@ def _check_importance(update: ClientUpdate) -> None:
             )
 
 
+def _check_finite(f: LoRAFactors, cid: str, name: str) -> None:
+    for label, t in (("A", f.A), ("B", f.B)):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UpdateError(f"factor {label} has {bad} NaN/Inf values", client=cid, module=name)
+
+
 def _check_module(
     update: ClientUpdate, name: str, f: LoRAFactors, ref: LoRAFactors, dtype: torch.dtype
 ) -> None:
@@ -207,10 +214,7 @@ def _check_module(
         )
     if f.A.dtype != dtype:
         raise UpdateError(f"dtype {f.A.dtype}, expected {dtype} as for other modules", client=cid)
-    for label, t in (("A", f.A), ("B", f.B)):
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise UpdateError(f"factor {label} has {bad} NaN/Inf values", client=cid, module=name)
+    _check_finite(f, cid, name)
     if update.component_index is None or name not in update.component_index:
         return
     idx = update.component_index[name]
@@ -227,3 +231,74 @@ def _check_module(
             client=cid,
             module=name,
         )
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the server expects of one client's update in a round."""
+
+    shapes: Mapping[str, tuple[int, int]]
+    """Every module, with its weight shape ``(d_out, d_in)``."""
+    rank: int
+    """The rank the client was asked to train; it may send fewer components (pruning), never
+    more."""
+    dtype: torch.dtype = torch.float32
+    max_norm: float | None = None
+    """Bound on ``‖B A‖_F`` per module (None: no bound)."""
+    max_examples: int | None = None
+    """Bound on the example count a client may claim (None: no bound)."""
+
+
+def update_norm(f: LoRAFactors) -> float:
+    """``‖B A‖_F`` from the factors: ``√Σ (BᵀB) ⊙ (A Aᵀ)``, two ``r × r`` Gram matrices."""
+    A, B = f.A.double(), f.B.double()
+    return math.sqrt(max(0.0, float(((B.T @ B) * (A @ A.T)).sum())))
+
+
+def screen_update(update: ClientUpdate, expected: Expected) -> None:
+    """Check one client's update against what the server expects; raise :class:`UpdateError`
+    naming the client and module. Checks: module keys, shapes, rank at most the declared one,
+    dtype, finite values, the norm bound, a positive (and bounded) integer example count."""
+    cid = update.client_id
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise UpdateError(f"num_examples must be an int > 0, got {n!r}", client=cid)
+    if expected.max_examples is not None and n > expected.max_examples:
+        raise UpdateError(
+            f"num_examples = {n} is more than the {expected.max_examples} allowed", client=cid
+        )
+    missing = set(expected.shapes) - set(update.factors)
+    extra = set(update.factors) - set(expected.shapes)
+    if missing or extra:
+        raise UpdateError(
+            f"module keys differ from the model's: missing {sorted(missing)}, unexpected "
+            f"{sorted(extra)}",
+            client=cid,
+        )
+    for name, f in update.factors.items():
+        if f.shape != tuple(expected.shapes[name]):
+            raise UpdateError(
+                f"weight shape (d_out, d_in) = {f.shape}, expected {tuple(expected.shapes[name])}",
+                client=cid,
+                module=name,
+            )
+        if not 1 <= f.rank <= expected.rank:
+            raise UpdateError(
+                f"rank {f.rank}, expected 1 … {expected.rank} (the rank it was asked to train)",
+                client=cid,
+                module=name,
+            )
+        if f.A.dtype != expected.dtype:
+            raise UpdateError(
+                f"dtype {f.A.dtype}, expected {expected.dtype}", client=cid, module=name
+            )
+        _check_finite(f, cid, name)
+        if expected.max_norm is not None:
+            norm = update_norm(f)
+            if norm > expected.max_norm:
+                raise UpdateError(
+                    f"‖B A‖_F = {norm:.4g} exceeds the bound validation.max_norm = "
+                    f"{expected.max_norm:g}",
+                    client=cid,
+                    module=name,
+                )

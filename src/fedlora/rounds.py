@@ -24,8 +24,9 @@ from fedlora.checkpoint import put_deltas, take_deltas, take_factors
 from fedlora.comm import Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
 from fedlora.data import Example, encode
+from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
-from fedlora.lora import BaseDelta, ClientUpdate, LoRAFactors
+from fedlora.lora import BaseDelta, ClientUpdate, Expected, LoRAFactors, screen_update
 from fedlora.strategies import GlobalState, Start, Strategy
 from fedlora.strategies.hetlora import pruned_rank, self_prune
 from fedlora.train import num_steps, train_local
@@ -294,6 +295,7 @@ class FederatedRounds:
         self.cfg = cfg
         self.strategy = strategy
         self.clients = list(clients)
+        self.shapes = dict(shapes)
         self.model_params = model_params
         self.bench = bench
         self.sampler = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
@@ -322,7 +324,7 @@ class FederatedRounds:
         need = self.cfg.clients.min_clients
         for attempt in range(self.cfg.clients.retries + 1):
             tasks = self.tasks(t, attempt)
-            results = execute(tasks)
+            results = [self.screen(task, r) for task, r in zip(tasks, execute(tasks), strict=True)]
             lost = {
                 task.client.cid: r.reason
                 for task, r in zip(tasks, results, strict=True)
@@ -361,6 +363,33 @@ class FederatedRounds:
             skipped=reason,
             seconds=time.perf_counter() - self._started,
         )
+
+    def update_of(self, task: Task, local: LocalResult) -> ClientUpdate:
+        """The update a client's result makes, as the strategy will see it."""
+        index = self.strategy.component_indices(self.state, task.plan.rank)
+        if index is not None:  # pruning keeps the first components of each
+            index = {n: i[: local.factors[n].rank] for n, i in index.items() if n in local.factors}
+        return ClientUpdate(
+            task.client.cid,
+            local.factors,
+            local.num_examples,
+            {"loss": local.loss},
+            component_index=index,
+            importance=local.importance,
+        )
+
+    def screen(self, task: Task, result: LocalResult | Failure) -> LocalResult | Failure:
+        """A result whose update is not what the server expects becomes a :class:`Failure`
+        with the reason, so it never reaches the global state (:func:`screen_update`)."""
+        if isinstance(result, Failure):
+            return result
+        v = self.cfg.validation
+        expected = Expected(self.shapes, task.plan.rank, torch.float32, v.max_norm, v.max_examples)
+        try:
+            screen_update(self.update_of(task, result), expected)
+        except UpdateError as exc:
+            return Failure(f"rejected update: {exc}")
+        return result
 
     def tasks(self, t: int, attempt: int = 0) -> list[Task]:
         """Sample round ``t``'s clients and plan each one's local work."""
@@ -402,19 +431,7 @@ class FederatedRounds:
             traffic.append(
                 Traffic(client.cid, task.plan.rank, up, task.down_params, 4, self.model_params)
             )
-            index = strategy.component_indices(self.state, task.plan.rank)
-            if index is not None:  # pruning keeps the first components of each
-                index = {n: i[: local.factors[n].rank] for n, i in index.items()}
-            updates.append(
-                ClientUpdate(
-                    client.cid,
-                    local.factors,
-                    local.num_examples,
-                    {"loss": local.loss},
-                    component_index=index,
-                    importance=local.importance,
-                )
-            )
+            updates.append(self.update_of(task, local))
             self.received[client.cid] = len(self.merged)
             if task.plan.prune_gamma is not None:  # a pruned rank stays pruned
                 self.ranks[client.cid] = min(f.rank for f in local.factors.values())
