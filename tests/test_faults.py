@@ -88,6 +88,8 @@ def test_thirty_percent_failures_complete_and_flora_is_exact_over_the_survivors(
             torch.testing.assert_close(dense_delta(delta).double(), expected, rtol=1e-5, atol=1e-7)
     reasons = {reason for r in records for reason in r.get("failed", {}).values()}
     assert all(reason.startswith("injected fault") for reason in reasons)
+    report = (tmp_path / "run" / "summary.md").read_text()
+    assert "Clients that did not deliver:" in report and sorted(failed)[0] in report
 
 
 def test_a_round_with_too_few_replies_is_retried_with_a_fresh_sample(
@@ -123,6 +125,9 @@ def test_a_round_without_enough_clients_in_any_try_is_skipped_and_changes_nothin
         assert record["attempts"] == 3 and "clients.min_clients = 1" in record["skipped"]
         assert record["clients"] == [] and record["eval_loss"] == records[0]["eval_loss"]
     assert summary["final"] == summary["base"] and not summary["improved"]
+    assert (
+        "skipped: fewer than clients.min_clients" in (tmp_path / "run" / "summary.md").read_text()
+    )
 
 
 def test_stragglers_deliver_partial_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -124,6 +124,15 @@ def summary_markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
             f"({(comm['up_bytes'] + comm['down_bytes']) / 1e6:.3f} MB); "
             f"{comm['ratio_to_full']:.5f} of full fine-tuning.",
         ]
+    faults = [
+        f"- round {row['round']}: "
+        + ("; ".join(f"{cid} ({why})" for cid, why in row.get("failed", {}).items()) or "—")
+        + (f" — skipped: {row['skipped']}" if row.get("skipped") else "")
+        for row in rows
+        if row.get("failed") or row.get("skipped")
+    ]
+    if faults:
+        lines += ["", "Clients that did not deliver:", "", *faults]
     if summary.get("adapter"):
         lines += ["", f"Adapter: `{summary['adapter']}` (load with `PeftModel.from_pretrained`)."]
     return "\n".join(lines) + "\n"
