@@ -13,6 +13,7 @@ from fedlora.errors import FedloraError
 
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
 COLUMNS = 'data.columns={prompt="q", response="a"}'
+SMALL = ["--set", "data.heldout=1", "--set", "data.source={d}/small.jsonl", "--set", COLUMNS]
 
 
 @pytest.fixture
@@ -35,8 +36,7 @@ CASES = [
         r"small\.jsonl: no column 'x' \(mapped to prompt\); available columns: 'q', 'a'",
     ),
     (
-        ["run", TINY, "--set", "data.source={d}/small.jsonl", "--set", COLUMNS]
-        + ["--set", "data.heldout=1"],
+        ["run", TINY, *SMALL],
         r"3 clients but only 1 examples",
     ),
     (
