@@ -324,19 +324,24 @@ class FederatedRounds:
         need = self.cfg.clients.min_clients
         for attempt in range(self.cfg.clients.retries + 1):
             tasks = self.tasks(t, attempt)
-            results = [self.screen(task, r) for task, r in zip(tasks, execute(tasks), strict=True)]
+            screened = [self.screen(task, r) for task, r in zip(tasks, execute(tasks), strict=True)]
             lost = {
                 task.client.cid: r.reason
-                for task, r in zip(tasks, results, strict=True)
+                for task, (r, _) in zip(tasks, screened, strict=True)
                 if isinstance(r, Failure)
             }
             failed.update(lost)
             for cid, reason in lost.items():
                 log.warning("round %d: client %s failed: %s", t, cid, reason)
             if len(tasks) - len(lost) >= need:
-                pairs = zip(tasks, results, strict=True)
-                done = [(task, r) for task, r in pairs if isinstance(r, LocalResult)]
-                record = self.finish([d[0] for d in done], [d[1] for d in done])
+                done = [
+                    (task, r, u)
+                    for task, (r, u) in zip(tasks, screened, strict=True)
+                    if isinstance(r, LocalResult) and u is not None
+                ]
+                record = self.finish(
+                    [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
+                )
                 record.failed, record.attempts = failed, attempt + 1
                 return record
             log.warning(
@@ -352,12 +357,10 @@ class FederatedRounds:
             f"{self.cfg.clients.retries + 1} tries"
         )
         log.warning("round %d skipped: %s", t, reason)
-        due = t == self.cfg.rounds or t % self.cfg.eval.every == 0
-        metrics = self.bench.evaluate_with(dict(self.state.factors)) if due else {}
         self.done = t
         return RoundRecord(
             t,
-            metrics,
+            self._metrics(t),
             failed=failed,
             attempts=self.cfg.clients.retries + 1,
             skipped=reason,
@@ -378,18 +381,27 @@ class FederatedRounds:
             importance=local.importance,
         )
 
-    def screen(self, task: Task, result: LocalResult | Failure) -> LocalResult | Failure:
-        """A result whose update is not what the server expects becomes a :class:`Failure`
-        with the reason, so it never reaches the global state (:func:`screen_update`)."""
+    def screen(
+        self, task: Task, result: LocalResult | Failure
+    ) -> tuple[LocalResult | Failure, ClientUpdate | None]:
+        """A result and its update; a result whose update is not what the server expects
+        becomes a :class:`Failure` with the reason, so it never reaches the global state
+        (:func:`screen_update`)."""
         if isinstance(result, Failure):
-            return result
+            return result, None
         v = self.cfg.validation
         expected = Expected(self.shapes, task.plan.rank, torch.float32, v.max_norm, v.max_examples)
+        update = self.update_of(task, result)
         try:
-            screen_update(self.update_of(task, result), expected)
+            screen_update(update, expected)
         except UpdateError as exc:
-            return Failure(f"rejected update: {exc}")
-        return result
+            return Failure(f"rejected update: {exc}"), None
+        return result, update
+
+    def _metrics(self, t: int) -> dict[str, float]:
+        """The global model's held-out metrics when round ``t`` is due for evaluation."""
+        due = t == self.cfg.rounds or t % self.cfg.eval.every == 0
+        return self.bench.evaluate_with(dict(self.state.factors)) if due else {}
 
     def tasks(self, t: int, attempt: int = 0) -> list[Task]:
         """Sample round ``t``'s clients and plan each one's local work."""
@@ -419,19 +431,24 @@ class FederatedRounds:
             tasks.append(Task(client, t, plan, first, pending, down, attempt))
         return tasks
 
-    def finish(self, tasks: Sequence[Task], results: Sequence[LocalResult]) -> RoundRecord:
-        """Aggregate one round's results (in the order of ``tasks``), merge, evaluate, record.
-        Engines call :meth:`run_round`, which calls this with the clients that delivered."""
+    def finish(
+        self,
+        tasks: Sequence[Task],
+        results: Sequence[LocalResult],
+        updates: Sequence[ClientUpdate],
+    ) -> RoundRecord:
+        """Aggregate one round's screened updates (in the order of ``tasks``), merge, evaluate,
+        record. Engines call :meth:`run_round`, which calls this with the clients that
+        delivered."""
         strategy, traits = self.strategy, self.strategy.traits
         t = tasks[0].round
-        updates, traffic = [], []
+        traffic = []
         for task, local in zip(tasks, results, strict=True):
             client = task.client
             up = factor_params(local.factors, traits.fixed_a)
             traffic.append(
                 Traffic(client.cid, task.plan.rank, up, task.down_params, 4, self.model_params)
             )
-            updates.append(self.update_of(task, local))
             self.received[client.cid] = len(self.merged)
             if task.plan.prune_gamma is not None:  # a pruned rank stays pruned
                 self.ranks[client.cid] = min(f.rank for f in local.factors.values())
@@ -439,8 +456,7 @@ class FederatedRounds:
         if traits.merges_into_base:
             self.bench.merge(dict(self.state.base_delta))
             self.merged.append(dict(self.state.base_delta))
-        due = t == self.cfg.rounds or t % self.cfg.eval.every == 0
-        metrics = self.bench.evaluate_with(dict(self.state.factors)) if due else {}
+        metrics = self._metrics(t)
         losses = [r.loss for r in results]
         record = RoundRecord(
             t, metrics, sum(losses) / len(losses), [task.client.cid for task in tasks], traffic
