@@ -153,22 +153,30 @@ def validate_updates(updates: Sequence[ClientUpdate]) -> None:
         if cid in seen:
             raise UpdateError("the same client id appears twice in one round", client=cid)
         seen.add(cid)
-        if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int):
-            raise UpdateError(
-                f"num_examples must be an int, got {type(update.num_examples).__name__}", client=cid
-            )
-        if update.num_examples <= 0:
-            raise UpdateError(f"num_examples must be > 0, got {update.num_examples}", client=cid)
-        missing, extra = keys - set(update.factors), set(update.factors) - keys
-        if missing or extra:
-            raise UpdateError(
-                f"module keys differ from client {first.client_id!r}: missing {sorted(missing)}, "
-                f"unexpected {sorted(extra)}",
-                client=cid,
-            )
+        _check_examples(update)
+        _check_keys(update, keys, f"client {first.client_id!r}")
         for name, f in update.factors.items():
             _check_module(update, name, f, first.factors[name], dtype)
         _check_importance(update)
+
+
+def _check_examples(update: ClientUpdate) -> None:
+    n, cid = update.num_examples, update.client_id
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise UpdateError(f"num_examples must be an int, got {type(n).__name__}", client=cid)
+    if n <= 0:
+        raise UpdateError(f"num_examples must be > 0, got {n}", client=cid)
+
+
+def _check_keys(update: ClientUpdate, keys: set[str], whose: str) -> None:
+    """The update's modules are exactly ``keys`` (those of ``whose``)."""
+    missing, extra = keys - set(update.factors), set(update.factors) - keys
+    if missing or extra:
+        raise UpdateError(
+            f"module keys differ from {whose}: missing {sorted(missing)}, unexpected "
+            f"{sorted(extra)}",
+            client=update.client_id,
+        )
 
 
 def _check_importance(update: ClientUpdate) -> None:
@@ -260,21 +268,13 @@ def screen_update(update: ClientUpdate, expected: Expected) -> None:
     naming the client and module. Checks: module keys, shapes, rank at most the declared one,
     dtype, finite values, the norm bound, a positive (and bounded) integer example count."""
     cid = update.client_id
+    _check_examples(update)
     n = update.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise UpdateError(f"num_examples must be an int > 0, got {n!r}", client=cid)
     if expected.max_examples is not None and n > expected.max_examples:
         raise UpdateError(
             f"num_examples = {n} is more than the {expected.max_examples} allowed", client=cid
         )
-    missing = set(expected.shapes) - set(update.factors)
-    extra = set(update.factors) - set(expected.shapes)
-    if missing or extra:
-        raise UpdateError(
-            f"module keys differ from the model's: missing {sorted(missing)}, unexpected "
-            f"{sorted(extra)}",
-            client=cid,
-        )
+    _check_keys(update, set(expected.shapes), "the model's")
     for name, f in update.factors.items():
         if f.shape != tuple(expected.shapes[name]):
             raise UpdateError(

@@ -150,13 +150,11 @@ def _identify(
     messages = [Message(RecordDict(), node, "query") for node in nodes]
     names = [f"node {n}" for n in nodes]
     replies = _send(grid, messages, timeout_s, names)
-    for name, reply in zip(names, replies, strict=True):
-        if isinstance(reply, Failure):
-            raise FedloraError(f"{name} did not say which client it is: {reply.reason}")
     by_index: dict[int, tuple[ClientInfo, int]] = {}
     examples = {}
     for node, reply in zip(nodes, replies, strict=True):
-        assert not isinstance(reply, Failure)
+        if isinstance(reply, Failure):
+            raise FedloraError(f"node {node} did not say which client it is: {reply.reason}")
         rec = config_part(reply, "client", f"node {node}")
         info = ClientInfo(
             str(rec["cid"]),
