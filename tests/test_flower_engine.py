@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -196,4 +197,65 @@ def test_a_supernode_that_dies_mid_run_fails_its_client_and_the_run_completes(
     assert summary["rounds"] == 2 and "failed" not in rows[1]
     assert list(rows[2]["failed"]) == ["client-0002"], rows[2]
     assert rows[2]["clients"] == ["client-0000", "client-0001"]
+    assert our_processes(out) == []
+
+
+def test_differential_privacy_runs_on_the_nodes_as_in_process(tmp_path: Path) -> None:
+    """Clipping and noise happen in the client's training step on either engine: with a noise
+    seed both give the same adapter, and it differs from the run without privacy."""
+    private = ["privacy.clip_norm=0.05", "privacy.noise_multiplier=0.5", "privacy.noise_seed=3"]
+    cfg = load_config(TINY, private)
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    summary = run_simulation(cfg, tmp_path / "flower", echo=False)
+    assert_same_run(tmp_path / "flower", tmp_path / "inprocess")
+    assert summary["privacy"]["epsilon_max"] > 0
+    run_experiment(load_config(TINY), tmp_path / "plain", progress=False)
+    assert not torch.allclose(
+        adapter(tmp_path / "plain")[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        ],
+        adapter(tmp_path / "flower")[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        ],
+    )
+
+
+def test_a_flower_run_whose_superlink_is_killed_resumes_to_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL the SuperLink (and the ServerApp it runs) after round 1 of 5, then
+    ``fedlora run --resume RUN_DIR --engine flower``: the same adapter and per-round losses as
+    an uninterrupted run."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    overrides = ["rounds=5", "train.steps=10"]
+    out = tmp_path / "run"
+    argv = ["run", str(TINY), "--engine", "flower", "--out", str(out), "--quiet"]
+    for o in overrides:
+        argv += ["--set", o]
+    killed: list[int] = []
+
+    def kill_superlink_after_round_1() -> None:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                for child in psutil.Process().children(recursive=True):
+                    if any("flower-superlink" in part for part in child.cmdline()):
+                        os.killpg(child.pid, signal.SIGKILL)
+                        killed.append(len(metrics.read_text().splitlines()) - 1)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_superlink_after_round_1)
+    killer.start()
+    assert main(argv) != 0
+    killer.join()
+    assert killed and killed[0] < 5, f"the SuperLink was not killed mid-run: {killed}"
+    assert not (out / "summary.json").exists()
+    assert our_processes(out) == []
+
+    assert main(["run", "--resume", str(out), "--engine", "flower", "--quiet"]) == 0
+    run_experiment(load_config(TINY, overrides), tmp_path / "inprocess", progress=False)
+    assert_same_run(out, tmp_path / "inprocess")
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 5
     assert our_processes(out) == []

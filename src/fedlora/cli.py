@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="RUN_DIR",
-        help="continue RUN_DIR from its last checkpoint, with its own config.json",
+        help="continue RUN_DIR from its last checkpoint, with its own config.json (on either "
+        "engine: add --engine flower [--superlink ...] to go on on Flower)",
     )
     run.add_argument(
         "--engine",
@@ -212,12 +213,9 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_libraries(args.quiet)
     out = args.out or _timestamped(cfg.strategy)
     if args.engine == "flower":
-        summary = _run_flower(args, cfg, out)
+        summary = _run_flower(args, cfg, out, resume=False)
     else:
-        if args.superlink or args.root_certificates or args.supernodes:
-            raise ConfigError(
-                "--superlink, --root-certificates and --supernodes need --engine flower"
-            )
+        _inprocess_only(args)
         summary = run_experiment(cfg, out, progress=not args.quiet)
     print((out / "summary.md").read_text())
     print(f"run folder: {out}  ({summary['seconds']:.0f} s)")
@@ -225,30 +223,40 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from fedlora.experiment import resume_experiment
+    from fedlora.experiment import resume_experiment, run_config_of
 
-    if args.config or args.overrides or args.out or args.engine != "inprocess":
+    if args.config or args.overrides or args.out:
         raise ConfigError(
-            "--resume RUN_DIR takes the run's own config and folder; drop the config, --set, "
-            "--out and --engine"
+            "--resume RUN_DIR takes the run's own config and folder; drop the config, --set "
+            "and --out"
         )
     _quiet_libraries(args.quiet)
-    summary = resume_experiment(args.resume, progress=not args.quiet)
+    if args.engine == "flower":
+        summary = _run_flower(args, run_config_of(args.resume), args.resume, resume=True)
+    else:
+        _inprocess_only(args)
+        summary = resume_experiment(args.resume, progress=not args.quiet)
     print((args.resume / "summary.md").read_text())
     print(f"run folder: {args.resume}  ({summary['seconds']:.0f} s after resuming)")
     return 0
 
 
-def _run_flower(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
+def _inprocess_only(args: argparse.Namespace) -> None:
+    if args.superlink or args.root_certificates or args.supernodes:
+        raise ConfigError("--superlink, --root-certificates and --supernodes need --engine flower")
+
+
+def _run_flower(args: argparse.Namespace, cfg: Any, out: Path, resume: bool) -> dict[str, Any]:
     from fedlora.flower.launch import run_simulation, submit
 
+    echo = not args.quiet
     if args.superlink:
         if args.supernodes:
             raise ConfigError("--supernodes is for the local simulation, not with --superlink")
-        return submit(cfg, out, args.superlink, args.root_certificates, echo=not args.quiet)
+        return submit(cfg, out, args.superlink, args.root_certificates, echo=echo, resume=resume)
     if args.root_certificates:
         raise ConfigError("--root-certificates needs --superlink")
-    return run_simulation(cfg, out, args.supernodes, echo=not args.quiet)
+    return run_simulation(cfg, out, args.supernodes, echo=echo, resume=resume)
 
 
 def _flower_certs(args: argparse.Namespace) -> int:

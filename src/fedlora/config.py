@@ -151,6 +151,23 @@ class ValidationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (:mod:`fedlora.privacy`): each client clips its update
+    to ``clip_norm`` and adds Gaussian noise of standard deviation ``noise_multiplier ×
+    clip_norm`` before sending it. Off while ``clip_norm`` is 0."""
+
+    clip_norm: float = 0.0
+    """The L2 bound C on a client's update (all its trained factors, minus where they started)."""
+    noise_multiplier: float = 0.0
+    """σ: the noise's standard deviation is σ·C (0: clipping only, no privacy guarantee)."""
+    delta: float = 1e-5
+    """The δ at which ε is reported."""
+    noise_seed: int | None = None
+    """None (default): noise from the OS's entropy, unknown to the server. Set only for
+    reproducible experiments: anyone who knows the seed can remove the noise."""
+
+
+@dataclass
 class FlowerConfig:
     """How the server side waits on Flower (``fedlora run --engine flower``)."""
 
@@ -183,6 +200,7 @@ class RunConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -372,6 +390,7 @@ def check(config: RunConfig) -> None:
     if a.delta_t < 1:
         raise ConfigError(f"adalora.delta_t must be >= 1, got {a.delta_t}")
     _check_faults(config)
+    _check_privacy(config)
     if config.export_rank is not None and config.export_rank < 1:
         raise ConfigError(f"export_rank must be >= 1, got {config.export_rank}")
     _check_rank_mix(config)
@@ -418,6 +437,39 @@ def _check_faults(config: RunConfig) -> None:
         raise ConfigError(f"validation.max_examples must be >= 1, got {v.max_examples}")
     if not 0 < f.straggler_work <= 1:
         raise ConfigError(f"faults.straggler_work must be in (0, 1], got {f.straggler_work}")
+
+
+def _check_privacy(config: RunConfig) -> None:
+    """Privacy needs a clip norm with its noise, and a strategy whose uploads are all noised."""
+    from fedlora.strategies import REGISTRY
+
+    p = config.privacy
+    if p.clip_norm < 0 or p.noise_multiplier < 0:
+        raise ConfigError(
+            "privacy.clip_norm and privacy.noise_multiplier must be >= 0, got "
+            f"{p.clip_norm} and {p.noise_multiplier}"
+        )
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
+    if p.clip_norm == 0:
+        if p.noise_multiplier > 0:
+            raise ConfigError(
+                "privacy.noise_multiplier is set but privacy.clip_norm is 0; the noise is "
+                "σ × clip_norm, so set privacy.clip_norm too"
+            )
+        return
+    if config.strategy in ("centralized", "standalone"):
+        raise ConfigError(
+            f"privacy applies to what clients send; strategy {config.strategy!r} sends nothing"
+        )
+    traits = REGISTRY[config.strategy].traits
+    if traits.needs_importance or traits.client_adapter != "lora":
+        raise ConfigError(
+            f"privacy is not available with strategy {config.strategy!r}: its clients also "
+            "send "
+            + ("importance scores" if traits.needs_importance else "AdaLoRA's kept ranks")
+            + " computed from their data, which the noise does not cover"
+        )
 
 
 def _check_rank_mix(config: RunConfig) -> None:

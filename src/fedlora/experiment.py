@@ -15,6 +15,7 @@ from fedlora import adapters
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.errors import ConfigError
+from fedlora.privacy import privacy_summary
 from fedlora.report import RunWriter, comparison, headline_metric, summarize
 from fedlora.rounds import RoundRecord, Workbench
 from fedlora.simulation import OnRound, Runner, RunOutcome, Snapshot, build_federation
@@ -65,12 +66,17 @@ def resume_point(cfg: RunConfig, out: Path) -> Snapshot:
 
 def resume_experiment(out: Path, progress: bool = True) -> dict[str, Any]:
     """Continue the run folder ``out`` from its last checkpoint, with its own config."""
+    return run_experiment(run_config_of(out), out, progress, resume=True)
+
+
+def run_config_of(out: Path) -> RunConfig:
+    """The config a run folder was run with (``out/config.json``)."""
     path = out / "config.json"
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot resume {out}: {path} cannot be read ({exc.strerror})") from None
-    return run_experiment(config_from_json(text, str(path)), out, progress, resume=True)
+    return config_from_json(text, str(path))
 
 
 def finish_run(
@@ -94,6 +100,8 @@ def finish_run(
             extra["adapter_relative_error"] = outcome.export_error
     if cfg.save_merged:
         extra["merged_model"] = str(save_merged(bench, outcome.export, writer.out / "merged", cfg))
+    if cfg.privacy.clip_norm > 0:
+        extra["privacy"] = privacy_summary(cfg.privacy, writer.rows)
     extra["seconds"] = time.perf_counter() - start
     metric = headline_metric(bench.kind, cfg.eval.rouge_samples > 0)
     summary = summarize(cfg.strategy, bench.kind, metric, writer.rows, extra)

@@ -133,9 +133,26 @@ def summary_markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
     ]
     if faults:
         lines += ["", "Clients that did not deliver:", "", *faults]
+    priv = summary.get("privacy")
+    if priv:
+        lines += ["", _privacy_line(priv)]
     if summary.get("adapter"):
         lines += ["", f"Adapter: `{summary['adapter']}` (load with `PeftModel.from_pretrained`)."]
     return "\n".join(lines) + "\n"
+
+
+def _privacy_line(priv: dict[str, Any]) -> str:
+    head = (
+        f"Differential privacy: client updates clipped to L2 norm {priv['clip_norm']:g}, "
+        f"noise multiplier {priv['noise_multiplier']:g}"
+    )
+    if priv["epsilon_max"] is None:
+        return head + "; without noise there is no privacy guarantee."
+    most = max(priv["uploads"].values(), default=0)
+    return (
+        head + f"; ε ≤ {priv['epsilon_max']:.3g} at δ = {priv['delta']:g} for every client "
+        f"(the worst client sent {most} updates; {priv['accounting']})."
+    )
 
 
 def _fmt(value: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import torch
 
-from fedlora import adapters
+from fedlora import adapters, privacy
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
 from fedlora.comm import Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
@@ -125,6 +125,8 @@ class RoundRecord:
     attempts: int = 1
     skipped: str | None = None
     """Why the round changed nothing (too few replies in every try), or None."""
+    epsilon: float | None = None
+    """With ``[privacy]``: the largest ε of any client so far (:func:`fedlora.privacy.epsilon`)."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -144,6 +146,8 @@ class RoundRecord:
             out["attempts"] = self.attempts
         if self.skipped is not None:
             out["skipped"] = self.skipped
+        if self.epsilon is not None:
+            out["epsilon"] = self.epsilon
         return out
 
 
@@ -251,6 +255,8 @@ class Workbench:
             allocate = (
                 peft_model.base_model.update_and_allocate if plan.adapter == "adalora" else None
             )
+            private = cfg.privacy.clip_norm > 0
+            before = adapters.read_factors(peft_model) if private else None
             result = train_local(
                 peft_model,
                 data,
@@ -267,6 +273,16 @@ class Workbench:
             scores = tracker.scores() if tracker is not None else None
         finally:
             self.model = adapters.detach(peft_model)
+        if before is not None:  # noised before anything else reads the factors
+            noise = privacy.noise_generator(cfg.privacy, t, client.index)
+            factors, norm = privacy.privatize(before, factors, cfg.privacy, noise, plan.freeze_a)
+            log.debug(
+                "round %d: %s's update norm %.4g, clip norm %g",
+                t,
+                client.cid,
+                norm,
+                cfg.privacy.clip_norm,
+            )
         if plan.prune_gamma is not None:
             pruned = self_prune(plan.start, factors, plan.prune_gamma)
             if pruned is not None:
@@ -306,6 +322,8 @@ class FederatedRounds:
         self.merged: list[dict[str, BaseDelta]] = []
         self.received = {c.cid: 0 for c in self.clients}
         """How many of :attr:`merged` each client has received."""
+        self.uploads = {c.cid: 0 for c in self.clients}
+        """How many updates each client has delivered (what its privacy ε composes)."""
         self._started = time.perf_counter()
         self.done = 0
         """Rounds finished."""
@@ -450,6 +468,7 @@ class FederatedRounds:
                 Traffic(client.cid, task.plan.rank, up, task.down_params, 4, self.model_params)
             )
             self.received[client.cid] = len(self.merged)
+            self.uploads[client.cid] += 1
             if task.plan.prune_gamma is not None:  # a pruned rank stays pruned
                 self.ranks[client.cid] = min(f.rank for f in local.factors.values())
         self.state = strategy.aggregate(self.state, updates)
@@ -464,6 +483,11 @@ class FederatedRounds:
         if traits.client_adapter != "lora" or traits.self_pruning:
             record.rank_sum_before = sum(task.plan.rank for task in tasks)
             record.rank_sum_after = sum(r.mean_rank for r in results)
+        p = self.cfg.privacy
+        if p.clip_norm > 0 and p.noise_multiplier > 0:
+            record.epsilon = privacy.epsilon(
+                p.noise_multiplier, max(self.uploads.values()), p.delta
+            )
         record.seconds = time.perf_counter() - self._started
         self.done = t
         return record
@@ -484,6 +508,7 @@ class FederatedRounds:
             "merged": len(self.merged),
             "ranks": dict(self.ranks),
             "received": dict(self.received),
+            "uploads": dict(self.uploads),
         }
         return tensors, meta
 
@@ -503,6 +528,7 @@ class FederatedRounds:
         self.sampler.set_state(tensors["sampler"])
         self.ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
         self.received = {str(k): int(v) for k, v in meta["received"].items()}
+        self.uploads = {str(k): int(v) for k, v in meta["uploads"].items()}
         self.done = int(meta["round"])
 
     def export(self) -> tuple[dict[str, LoRAFactors], float | None]:

@@ -61,6 +61,7 @@ client_app = ClientApp()
 
 CONFIG_KEY = "fedlora-config"
 OUT_KEY = "out"
+RESUME_KEY = "resume"
 
 
 def _run_value(context: Context, key: str) -> Any:
@@ -75,15 +76,19 @@ def _run_value(context: Context, key: str) -> Any:
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_json(str(_run_value(context, CONFIG_KEY)), f"run config {CONFIG_KEY!r}")
-    serve(grid, cfg, Path(str(_run_value(context, OUT_KEY))))
+    resume = bool(context.run_config.get(RESUME_KEY, False))
+    serve(grid, cfg, Path(str(_run_value(context, OUT_KEY))), resume)
 
 
-def serve(grid: Grid, cfg: RunConfig, out: Path) -> dict[str, Any]:
+def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` over the nodes of ``grid``; write the run folder ``out`` as ``fedlora run``
-    does; return the summary."""
-    from fedlora.experiment import checkpointing, finish_run
+    does; return the summary. ``resume``: go on from ``out``'s checkpoint (written by either
+    engine). The nodes of a new Flower run hold no merged updates, so each is sent all of them
+    with its first task."""
+    from fedlora.experiment import checkpointing, finish_run, resume_point
 
     start = time.perf_counter()
+    snapshot = resume_point(cfg, out) if resume else None
     if cfg.strategy in ("centralized", "standalone"):
         raise ConfigError(
             f"strategy {cfg.strategy!r} is a single-party reference point; run it in-process "
@@ -99,10 +104,15 @@ def serve(grid: Grid, cfg: RunConfig, out: Path) -> dict[str, Any]:
     params = sum(p.numel() for p in loaded.model.parameters())
     strategy = get_strategy(cfg.strategy, weighting=cfg.weighting)
     rounds = FederatedRounds(cfg, strategy, clients, bench.shapes, params, bench)
-    writer = RunWriter(out, to_dict(cfg))
+    writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     on_round = checkpointing(writer, cfg)
-    on_round(rounds.start(), rounds.snapshot())
-    for t in range(1, cfg.rounds + 1):
+    if snapshot is None:
+        on_round(rounds.start(), rounds.snapshot())
+    else:
+        rounds.restore(*snapshot)
+        rounds.received = dict.fromkeys(rounds.received, 0)
+        print(f"fedlora: resuming after round {rounds.done}", flush=True)
+    for t in range(rounds.done + 1, cfg.rounds + 1):
         record = rounds.run_round(t, lambda tasks: _exchange(grid, tasks, node_of, timeout_s))
         on_round(record, rounds.snapshot())
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from fedlora import __version__
 from fedlora.config import RunConfig, to_dict
 from fedlora.errors import FedloraError
-from fedlora.flower.apps import CONFIG_KEY, OUT_KEY
+from fedlora.flower.apps import CONFIG_KEY, OUT_KEY, RESUME_KEY
 
 CONNECTION = "fedlora"
 """The name of the SuperLink connection fedlora writes into ``FLWR_HOME/config.toml``."""
@@ -39,9 +39,10 @@ def _toml_string(text: str) -> str:
     return json.dumps(text)  # a JSON string with ASCII escapes is a valid TOML basic string
 
 
-def write_app(cfg: RunConfig, folder: Path, out: Path) -> Path:
+def write_app(cfg: RunConfig, folder: Path, out: Path, resume: bool = False) -> Path:
     """Write the Flower app for ``cfg`` into ``folder``; the server writes its run folder to
-    ``out`` (an absolute path on the SuperLink's host)."""
+    ``out`` (an absolute path on the SuperLink's host), continuing its checkpoint if
+    ``resume``."""
     folder.mkdir(parents=True, exist_ok=True)
     config = json.dumps(to_dict(cfg), sort_keys=True)
     text = f"""# A Flower app written by fedlora {__version__}: `flwr run` this folder.
@@ -69,6 +70,7 @@ clientapp = "fedlora.flower.apps:client_app"
 [tool.flwr.app.config]
 {CONFIG_KEY} = {_toml_string(config)}
 {OUT_KEY} = {_toml_string(str(out.resolve()))}
+{RESUME_KEY} = {"true" if resume else "false"}
 """
     (folder / "pyproject.toml").write_text(text)
     return folder
@@ -316,13 +318,15 @@ def submit(
     root_certificates: Path | None = None,
     federation_config: str | None = None,
     echo: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg`` on the SuperLink at ``superlink`` (``HOST:PORT``; TLS with
     ``root_certificates``, else insecure) and wait for it; the ServerApp writes the run folder
-    ``out`` on the SuperLink's host (Flower's files here go to ``out/flower``). The summary."""
+    ``out`` on the SuperLink's host (Flower's files here go to ``out/flower``), continuing its
+    checkpoint if ``resume``. The summary."""
     out = out.resolve()
     home = out / "flower"
-    app = write_app(cfg, home / "app", out)
+    app = write_app(cfg, home / "app", out, resume)
     write_connection(home, superlink, root_certificates)
     (home / "logs").mkdir(parents=True, exist_ok=True)
     with (home / "logs" / "run.log").open("w") as log:
@@ -343,12 +347,19 @@ def submit(
 
 
 def run_simulation(
-    cfg: RunConfig, out: Path, supernodes: int | None = None, echo: bool = True
+    cfg: RunConfig,
+    out: Path,
+    supernodes: int | None = None,
+    echo: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg`` on Flower's simulation engine with one SuperNode per client (a SuperLink in
-    simulation mode on a free local port, stopped afterwards); the summary."""
+    simulation mode on a free local port, stopped afterwards); the summary. ``resume``: continue
+    ``out`` from its checkpoint."""
     home = out.resolve() / "flower"
     with Processes(home, home / "logs") as procs:
         address = procs.superlink(free_port(), simulation=True)
         n = supernodes or cfg.clients.num_clients
-        return submit(cfg, out, address, federation_config=f"num-supernodes={n}", echo=echo)
+        return submit(
+            cfg, out, address, federation_config=f"num-supernodes={n}", echo=echo, resume=resume
+        )
