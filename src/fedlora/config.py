@@ -60,6 +60,9 @@ class ClientsConfig:
     """An explicit list (one per client, or repeated cyclically), or a distribution: ``flora``,
     ``uniform``, ``heavy-tail-light``, ``heavy-tail-strong``, ``normal`` over ``rank_set``."""
     rank_set: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    weights: list[float] | None = None
+    """Raw weight of each client (repeated cyclically, like ``ranks``), normalised over a
+    round's clients; used with ``weighting = "custom"``."""
     alpha: float | None = None
     """LoRA α for every client; None: α = 2r (FLoRA's setting)."""
     fraction: float = 1.0
@@ -185,7 +188,8 @@ class RunConfig:
     rounds: int = 2
     seed: int = 0
     weighting: str = "examples"
-    """Client weights p_k: ``examples`` (data size) or ``uniform``."""
+    """Client weights p_k: ``examples`` (data size), ``uniform``, or ``custom``
+    (``clients.weights``)."""
     export_rank: int | None = None
     """Compress FLoRA's exported adapter to this rank (None: the exact rank)."""
     save_merged: bool = False
@@ -348,7 +352,14 @@ def check(config: RunConfig) -> None:
 
     modes = [*sorted(REGISTRY), "centralized", "standalone"]
     _allowed("strategy", config.strategy, modes)
-    _allowed("weighting", config.weighting, ["examples", "uniform"])
+    _allowed("weighting", config.weighting, ["examples", "uniform", "custom"])
+    weights = config.clients.weights
+    if (config.weighting == "custom") != (weights is not None):
+        raise ConfigError(
+            'weighting = "custom" and clients.weights go together: give both or neither'
+        )
+    if weights is not None and (not weights or min(weights) <= 0):
+        raise ConfigError(f"clients.weights must be positive numbers, got {weights}")
     _allowed("data.partition", config.data.partition, ["iid", "dirichlet", "classes", "task"])
     if config.data.kind is not None:
         _allowed(

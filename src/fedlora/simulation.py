@@ -42,6 +42,7 @@ from fedlora.rounds import (
 )
 from fedlora.strategies import Strategy, get_strategy
 from fedlora.train import num_steps
+from fedlora.weighting import client_id, configured_weighting
 
 
 @dataclass
@@ -72,7 +73,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     parts, heldout, kind = federation_data(cfg)
     ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
     clients = [
-        Client(f"client-{k:04d}", k, r, cfg.clients.alpha or 2.0 * r, list(part))
+        Client(client_id(k), k, r, cfg.clients.alpha or 2.0 * r, list(part))
         for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
     ]
     shapes = adapters.target_shapes(loaded.model, cfg.model.targets)
@@ -167,7 +168,9 @@ class Runner:
             return self.run_centralized(on_round, resume)
         if self.cfg.strategy == "standalone":
             return self.run_standalone(on_round, resume)
-        strategy = get_strategy(self.cfg.strategy, weighting=self.cfg.weighting)
+        c = self.cfg.clients
+        weighting = configured_weighting(self.cfg.weighting, c.weights, c.num_clients)
+        strategy = get_strategy(self.cfg.strategy, weighting=weighting)
         return self.run_federated(strategy, on_round, resume)
 
     def run_federated(

@@ -16,6 +16,23 @@ weights per client id, normalised over the clients of the round."""
 WEIGHTING_NAMES = ("examples", "uniform")
 
 
+def client_id(index: int) -> str:
+    """The id of registered client ``index``, on every engine."""
+    return f"client-{index:04d}"
+
+
+def configured_weighting(
+    weighting: str, weights: Sequence[float] | None, num_clients: int
+) -> Weighting:
+    """The weighting a config asks for: a name, or with ``custom`` the raw weight of every
+    registered client (``weights`` repeated cyclically)."""
+    if weighting != "custom":
+        return weighting  # type: ignore[return-value]
+    if not weights:
+        raise UpdateError('weighting = "custom" needs clients.weights')
+    return {client_id(k): float(weights[k % len(weights)]) for k in range(num_clients)}
+
+
 def client_weights(
     updates: Sequence[ClientUpdate], weighting: Weighting = "examples"
 ) -> list[float]:

@@ -55,6 +55,7 @@ from fedlora.rounds import (
 )
 from fedlora.simulation import RunOutcome, check_client_ranks, federation_data
 from fedlora.strategies import get_strategy
+from fedlora.weighting import client_id, configured_weighting
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -102,7 +103,9 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     bench = Workbench(loaded.model, loaded.tokenizer, cfg, kind, heldout, progress=False)
     check_client_ranks(clients, bench.shapes)
     params = sum(p.numel() for p in loaded.model.parameters())
-    strategy = get_strategy(cfg.strategy, weighting=cfg.weighting)
+    c = cfg.clients
+    weighting = configured_weighting(cfg.weighting, c.weights, c.num_clients)
+    strategy = get_strategy(cfg.strategy, weighting=weighting)
     rounds = FederatedRounds(cfg, strategy, clients, bench.shapes, params, bench)
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     on_round = checkpointing(writer, cfg)
@@ -319,7 +322,7 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
     else:
         parts, _, kind = _federation_data(json.dumps(to_dict(cfg)))
         examples = parts[index]
-    return Client(f"client-{index:04d}", index, rank, alpha, list(examples)), kind
+    return Client(client_id(index), index, rank, alpha, list(examples)), kind
 
 
 @functools.lru_cache(maxsize=1)
