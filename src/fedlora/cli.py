@@ -32,6 +32,18 @@ def _rank_list(text: str) -> list[int]:
     return ranks
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 0,1,2, got {text!r}"
+        )
+    return values
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -159,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flower_bench.add_argument(
         "--json", type=Path, default=None, help="also write the figures to this file"
+    )
+
+    study = benches.add_parser(
+        "study",
+        help="a grid of runs from a study file (variants × strategies × seeds): tables, plot, JSON",
+    )
+    study.add_argument("file", type=Path, help="a study file, e.g. benchmarks/quality.toml")
+    study.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every run, after the study's own settings",
+    )
+    study.add_argument(
+        "--seeds", type=_int_list, default=None, help="seeds, comma-separated (default: the file's)"
+    )
+    study.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: benchmarks/results/NAME)"
+    )
+    study.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="run folders; finished runs there are reused (default: runs/study-NAME)",
     )
 
     over = benches.add_parser(
@@ -332,6 +370,20 @@ def _progress(msg: str) -> None:
     print(f"... {msg}", file=sys.stderr, flush=True)
 
 
+def _bench_study(args: argparse.Namespace) -> int:
+    from fedlora.bench.study import load_study, run_study, with_seeds, write_study
+
+    study = with_seeds(load_study(args.file), args.seeds)
+    _quiet_libraries(True)
+    workdir = args.workdir or Path("runs") / f"study-{study.name}"
+    out = args.out or Path("benchmarks") / "results" / study.name
+    result = run_study(study, workdir, args.overrides, progress=_progress)
+    paths = write_study(result, out)
+    print(paths["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({result.seconds:.0f} s)")
+    return 0
+
+
 def _report(text: str, figures: dict[str, Any], path: Path | None) -> int:
     """Print a benchmark's table and, with ``--json``, write its figures."""
     print(text)
@@ -364,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_flower(args)
         if args.command == "bench" and args.bench == "overhead":
             return _bench_overhead(args)
+        if args.command == "bench" and args.bench == "study":
+            return _bench_study(args)
         raise ConfigError(f"unknown command {args.command!r}")
     except FedloraError as exc:
         if args.debug:

@@ -1,0 +1,461 @@
+"""Benchmark studies: a grid of runs (variants × strategies × seeds) described by a study file,
+with the mean and spread over seeds, per-round curves, and which differences exceed the spread.
+
+A study file (TOML) names a base config and what varies::
+
+    name = "quality"
+    title = "FLoRA's Table 1 setting, scaled down"
+    config = "../configs/default.toml"   # relative to the study file; optional
+    set = ["rounds=2", "clients.num_clients=10"]
+    gpu_set = ["train.steps=50"]          # added when a CUDA GPU is present
+    seeds = [0, 1, 2]
+    metrics = ["accuracy", "loss"]        # the first is the headline
+    reference = "flora"                   # others are compared with it, seed by seed
+
+    [[variant]]
+    name = "heterogeneous"
+    set = ["clients.ranks=flora"]
+    strategies = ["flora", "zeropad"]
+
+Every run is ``fedlora run`` (:func:`fedlora.experiment.run_experiment`) in
+``WORKDIR/VARIANT/STRATEGY/seed-S``; a run whose folder already holds a summary of the same
+config is reused, so a stopped study continues where it stopped. The results go to
+``OUT/NAME.json`` (with the git commit, every config and library versions), ``OUT/NAME.md`` and
+``OUT/NAME.png``.
+
+"Larger than the spread": for two strategies on the same seeds (so the same partitions, ranks
+and client samples), the difference is larger than the spread when the ranges over seeds do
+not overlap, i.e. every seed of one is better than every seed of the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.bench.provenance import provenance
+from fedlora.config import (
+    RunConfig,
+    check,
+    config_from_json,
+    load_config,
+    read_toml,
+    to_dict,
+)
+from fedlora.errors import ConfigError
+from fedlora.report import HIGHER_IS_BETTER
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: list[str]
+    strategies: list[str]
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    config: Path | None
+    overrides: list[str]
+    gpu_overrides: list[str]
+    seeds: list[int]
+    metrics: list[str]
+    reference: str | None
+    variants: list[Variant]
+    notes: str = ""
+    source: Path | None = None
+
+    def run_config(
+        self, variant: Variant, strategy: str, seed: int, extra: Sequence[str] = ()
+    ) -> RunConfig:
+        """The config of one cell: base config, study and variant overrides, GPU overrides when
+        a GPU is present, ``extra`` (the command line's), then strategy and seed."""
+        sets = [*self.overrides, *variant.overrides]
+        if _has_gpu():
+            sets += self.gpu_overrides
+        sets += [*extra, f"strategy={strategy}", f"seed={seed}"]
+        return load_config(self.config, sets)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _strings(raw: dict[str, Any], key: str, where: str) -> list[str]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def load_study(path: Path) -> Study:
+    """Read and check a study file; every cell's config is built once, so a bad key fails
+    before any run starts."""
+    raw = read_toml(path)
+    where = str(path)
+    known = {"name", "title", "config", "set", "gpu_set", "seeds", "metrics", "reference",
+             "variant", "notes"}  # fmt: skip
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {sorted(known)}")
+    if not isinstance(raw.get("name"), str) or not raw["name"]:
+        raise ConfigError(f"{where}: name must be a non-empty string")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    variants = []
+    for i, v in enumerate(raw.get("variant", [])):
+        vwhere = f"{where}: variant {i + 1}"
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+            raise ConfigError(f"{vwhere}: needs a name")
+        extra = sorted(set(v) - {"name", "set", "strategies"})
+        if extra:
+            raise ConfigError(f"{vwhere}: unknown key {extra[0]!r}; expected name, set, strategies")
+        strategies = _strings(v, "strategies", vwhere)
+        if not strategies:
+            raise ConfigError(f"{vwhere}: strategies must list at least one strategy")
+        variants.append(Variant(v["name"], _strings(v, "set", vwhere), strategies))
+    if not variants:
+        raise ConfigError(f"{where}: needs at least one [[variant]]")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: variant names repeat: {names}")
+    config = raw.get("config")
+    study = Study(
+        name=raw["name"],
+        title=str(raw.get("title", raw["name"])),
+        config=(path.parent / config).resolve() if config else None,
+        overrides=_strings(raw, "set", where),
+        gpu_overrides=_strings(raw, "gpu_set", where),
+        seeds=seeds,
+        metrics=_strings(raw, "metrics", where) or ["loss"],
+        reference=raw.get("reference"),
+        variants=variants,
+        notes=str(raw.get("notes", "")),
+        source=path,
+    )
+    return study
+
+
+def with_seeds(study: Study, seeds: Sequence[int] | None) -> Study:
+    return dataclasses.replace(study, seeds=list(seeds)) if seeds else study
+
+
+@dataclass
+class Cell:
+    variant: str
+    strategy: str
+    seed: int
+    summary: dict[str, Any]
+    seconds: float
+    reused: bool
+
+    def final(self, metric: str) -> float | None:
+        points = self.summary.get("per_round", {}).get(metric, {})
+        if not points:
+            return None
+        last = max(points, key=int)
+        return float(points[last])
+
+
+@dataclass
+class StudyResult:
+    study: Study
+    cells: list[Cell] = field(default_factory=list)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_study(
+    study: Study,
+    workdir: Path,
+    extra: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
+) -> StudyResult:
+    """Run every cell of ``study`` not already done in ``workdir``; the cells' summaries."""
+    from fedlora.experiment import run_experiment
+
+    start = time.perf_counter()
+    plan = [
+        (v, s, seed, study.run_config(v, s, seed, extra))
+        for v in study.variants
+        for s in v.strategies
+        for seed in study.seeds
+    ]
+    for _, _, _, cfg in plan:
+        check(cfg)
+    result = StudyResult(study)
+    for i, (variant, strategy, seed, cfg) in enumerate(plan, 1):
+        out = workdir / variant.name / strategy / f"seed-{seed}"
+        label = f"{variant.name}/{strategy}/seed-{seed}"
+        result.configs[label] = to_dict(cfg)
+        summary = _done(out, cfg)
+        t0 = time.perf_counter()
+        if summary is None:
+            if progress:
+                progress(f"[{i}/{len(plan)}] {label}")
+            summary = run_experiment(cfg, out, progress=False)
+            reused = False
+        else:
+            reused = True
+        seconds = float(summary.get("seconds", time.perf_counter() - t0))
+        result.cells.append(Cell(variant.name, strategy, seed, summary, seconds, reused))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _done(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run of ``cfg`` in ``out``, or None."""
+    try:
+        summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+        ran = config_from_json((out / "config.json").read_text(), str(out / "config.json"))
+    except (OSError, json.JSONDecodeError, ConfigError):
+        return None
+    return summary if to_dict(ran) == to_dict(cfg) else None
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), min, max and the values."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": list(values),
+    }
+
+
+def beyond_spread(a: Sequence[float], b: Sequence[float]) -> bool:
+    """The seed ranges of ``a`` and ``b`` do not overlap."""
+    return max(a) < min(b) or max(b) < min(a)
+
+
+def statistics_of(result: StudyResult) -> dict[str, Any]:
+    """Per variant: per strategy the spread of each metric's final value (and of traffic and
+    seconds), and per metric the seed-paired difference of each strategy from the reference."""
+    study = result.study
+    out: dict[str, Any] = {}
+    for variant in study.variants:
+        cells = [c for c in result.cells if c.variant == variant.name]
+        per: dict[str, Any] = {}
+        for strategy in variant.strategies:
+            mine = sorted((c for c in cells if c.strategy == strategy), key=lambda c: c.seed)
+            stats: dict[str, Any] = {}
+            for metric in study.metrics:
+                values = [v for c in mine if (v := c.final(metric)) is not None]
+                if values:
+                    stats[metric] = spread(values)
+            comm = [c.summary.get("communication") or {} for c in mine]
+            if all(comm):
+                stats["up_mb"] = spread([x["up_bytes"] / 1e6 for x in comm])
+                stats["down_mb"] = spread([x["down_bytes"] / 1e6 for x in comm])
+                stats["ratio_to_full"] = spread([x["ratio_to_full"] for x in comm])
+            stats["seconds"] = spread([c.seconds for c in mine])
+            stats["curves"] = _mean_curves(mine, study.metrics)
+            per[strategy] = stats
+        out[variant.name] = {"strategies": per, "differences": _differences(study, variant, per)}
+    return out
+
+
+def _mean_curves(
+    cells: Sequence[Cell], metrics: Sequence[str]
+) -> dict[str, dict[int, dict[str, float]]]:
+    curves: dict[str, dict[int, dict[str, float]]] = {}
+    for metric in metrics:
+        by_round: dict[int, list[float]] = {}
+        for c in cells:
+            for r, v in c.summary.get("per_round", {}).get(metric, {}).items():
+                by_round.setdefault(int(r), []).append(float(v))
+        if by_round:
+            curves[metric] = {
+                r: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
+                for r, v in sorted(by_round.items())
+            }
+    return curves
+
+
+def _differences(study: Study, variant: Variant, per: dict[str, Any]) -> dict[str, Any]:
+    ref = study.reference
+    if ref is None or ref not in per:
+        return {}
+    out: dict[str, Any] = {}
+    for metric in study.metrics:
+        if metric not in per[ref]:
+            continue
+        higher = HIGHER_IS_BETTER.get(metric, True)
+        base = per[ref][metric]["values"]
+        rows = {}
+        for strategy, stats in per.items():
+            if strategy == ref or metric not in stats or stats[metric]["n"] != len(base):
+                continue
+            values = stats[metric]["values"]
+            diffs = [v - b for v, b in zip(values, base, strict=True)]
+            mean = statistics.fmean(diffs)
+            rows[strategy] = {
+                "mean": mean,
+                "min": min(diffs),
+                "max": max(diffs),
+                "beyond_spread": beyond_spread(values, base),
+                "better": (mean > 0) == higher and mean != 0,
+            }
+        out[metric] = rows
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _pm(stats: dict[str, Any] | None, digits: int = 4) -> str:
+    if not stats:
+        return ""
+    if stats["n"] == 1:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
+    study = result.study
+    lines = [f"# {study.title}", ""]
+    if study.notes:
+        lines += [study.notes.strip(), ""]
+    lines += [
+        f"Seeds {', '.join(map(str, study.seeds))}; each cell is mean ± sample standard "
+        "deviation over the seeds of the final round's held-out value. Communication is per "
+        "client per round.",
+        "",
+    ]
+    for variant in study.variants:
+        per = stats[variant.name]["strategies"]
+        heads = [f"final {m}" for m in study.metrics]
+        lines += [
+            f"## {variant.name}",
+            "",
+            f"Settings: `{' '.join(variant.overrides) or '(base)'}`",
+            "",
+            "| strategy | "
+            + " | ".join(heads)
+            + " | up MB | down MB | ratio to full FT | s / run |",
+            "|---" * (len(heads) + 5) + "|",
+        ]
+        for strategy, s in per.items():
+            cells = [_pm(s.get(m)) for m in study.metrics]
+            lines.append(
+                f"| {strategy} | "
+                + " | ".join(cells)
+                + f" | {_pm(s.get('up_mb'), 3)} | {_pm(s.get('down_mb'), 3)} | "
+                + f"{_pm(s.get('ratio_to_full'), 5)} | {s['seconds']['mean']:.0f} |"
+            )
+        diffs = stats[variant.name]["differences"]
+        if diffs:
+            lines += [
+                "",
+                f"Difference from {study.reference}, seed by seed (mean [min, max]); **bold**: "
+                "larger than the spread (the seed ranges do not overlap):",
+                "",
+                "| strategy | " + " | ".join(diffs) + " |",
+                "|---" * (len(diffs) + 1) + "|",
+            ]
+            names = sorted({n for rows in diffs.values() for n in rows}, key=list(per).index)
+            for name in names:
+                cells = []
+                for metric in diffs:
+                    d = diffs[metric].get(name)
+                    if d is None:
+                        cells.append("")
+                        continue
+                    text = f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}]"
+                    cells.append(f"**{text}**" if d["beyond_spread"] else text)
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"![per-round curves]({png})", ""]
+    return "\n".join(lines)
+
+
+def plot_study(result: StudyResult, stats: dict[str, Any], path: Path) -> Path:
+    """One panel per variant: the headline metric per round, mean over seeds, min–max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    study = result.study
+    metric = study.metrics[0]
+    n = len(study.variants)
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.2), dpi=100, squeeze=False)
+    for ax, variant in zip(axes[0], study.variants, strict=True):
+        for strategy, s in stats[variant.name]["strategies"].items():
+            curve = s["curves"].get(metric)
+            if not curve:
+                continue
+            xs = sorted(curve)
+            ax.plot(xs, [curve[x]["mean"] for x in xs], marker="o", label=strategy)
+            ax.fill_between(
+                xs, [curve[x]["min"] for x in xs], [curve[x]["max"] for x in xs], alpha=0.15
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(variant.name)
+        ax.set_xlabel("round (0 = base model)")
+        ax.set_ylabel(f"held-out {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study.title}: mean over seeds {study.seeds}, band = min–max")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
+    """``OUT/NAME.json``, ``.md`` and ``.png``; their paths."""
+    study = result.study
+    out.mkdir(parents=True, exist_ok=True)
+    stats = statistics_of(result)
+    paths = {k: out / f"{study.name}.{k}" for k in ("json", "md", "png")}
+    payload = {
+        "study": study.name,
+        "title": study.title,
+        "study_file": str(study.source) if study.source else None,
+        "seeds": study.seeds,
+        "metrics": study.metrics,
+        "reference": study.reference,
+        "provenance": provenance(),
+        "seconds": result.seconds,
+        "gpu": _has_gpu(),
+        "variants": {
+            v.name: {"set": v.overrides, "strategies": v.strategies, **stats[v.name]}
+            for v in study.variants
+        },
+        "cells": [
+            {
+                "variant": c.variant,
+                "strategy": c.strategy,
+                "seed": c.seed,
+                "final": {m: c.final(m) for m in study.metrics},
+                "seconds": c.seconds,
+                "reused": c.reused,
+                "per_round": c.summary.get("per_round", {}),
+                "communication": c.summary.get("communication", {}),
+            }
+            for c in result.cells
+        ],
+        "configs": result.configs,
+    }
+    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    plot_study(result, stats, paths["png"])
+    paths["md"].write_text(study_markdown(result, stats, paths["png"].name))
+    return paths

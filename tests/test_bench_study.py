@@ -1,0 +1,140 @@
+"""Benchmark studies: a grid of runs from a study file, statistics over seeds, reuse of finished
+runs, and the results written as JSON, markdown and PNG."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from fedlora.bench.study import beyond_spread, load_study, spread
+from fedlora.cli import main
+from fedlora.errors import ConfigError
+
+TINY = (Path(__file__).parent.parent / "configs" / "tiny.toml").resolve()
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def study_file(tmp_path: Path, body: str = "") -> Path:
+    path = tmp_path / "mini.toml"
+    path.write_text(
+        f"""name = "mini"
+title = "A tiny study"
+config = "{TINY}"
+set = ["rounds=1", "train.steps=2"]
+gpu_set = ["train.steps=50"]
+seeds = [0, 1]
+metrics = ["loss", "perplexity"]
+reference = "flora"
+{body}
+[[variant]]
+name = "het"
+set = ["clients.ranks=[8,4,2]"]
+strategies = ["flora", "zeropad"]
+
+[[variant]]
+name = "hom"
+set = ["clients.ranks=[4]"]
+strategies = ["flora", "fedit"]
+"""
+    )
+    return path
+
+
+def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = study_file(tmp_path)
+    out, work = tmp_path / "results", tmp_path / "runs"
+    argv = ["bench", "study", str(path), "--out", str(out), "--workdir", str(work)]
+    assert main(argv) == 0
+    payload = json.loads((out / "mini.json").read_text())
+    assert payload["seeds"] == [0, 1] and payload["gpu"] is False
+    prov = payload["provenance"]
+    assert prov["versions"]["torch"] and prov["versions"]["fedlora"]
+    assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
+    assert len(payload["cells"]) == 8 and not any(c["reused"] for c in payload["cells"])
+    for variant, strategies in (("het", ["flora", "zeropad"]), ("hom", ["flora", "fedit"])):
+        for strategy in strategies:
+            finals = []
+            for seed in (0, 1):
+                run = work / variant / strategy / f"seed-{seed}"
+                summary = json.loads((run / "summary.json").read_text())
+                assert summary["strategy"] == strategy and summary["rounds"] == 1
+                config = json.loads((run / "config.json").read_text())
+                assert config["seed"] == seed and config["train"]["steps"] == 2  # no GPU here
+                finals.append(summary["final"])
+            stats = payload["variants"][variant]["strategies"][strategy]["loss"]
+            assert stats["values"] == finals
+            assert stats["mean"] == pytest.approx(statistics.fmean(finals))
+            assert stats["std"] == pytest.approx(statistics.stdev(finals))
+        diff = payload["variants"][variant]["differences"]["loss"][strategies[1]]
+        flora = payload["variants"][variant]["strategies"]["flora"]["loss"]["values"]
+        other = payload["variants"][variant]["strategies"][strategies[1]]["loss"]["values"]
+        assert diff["mean"] == pytest.approx(
+            statistics.fmean(o - f for o, f in zip(other, flora, strict=True))
+        )
+        assert diff["beyond_spread"] == beyond_spread(other, flora)
+    table = (out / "mini.md").read_text()
+    assert "## het" in table and "| zeropad |" in table and "Difference from flora" in table
+    assert (out / "mini.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+
+    assert main([*argv, "--seeds", "1"]) == 0  # finished runs are reused, not rerun
+    again = json.loads((out / "mini.json").read_text())
+    assert [c["seed"] for c in again["cells"]] == [1, 1, 1, 1]
+    assert all(c["reused"] for c in again["cells"])
+
+
+def test_spread_and_overlap() -> None:
+    s = spread([1.0, 2.0, 4.0])
+    assert s["mean"] == pytest.approx(7 / 3) and s["std"] == pytest.approx(
+        statistics.stdev([1, 2, 4])
+    )
+    assert (s["min"], s["max"], s["n"]) == (1.0, 4.0, 3)
+    assert spread([2.0])["std"] == 0.0
+    assert beyond_spread([1.0, 2.0], [2.5, 3.0]) and not beyond_spread([1.0, 2.6], [2.5, 3.0])
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ('colour = "red"\n', "unknown key 'colour'"),
+        ("", "seeds must be"),
+    ],
+)
+def test_bad_study_files_name_the_file_and_key(tmp_path: Path, body: str, message: str) -> None:
+    path = study_file(tmp_path, body)
+    if message == "seeds must be":
+        path.write_text(path.read_text().replace("seeds = [0, 1]", "seeds = []"))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_study(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_bad_config_key_in_a_study_fails_before_any_run(tmp_path: Path) -> None:
+    path = study_file(tmp_path)
+    path.write_text(path.read_text().replace('"train.steps=2"', '"train.stepz=2"'))
+    argv = [
+        "bench",
+        "study",
+        str(path),
+        "--out",
+        str(tmp_path / "o"),
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
+    assert main(argv) == 2
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCHMARKS.glob("*.toml")))
+def test_the_shipped_study_files_load_and_build_every_config(name: str) -> None:
+    study = load_study(BENCHMARKS / name)
+    assert len(study.seeds) >= 1
+    for variant in study.variants:
+        for strategy in variant.strategies:
+            cfg = study.run_config(variant, strategy, study.seeds[0])
+            assert cfg.strategy == strategy
