@@ -124,6 +124,12 @@ class EvalConfig:
     max_new_tokens: int = 32
     every: int = 1
     """Evaluate every this many rounds (the last round always)."""
+    benchmark: str | None = None
+    """Also score the global model on a builtin source or data file other than ``data.source``
+    (e.g. ``mmlu``, as FLoRA scores instruction tuning); its metrics are prefixed
+    ``NAME_`` (``mmlu_accuracy``)."""
+    benchmark_examples: int = 200
+    """How many examples of ``benchmark``: one fixed sample (seed 0) for every run and seed."""
 
 
 @dataclass
@@ -378,6 +384,15 @@ def check(config: RunConfig) -> None:
     ]:
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
+    if config.eval.benchmark is not None and config.eval.benchmark == config.data.source:
+        raise ConfigError(
+            f"eval.benchmark is {config.eval.benchmark!r}, the training source itself; "
+            "data.heldout already scores held-out examples of it"
+        )
+    if config.eval.benchmark_examples < 1:
+        raise ConfigError(
+            f"eval.benchmark_examples must be >= 1, got {config.eval.benchmark_examples}"
+        )
     if not 0 < config.clients.fraction <= 1:
         raise ConfigError(f"clients.fraction must be in (0, 1], got {config.clients.fraction}")
     if config.train.lr <= 0:

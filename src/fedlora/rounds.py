@@ -171,6 +171,15 @@ def derive_seed(*parts: int) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """A second evaluation set (``eval.benchmark``): its metric prefix, examples and kind."""
+
+    name: str
+    examples: list[Example]
+    kind: str
+
+
 class Workbench:
     """The model a party works on: a client trains plans on it, the server merges into it and
     evaluates it. ``heldout`` is empty on a client that only trains."""
@@ -183,27 +192,42 @@ class Workbench:
         kind: str,
         heldout: Sequence[Example] = (),
         progress: bool = True,
+        benchmark: Benchmark | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.kind = kind
         self.heldout = list(heldout)
+        self.benchmark = benchmark
         self.progress = progress
         self.pad_id = int(tokenizer.pad_token_id)
         self.shapes = adapters.target_shapes(model, cfg.model.targets)
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(
+        """Held-out metrics, then the benchmark's with its name as prefix."""
+        e = self.cfg.eval
+        metrics = evaluate(
             self.model,
             self.tokenizer,
             self.heldout,
             self.kind,  # type: ignore[arg-type]
-            batch_size=self.cfg.eval.batch_size,
+            batch_size=e.batch_size,
             max_length=self.cfg.model.max_length,
-            rouge_samples=self.cfg.eval.rouge_samples,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
+            rouge_samples=e.rouge_samples,
+            max_new_tokens=e.max_new_tokens,
         )
+        if self.benchmark is not None:
+            scores = evaluate(
+                self.model,
+                self.tokenizer,
+                self.benchmark.examples,
+                self.benchmark.kind,  # type: ignore[arg-type]
+                batch_size=e.batch_size,
+                max_length=self.cfg.model.max_length,
+            )
+            metrics.update({f"{self.benchmark.name}_{k}": v for k, v in scores.items()})
+        return metrics
 
     def evaluate_with(self, factors: dict[str, LoRAFactors] | None) -> dict[str, float]:
         """Evaluate the base model with ``factors`` attached (scaling 1), or the bare base."""

@@ -28,6 +28,7 @@ from fedlora.lora import LoRAFactors
 from fedlora.models import LoadedModel, load_model
 from fedlora.ranks import client_ranks
 from fedlora.rounds import (
+    Benchmark,
     Client,
     ClientInfo,
     Failure,
@@ -104,6 +105,16 @@ def federation_data(cfg: RunConfig) -> tuple[list[list[Example]], list[Example],
     return [list(p) for p in parts], heldout, kind
 
 
+def benchmark_of(cfg: RunConfig) -> Benchmark | None:
+    """The ``eval.benchmark`` examples: one fixed sample (seed 0), whatever the run's seed."""
+    source = cfg.eval.benchmark
+    if source is None:
+        return None
+    examples, kind = load_examples(source, limit=cfg.eval.benchmark_examples, seed=0)
+    name = Path(source).stem.replace("-", "_") if "." in source else source.replace("-", "_")
+    return Benchmark(name, examples, kind)
+
+
 def check_client_ranks(clients: Sequence[ClientInfo], shapes: dict[str, tuple[int, int]]) -> None:
     """Every client's rank fits every target module, or a ConfigError naming both."""
     for c in clients:
@@ -136,7 +147,13 @@ class Runner:
         self.workdir = workdir
         self.progress = progress
         self.bench = Workbench(
-            fed.loaded.model, fed.loaded.tokenizer, fed.cfg, fed.kind, fed.heldout, progress
+            fed.loaded.model,
+            fed.loaded.tokenizer,
+            fed.cfg,
+            fed.kind,
+            fed.heldout,
+            progress,
+            benchmark_of(fed.cfg),
         )
 
     @property

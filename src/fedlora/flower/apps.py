@@ -53,7 +53,7 @@ from fedlora.rounds import (
     Task,
     Workbench,
 )
-from fedlora.simulation import RunOutcome, check_client_ranks, federation_data
+from fedlora.simulation import RunOutcome, benchmark_of, check_client_ranks, federation_data
 from fedlora.strategies import get_strategy
 from fedlora.weighting import client_id, configured_weighting
 
@@ -100,7 +100,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
     _, heldout, kind = _federation_data(json.dumps(to_dict(cfg)))
-    bench = Workbench(loaded.model, loaded.tokenizer, cfg, kind, heldout, progress=False)
+    bench = Workbench(loaded.model, loaded.tokenizer, cfg, kind, heldout, False, benchmark_of(cfg))
     check_client_ranks(clients, bench.shapes)
     params = sum(p.numel() for p in loaded.model.parameters())
     c = cfg.clients
