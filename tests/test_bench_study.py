@@ -12,6 +12,7 @@ import pytest
 from fedlora.bench.study import beyond_spread, load_study, spread
 from fedlora.cli import main
 from fedlora.errors import ConfigError
+from fedlora.report import higher_is_better
 
 TINY = (Path(__file__).parent.parent / "configs" / "tiny.toml").resolve()
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -28,6 +29,7 @@ gpu_set = ["train.steps=50"]
 seeds = [0, 1]
 metrics = ["loss", "perplexity"]
 reference = "flora"
+reference_variant = "het"
 {body}
 [[variant]]
 name = "het"
@@ -77,6 +79,12 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
             statistics.fmean(o - f for o, f in zip(other, flora, strict=True))
         )
         assert diff["beyond_spread"] == beyond_spread(other, flora)
+    across = payload["variants"]["hom"]["differences_from_variant"]["loss"]
+    het = payload["variants"]["het"]["strategies"]["flora"]["loss"]["values"]
+    hom = payload["variants"]["hom"]["strategies"]["flora"]["loss"]["values"]
+    assert list(across) == ["flora"]  # fedit and zeropad are not in both variants
+    assert across["flora"]["mean"] == pytest.approx(statistics.fmean(hom) - statistics.fmean(het))
+    assert "differences_from_variant" not in payload["variants"]["het"]
     table = (out / "mini.md").read_text()
     assert "## het" in table and "| zeropad |" in table and "Difference from flora" in table
     assert (out / "mini.png").read_bytes()[:4] == b"\x89PNG"
@@ -86,6 +94,11 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
     again = json.loads((out / "mini.json").read_text())
     assert [c["seed"] for c in again["cells"]] == [1, 1, 1, 1]
     assert all(c["reused"] for c in again["cells"])
+
+
+def test_a_benchmarks_loss_is_lower_is_better() -> None:
+    assert not higher_is_better("mmlu_loss") and higher_is_better("mmlu_accuracy")
+    assert higher_is_better("rougeL") and not higher_is_better("perplexity")
 
 
 def test_spread_and_overlap() -> None:

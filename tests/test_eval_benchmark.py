@@ -23,7 +23,9 @@ def test_benchmark_metrics_are_reported_with_their_prefix_every_evaluation(tmp_p
     for row in rows:
         assert 0.0 <= row["eval_mmlu_accuracy"] <= 1.0
         assert row["eval_mmlu_loss"] > 0 and "eval_loss" in row
-        assert row["eval_mmlu_accuracy"] * 12 == pytest.approx(round(row["eval_mmlu_accuracy"] * 12))
+        assert row["eval_mmlu_accuracy"] * 12 == pytest.approx(
+            round(row["eval_mmlu_accuracy"] * 12)
+        )
 
 
 def test_the_benchmark_sample_is_the_same_for_every_seed() -> None:

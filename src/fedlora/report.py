@@ -12,6 +12,11 @@ from typing import Any
 HIGHER_IS_BETTER = {"accuracy": True, "rougeL": True, "loss": False, "perplexity": False}
 
 
+def higher_is_better(metric: str) -> bool:
+    """Whether larger values of ``metric`` are better; a benchmark's ``NAME_loss`` is a loss."""
+    return HIGHER_IS_BETTER.get(metric.rsplit("_", 1)[-1], True)
+
+
 def headline_metric(kind: str, rouge: bool) -> str:
     """The metric a run is judged by: accuracy for scored choices, else Rouge-L or loss."""
     if kind in ("classification", "multiple-choice"):
@@ -67,7 +72,7 @@ def summarize(
     """``{"metric", "base", "final", "rounds", ...}`` from the per-round rows."""
     points = curve(rows, metric)
     base, final = points[0][1], points[-1][1]
-    higher = HIGHER_IS_BETTER.get(metric, True)
+    higher = higher_is_better(metric)
     traffic = [t for r in rows for t in r.get("traffic", [])]
     ranked = [r for r in rows if "rank_sum_before" in r]
     if ranked:  # the last round's sums of local ranks (AdaLoRA clients, HetLoRA pruning)

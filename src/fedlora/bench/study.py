@@ -11,6 +11,7 @@ A study file (TOML) names a base config and what varies::
     seeds = [0, 1, 2]
     metrics = ["accuracy", "loss"]        # the first is the headline
     reference = "flora"                   # others are compared with it, seed by seed
+    reference_variant = "het"             # or: each variant's strategies against this one's
 
     [[variant]]
     name = "heterogeneous"
@@ -49,7 +50,7 @@ from fedlora.config import (
     to_dict,
 )
 from fedlora.errors import ConfigError
-from fedlora.report import HIGHER_IS_BETTER
+from fedlora.report import higher_is_better
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Study:
     metrics: list[str]
     reference: str | None
     variants: list[Variant]
+    reference_variant: str | None = None
     notes: str = ""
     source: Path | None = None
 
@@ -104,7 +106,7 @@ def load_study(path: Path) -> Study:
     raw = read_toml(path)
     where = str(path)
     known = {"name", "title", "config", "set", "gpu_set", "seeds", "metrics", "reference",
-             "variant", "notes"}  # fmt: skip
+             "reference_variant", "variant", "notes"}  # fmt: skip
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {sorted(known)}")
@@ -130,6 +132,10 @@ def load_study(path: Path) -> Study:
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: variant names repeat: {names}")
+    if raw.get("reference_variant") not in (None, *names):
+        raise ConfigError(
+            f"{where}: reference_variant {raw['reference_variant']!r} is not a variant ({names})"
+        )
     config = raw.get("config")
     study = Study(
         name=raw["name"],
@@ -140,6 +146,7 @@ def load_study(path: Path) -> Study:
         seeds=seeds,
         metrics=_strings(raw, "metrics", where) or ["loss"],
         reference=raw.get("reference"),
+        reference_variant=raw.get("reference_variant"),
         variants=variants,
         notes=str(raw.get("notes", "")),
         source=path,
@@ -267,7 +274,23 @@ def statistics_of(result: StudyResult) -> dict[str, Any]:
             stats["seconds"] = spread([c.seconds for c in mine])
             stats["curves"] = _mean_curves(mine, study.metrics)
             per[strategy] = stats
-        out[variant.name] = {"strategies": per, "differences": _differences(study, variant, per)}
+        out[variant.name] = {"strategies": per}
+    for variant in study.variants:
+        per = out[variant.name]["strategies"]
+        ref = study.reference
+        if ref in per:
+            out[variant.name]["differences"] = _differences(
+                study.metrics, {s: x for s, x in per.items() if s != ref}, per[ref]
+            )
+        rv = study.reference_variant
+        if rv is not None and rv != variant.name:
+            base = out[rv]["strategies"]
+            across: dict[str, dict[str, Any]] = {}
+            for s in per:
+                if s in base:
+                    for metric, rows in _differences(study.metrics, {s: per[s]}, base[s]).items():
+                        across.setdefault(metric, {}).update(rows)
+            out[variant.name]["differences_from_variant"] = across
     return out
 
 
@@ -288,19 +311,19 @@ def _mean_curves(
     return curves
 
 
-def _differences(study: Study, variant: Variant, per: dict[str, Any]) -> dict[str, Any]:
-    ref = study.reference
-    if ref is None or ref not in per:
-        return {}
+def _differences(
+    metrics: Sequence[str], others: dict[str, Any], reference: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Per metric, per name in ``others``: its seed-paired difference from ``reference``."""
     out: dict[str, Any] = {}
-    for metric in study.metrics:
-        if metric not in per[ref]:
+    for metric in metrics:
+        if metric not in reference:
             continue
-        higher = HIGHER_IS_BETTER.get(metric, True)
-        base = per[ref][metric]["values"]
+        higher = higher_is_better(metric)
+        base = reference[metric]["values"]
         rows = {}
-        for strategy, stats in per.items():
-            if strategy == ref or metric not in stats or stats[metric]["n"] != len(base):
+        for strategy, stats in others.items():
+            if metric not in stats or stats[metric]["n"] != len(base):
                 continue
             values = stats[metric]["values"]
             diffs = [v - b for v, b in zip(values, base, strict=True)]
@@ -359,30 +382,37 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
                 + f" | {_pm(s.get('up_mb'), 3)} | {_pm(s.get('down_mb'), 3)} | "
                 + f"{_pm(s.get('ratio_to_full'), 5)} | {s['seconds']['mean']:.0f} |"
             )
-        diffs = stats[variant.name]["differences"]
-        if diffs:
-            lines += [
-                "",
-                f"Difference from {study.reference}, seed by seed (mean [min, max]); **bold**: "
-                "larger than the spread (the seed ranges do not overlap):",
-                "",
-                "| strategy | " + " | ".join(diffs) + " |",
-                "|---" * (len(diffs) + 1) + "|",
-            ]
-            names = sorted({n for rows in diffs.values() for n in rows}, key=list(per).index)
-            for name in names:
-                cells = []
-                for metric in diffs:
-                    d = diffs[metric].get(name)
-                    if d is None:
-                        cells.append("")
-                        continue
-                    text = f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}]"
-                    cells.append(f"**{text}**" if d["beyond_spread"] else text)
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for key, what in (
+            ("differences", f"{study.reference} in this variant"),
+            ("differences_from_variant", f"the same strategy in variant {study.reference_variant}"),
+        ):
+            diffs = stats[variant.name].get(key)
+            if diffs:
+                lines += ["", *_difference_table(diffs, what, list(per))]
         lines.append("")
     lines += [f"![per-round curves]({png})", ""]
     return "\n".join(lines)
+
+
+def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[str]) -> list[str]:
+    lines = [
+        f"Difference from {what}, seed by seed (mean [min, max]); **bold**: larger than the "
+        "spread (the seed ranges do not overlap):",
+        "",
+        "| strategy | " + " | ".join(diffs) + " |",
+        "|---" * (len(diffs) + 1) + "|",
+    ]
+    for name in sorted({n for rows in diffs.values() for n in rows}, key=order.index):
+        cells = []
+        for metric in diffs:
+            d = diffs[metric].get(name)
+            if d is None:
+                cells.append("")
+                continue
+            text = f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}]"
+            cells.append(f"**{text}**" if d["beyond_spread"] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_study(result: StudyResult, stats: dict[str, Any], path: Path) -> Path:
@@ -433,6 +463,7 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
         "seeds": study.seeds,
         "metrics": study.metrics,
         "reference": study.reference,
+        "reference_variant": study.reference_variant,
         "provenance": provenance(),
         "seconds": result.seconds,
         "gpu": _has_gpu(),
