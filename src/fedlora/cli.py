@@ -199,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folders; finished runs there are reused (default: runs/study-NAME)",
     )
 
+    comm = benches.add_parser(
+        "comm",
+        help="parameters sent per round per strategy vs full fine-tuning (Llama-7B and a model)",
+    )
+    comm.add_argument("--model", default="smollm2-135m", help="the second model's shapes")
+    comm.add_argument("--rounds", type=_positive_int, default=3, help="rounds (default: 3)")
+    comm.add_argument(
+        "--check",
+        type=Path,
+        default=Path("benchmarks/results/quality/quality.json"),
+        help="a study's JSON whose runs' recorded traffic is checked against the computation",
+    )
+    comm.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/comm"), help="results folder"
+    )
+
     over = benches.add_parser(
         "overhead", help="seconds per local step: fedlora's client code vs a bare torch+peft loop"
     )
@@ -384,6 +400,19 @@ def _bench_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_comm(args: argparse.Namespace) -> int:
+    from fedlora.bench.comm import run_comm_study
+
+    _quiet_libraries(True)
+    result = run_comm_study(args.out, args.model, args.rounds, args.check)
+    print((args.out / "comm.md").read_text())
+    bad = [c["run"] for c in result.get("checked_runs", []) if not c["match"]]
+    if bad:
+        raise FedloraError(f"recorded traffic differs from the computation in runs {bad}")
+    print(f"wrote {args.out}/comm.json, comm.md, comm.png")
+    return 0
+
+
 def _report(text: str, figures: dict[str, Any], path: Path | None) -> int:
     """Print a benchmark's table and, with ``--json``, write its figures."""
     print(text)
@@ -418,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_overhead(args)
         if args.command == "bench" and args.bench == "study":
             return _bench_study(args)
+        if args.command == "bench" and args.bench == "comm":
+            return _bench_comm(args)
         raise ConfigError(f"unknown command {args.command!r}")
     except FedloraError as exc:
         if args.debug:
