@@ -215,6 +215,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("benchmarks/results/comm"), help="results folder"
     )
 
+    scale = benches.add_parser(
+        "scale", help="peak memory and seconds per round with 10 vs 1,000 registered clients"
+    )
+    scale.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        default=Path("configs/default.toml"),
+        help="a TOML config (default: configs/default.toml)",
+    )
+    scale.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=["rounds=3", "train.steps=2", "data.heldout=32"],
+        metavar="KEY=VALUE",
+        help="override a config key (default: rounds=3, train.steps=2, data.heldout=32)",
+    )
+    scale.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    scale.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/scale"), help="results folder"
+    )
+    scale.add_argument(
+        "--workdir", type=Path, default=None, help="run folders (default: runs/bench-scale-TIME)"
+    )
+
     over = benches.add_parser(
         "overhead", help="seconds per local step: fedlora's client code vs a bare torch+peft loop"
     )
@@ -400,6 +426,17 @@ def _bench_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from fedlora.bench.scale import format_scale, run_scale_bench, write_scale
+    from fedlora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_scale_bench(cfg, args.workdir or _timestamped("bench-scale"))
+    paths = write_scale(result, args.out)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return _report(format_scale(result), result, args.json)
+
+
 def _bench_comm(args: argparse.Namespace) -> int:
     from fedlora.bench.comm import run_comm_study
 
@@ -449,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_study(args)
         if args.command == "bench" and args.bench == "comm":
             return _bench_comm(args)
+        if args.command == "bench" and args.bench == "scale":
+            return _bench_scale(args)
         raise ConfigError(f"unknown command {args.command!r}")
     except FedloraError as exc:
         if args.debug:

@@ -1,0 +1,38 @@
+"""Study 5: ``fedlora bench scale`` measures both sides in their own processes and writes the
+figures the issue names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.bench.scale import scaled
+from fedlora.cli import main
+from fedlora.config import load_config
+
+TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
+
+
+def test_scaled_config_samples_ten_of_the_registered() -> None:
+    cfg = scaled(load_config(TINY), 1000)
+    assert cfg.clients.num_clients == 1000 and cfg.clients.fraction == pytest.approx(0.01)
+
+
+def test_bench_scale_writes_the_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "figures.json"
+    argv = ["bench", "scale", str(TINY), "--set", "rounds=2", "--set", "data.limit=1100"]
+    argv += ["--json", str(out), "--out", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")]
+    assert main(argv) == 0
+    figures = json.loads(out.read_text())
+    for key in ("rss_10", "rss_1000", "rss_ratio", "s_per_round_10", "s_per_round_1000"):
+        assert figures[key] > 0, key
+    assert figures["rss_ratio"] == pytest.approx(figures["rss_1000"] / figures["rss_10"])
+    assert figures["rss_10"] > 100  # the whole process: torch and the model are in it
+    rows = (tmp_path / "w" / "clients-1000" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [len(json.loads(r)["clients"]) for r in rows[1:]] == [10, 10]
+    config = json.loads((tmp_path / "w" / "clients-1000" / "run" / "config.json").read_text())
+    assert config["clients"]["num_clients"] == 1000
+    assert (tmp_path / "res" / "scale.png").read_bytes()[:4] == b"\x89PNG"
+    assert "rss_ratio" in capsys.readouterr().out
