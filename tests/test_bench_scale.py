@@ -22,7 +22,7 @@ def test_scaled_config_samples_ten_of_the_registered() -> None:
 
 def test_bench_scale_writes_the_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "figures.json"
-    argv = ["bench", "scale", str(TINY), "--set", "rounds=2", "--set", "data.limit=1100"]
+    argv = ["bench", "scale", str(TINY), "--set", "rounds=2", "--set", "data.limit=5000"]
     argv += ["--json", str(out), "--out", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")]
     assert main(argv) == 0
     figures = json.loads(out.read_text())
@@ -36,3 +36,12 @@ def test_bench_scale_writes_the_figures(tmp_path: Path, capsys: pytest.CaptureFi
     assert config["clients"]["num_clients"] == 1000
     assert (tmp_path / "res" / "scale.png").read_bytes()[:4] == b"\x89PNG"
     assert "rss_ratio" in capsys.readouterr().out
+
+
+def test_too_little_data_for_full_batches_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "scale", str(TINY), "--set", "rounds=1", "--set", "data.limit=1100"]
+    argv += ["--out", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")]
+    assert main(argv) != 0
+    assert "fewer than a batch of 4" in capsys.readouterr().err

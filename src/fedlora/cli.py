@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         dest="overrides",
         action="append",
-        default=["rounds=3", "train.steps=2", "data.heldout=32"],
+        default=None,
         metavar="KEY=VALUE",
-        help="override a config key (default: rounds=3, train.steps=2, data.heldout=32)",
+        help="override a config key, after the defaults rounds=3, train.steps=2, "
+        "data.source=mmlu, data.heldout=32, model.max_length=64",
     )
     scale.add_argument("--json", type=Path, default=None, help="also write the figures here")
     scale.add_argument(
@@ -427,10 +428,10 @@ def _bench_study(args: argparse.Namespace) -> int:
 
 
 def _bench_scale(args: argparse.Namespace) -> int:
-    from fedlora.bench.scale import format_scale, run_scale_bench, write_scale
+    from fedlora.bench.scale import DEFAULT_SET, format_scale, run_scale_bench, write_scale
     from fedlora.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*DEFAULT_SET, *(args.overrides or [])])
     result = run_scale_bench(cfg, args.workdir or _timestamped("bench-scale"))
     paths = write_scale(result, args.out)
     print(f"wrote {', '.join(str(p) for p in paths)}")

@@ -25,6 +25,17 @@ from fedlora.errors import FedloraError
 SAMPLED = 10
 
 
+DEFAULT_SET = [
+    "rounds=3",
+    "train.steps=2",
+    "data.source=mmlu",
+    "data.heldout=32",
+    "model.max_length=64",
+]
+"""The defaults of ``fedlora bench scale``: MMLU has enough questions to give each of 1,000
+clients full batches, so both sides do the same work per step."""
+
+
 def scaled(cfg: RunConfig, registered: int) -> RunConfig:
     """``cfg`` with ``registered`` clients of which ``SAMPLED`` take part in each round."""
     import dataclasses
@@ -58,6 +69,13 @@ def run_scale_bench(cfg: RunConfig, workdir: Path) -> dict[str, Any]:
     """Both sides, 10 then 1,000 registered clients; the figures the issue names, and more."""
     small = measure(scaled(cfg, 10), workdir / "clients-10")
     large = measure(scaled(cfg, 1000), workdir / "clients-1000")
+    batch = cfg.train.batch_size * cfg.train.grad_accum
+    if large["min_examples"] < batch:
+        raise FedloraError(
+            f"with 1,000 clients some hold only {large['min_examples']} examples, fewer than a "
+            f"batch of {batch}: the two sides would not do the same work per step; use a larger "
+            "data source (the default is mmlu) or a smaller train.batch_size"
+        )
     return {
         "rss_10": small["rss_mb"],
         "rss_1000": large["rss_mb"],
@@ -127,7 +145,13 @@ def _worker(config_path: str, out: str) -> None:
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     seconds = [float(r["seconds"]) for r in rows if r["round"] > 0]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"rss_mb": rss_mb, "s_per_round": statistics.median(seconds)}))
+    clients = json.loads((Path(out) / "summary.json").read_text())["clients"]
+    figures = {
+        "rss_mb": rss_mb,
+        "s_per_round": statistics.median(seconds),
+        "min_examples": min(c["examples"] for c in clients),
+    }
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
