@@ -67,7 +67,7 @@ def test_the_study_writes_its_tables_and_checks_recorded_runs(tmp_path: Path) ->
     }  # fmt: skip
     path = tmp_path / "study.json"
     path.write_text(json.dumps(study))
-    result = run_comm_study(tmp_path / "out", model="tiny-llama", checked_against=path)
+    result = run_comm_study(tmp_path / "out", model="tiny-llama", checked_against=[path])
     assert [c["match"] for c in result["checked_runs"]] == [True]
     table = (tmp_path / "out" / "comm.md").read_text()
     assert "## Llama-7B" in table and "| homogeneous | fedit |" in table

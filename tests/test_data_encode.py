@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedlora.data import Encoded, Example, collate, encode, encode_prompt
-from fedlora.data.encode import truncate
+from fedlora.data.encode import LazyEncoded, truncate
 from fedlora.errors import ConfigError
 from fedlora.models import tiny_tokenizer
 
@@ -150,3 +150,16 @@ def test_smollm2_chat_template_keeps_the_prompt_a_prefix() -> None:
     assert "You are a helpful AI assistant named SmolLM" in tokenizer.decode(prompt)
     assert e.input_ids[: len(prompt)] == prompt and e.labels.count(-100) == len(prompt)
     assert tokenizer.decode(response_part(e)) == "Blue is a primary colour.<|im_end|>"
+
+
+def test_lazy_encoding_gives_encodes_items_and_tokenizes_only_what_is_taken() -> None:
+    tokenizer = tiny_tokenizer()
+    examples = [Example(f"Question {i}?", f"Answer {i}.") for i in range(50)]
+    eager = encode(examples, tokenizer, max_length=12)
+    lazy = LazyEncoded(examples, tokenizer, max_length=12)
+    assert len(lazy) == 50
+    for i in (7, 3, 7, 49):
+        assert lazy[i] == eager[i]
+    assert sorted(lazy._done) == [3, 7, 49]
+    with pytest.raises(ConfigError, match="max_length"):
+        LazyEncoded(examples, tokenizer, max_length=0)

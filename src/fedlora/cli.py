@@ -208,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument(
         "--check",
         type=Path,
-        default=Path("benchmarks/results/quality/quality.json"),
-        help="a study's JSON whose runs' recorded traffic is checked against the computation",
+        action="append",
+        default=None,
+        help="a study's JSON whose runs' recorded traffic is checked against the computation "
+        "(default: every study under benchmarks/results)",
     )
     comm.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/comm"), help="results folder"
@@ -439,10 +441,11 @@ def _bench_scale(args: argparse.Namespace) -> int:
 
 
 def _bench_comm(args: argparse.Namespace) -> int:
-    from fedlora.bench.comm import run_comm_study
+    from fedlora.bench.comm import run_comm_study, study_results
 
     _quiet_libraries(True)
-    result = run_comm_study(args.out, args.model, args.rounds, args.check)
+    checks = args.check if args.check else study_results(Path("benchmarks") / "results")
+    result = run_comm_study(args.out, args.model, args.rounds, checks)
     print((args.out / "comm.md").read_text())
     bad = [c["run"] for c in result.get("checked_runs", []) if not c["match"]]
     if bad:

@@ -23,7 +23,8 @@ from fedlora import adapters, privacy
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
 from fedlora.comm import Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
-from fedlora.data import Example, encode
+from fedlora.data import Example
+from fedlora.data.encode import LazyEncoded
 from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
 from fedlora.lora import BaseDelta, ClientUpdate, Expected, LoRAFactors, screen_update
@@ -252,7 +253,7 @@ class Workbench:
         local = local or cfg.train
         r = plan.rank
         seed = derive_seed(cfg.seed, t, client.index)
-        data = encode(client.examples, self.tokenizer, cfg.model.max_length)
+        data = LazyEncoded(client.examples, self.tokenizer, cfg.model.max_length)
         steps = num_steps(local, len(data))
         if plan.adapter == "adalora":
             target = max(1, round(cfg.adalora.target_ratio * r))

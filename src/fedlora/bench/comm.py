@@ -105,6 +105,18 @@ def communication_table(
     return out
 
 
+def study_results(folder: Path) -> list[Path]:
+    """The study JSONs (``fedlora bench study`` results) under ``folder``."""
+    found = []
+    for path in sorted(folder.glob("*/*.json")):
+        try:
+            if "cells" in json.loads(path.read_text()):
+                found.append(path)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
 def check_against_runs(study_json: Path, shapes: Shapes, model_params: int) -> list[dict[str, Any]]:
     """Each run of a study (``fedlora bench study``) with full participation: the traffic it
     recorded next to the computed one."""
@@ -181,9 +193,11 @@ def comm_markdown(result: dict[str, Any]) -> str:
     checks = result.get("checked_runs") or []
     if checks:
         ok = sum(c["match"] for c in checks)
+        studies = ", ".join(f"`{p}`" for p in result["checked_against"])
         lines += [
-            f"Checked against {len(checks)} runs of `{result['checked_against']}`: {ok} match the "
-            "computation (exactly; HetLoRA and FLoRA-AdaLoRA at most it).",
+            f"Checked against the traffic recorded by {len(checks)} runs with full participation "
+            f"({studies}): {ok} match the computation (exactly; HetLoRA and FLoRA-AdaLoRA at "
+            "most it).",
             "",
         ]
     lines += ["![ratio to full fine-tuning](comm.png)", ""]
@@ -220,7 +234,7 @@ def run_comm_study(
     out: Path,
     model: str = "smollm2-135m",
     rounds: int = 3,
-    checked_against: Path | None = None,
+    checked_against: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """The study's figures, written to ``out/comm.json``, ``.md`` and ``.png``."""
     from fedlora import adapters
@@ -242,9 +256,11 @@ def run_comm_study(
             model: {"model_params": params, "table": communication_table(shapes, params, rounds)},
         },
     }
-    if checked_against is not None and checked_against.exists():
-        result["checked_against"] = str(checked_against)
-        result["checked_runs"] = check_against_runs(checked_against, shapes, params)
+    if checked_against:
+        result["checked_against"] = [str(p) for p in checked_against]
+        result["checked_runs"] = [
+            row for p in checked_against for row in check_against_runs(p, shapes, params)
+        ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "comm.json").write_text(json.dumps(result, indent=1) + "\n")
     plot_comm(result, out / "comm.png")

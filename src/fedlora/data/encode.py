@@ -53,6 +53,27 @@ def encode(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list
     ]
 
 
+class LazyEncoded(Sequence[Encoded]):
+    """:func:`encode` of ``examples``, each tokenized on first use and kept: a round of a few
+    steps on a large local data set tokenizes only the examples its batches take (item ``i`` is
+    what ``encode(examples, …)[i]`` is)."""
+
+    def __init__(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> None:
+        if max_length < 1:
+            raise ConfigError(f"max_length must be at least 1 token, got {max_length}")
+        self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
+        self._done: dict[int, Encoded] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Encoded:  # type: ignore[override]
+        if i not in self._done:
+            pair = tokenize_pair(self.examples[i], self.tokenizer)
+            self._done[i] = truncate(*pair, self.max_length, index=i)
+        return self._done[i]
+
+
 def encode_prompt(example: Example, tokenizer: Any) -> list[int]:
     """The prompt's tokens with the generation prompt: what a model continues to answer."""
     return _prompt_ids(example.prompt, tokenizer)[0]
