@@ -108,6 +108,7 @@ def test_spread_and_overlap() -> None:
     )
     assert (s["min"], s["max"], s["n"]) == (1.0, 4.0, 3)
     assert spread([2.0])["std"] == 0.0
+    assert not beyond_spread([1.0], [2.0])  # one seed has no spread
     assert beyond_spread([1.0, 2.0], [2.5, 3.0]) and not beyond_spread([1.0, 2.6], [2.5, 3.0])
 
 

@@ -52,6 +52,9 @@ from fedlora.config import (
 from fedlora.errors import ConfigError
 from fedlora.report import higher_is_better
 
+SUMMARY_EXTRAS = ("privacy", "rank_sum_before", "rank_sum_after", "adapter_ranks")
+"""Run summary entries a study's JSON keeps per run besides the metrics and traffic."""
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -247,7 +250,10 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
 
 
 def beyond_spread(a: Sequence[float], b: Sequence[float]) -> bool:
-    """The seed ranges of ``a`` and ``b`` do not overlap."""
+    """The seed ranges of ``a`` and ``b`` do not overlap (never with fewer than two seeds
+    each: one value has no spread to compare with)."""
+    if len(a) < 2 or len(b) < 2:
+        return False
     return max(a) < min(b) or max(b) < min(a)
 
 
@@ -397,7 +403,7 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
 def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[str]) -> list[str]:
     lines = [
         f"Difference from {what}, seed by seed (mean [min, max]); **bold**: larger than the "
-        "spread (the seed ranges do not overlap):",
+        "spread (the seed ranges do not overlap; never bold with one seed):",
         "",
         "| strategy | " + " | ".join(diffs) + " |",
         "|---" * (len(diffs) + 1) + "|",
@@ -481,6 +487,7 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
                 "reused": c.reused,
                 "per_round": c.summary.get("per_round", {}),
                 "communication": c.summary.get("communication", {}),
+                **{k: c.summary[k] for k in SUMMARY_EXTRAS if k in c.summary},
             }
             for c in result.cells
         ],
