@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.bench.study import beyond_spread, load_study, spread
+from fedlora.bench.study import beyond_spread, load_study, ranges_disjoint, spread
 from fedlora.cli import main
 from fedlora.errors import ConfigError
 from fedlora.report import higher_is_better
@@ -75,10 +75,10 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
         diff = payload["variants"][variant]["differences"]["loss"][strategies[1]]
         flora = payload["variants"][variant]["strategies"]["flora"]["loss"]["values"]
         other = payload["variants"][variant]["strategies"][strategies[1]]["loss"]["values"]
-        assert diff["mean"] == pytest.approx(
-            statistics.fmean(o - f for o, f in zip(other, flora, strict=True))
-        )
-        assert diff["beyond_spread"] == beyond_spread(other, flora)
+        diffs = [o - f for o, f in zip(other, flora, strict=True)]
+        assert diff["mean"] == pytest.approx(statistics.fmean(diffs))
+        assert diff["beyond_spread"] == beyond_spread(diffs)
+        assert diff["ranges_disjoint"] == ranges_disjoint(other, flora)
     across = payload["variants"]["hom"]["differences_from_variant"]["loss"]
     het = payload["variants"]["het"]["strategies"]["flora"]["loss"]["values"]
     hom = payload["variants"]["hom"]["strategies"]["flora"]["loss"]["values"]
@@ -108,8 +108,12 @@ def test_spread_and_overlap() -> None:
     )
     assert (s["min"], s["max"], s["n"]) == (1.0, 4.0, 3)
     assert spread([2.0])["std"] == 0.0
-    assert not beyond_spread([1.0], [2.0])  # one seed has no spread
-    assert beyond_spread([1.0, 2.0], [2.5, 3.0]) and not beyond_spread([1.0, 2.6], [2.5, 3.0])
+    assert ranges_disjoint([1.0, 2.0], [2.5, 3.0]) and not ranges_disjoint([1.0, 2.6], [2.5, 3.0])
+    assert not ranges_disjoint([1.0], [2.0])  # one seed has no spread
+    assert beyond_spread([-0.2, -0.22, -0.19])  # same sign, mean far above the sd
+    assert not beyond_spread([-0.2, 0.01, -0.3])  # signs differ
+    assert not beyond_spread([-0.01, -0.5, -0.02])  # same sign, but sd above |mean|
+    assert not beyond_spread([-0.2])
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,11 @@ config is reused, so a stopped study continues where it stopped. The results go 
 ``OUT/NAME.json`` (with the git commit, every config and library versions), ``OUT/NAME.md`` and
 ``OUT/NAME.png``.
 
-"Larger than the spread": for two strategies on the same seeds (so the same partitions, ranks
-and client samples), the difference is larger than the spread when the ranges over seeds do
-not overlap, i.e. every seed of one is better than every seed of the other.
+"Larger than the spread": two strategies on the same seed share the partitions, ranks, client
+samples and held-out set, so they are compared seed by seed. A difference is larger than its
+spread when every seed's difference has the same sign and their mean exceeds their standard
+deviation (at least two seeds). The stricter "ranges disjoint" also holds when every seed of one
+beats every seed of the other.
 """
 
 from __future__ import annotations
@@ -249,9 +251,17 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def beyond_spread(a: Sequence[float], b: Sequence[float]) -> bool:
-    """The seed ranges of ``a`` and ``b`` do not overlap (never with fewer than two seeds
-    each: one value has no spread to compare with)."""
+def beyond_spread(diffs: Sequence[float]) -> bool:
+    """Seed-paired differences that all have one sign and whose mean exceeds their standard
+    deviation (never with fewer than two seeds: one value has no spread)."""
+    if len(diffs) < 2:
+        return False
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return same_sign and abs(statistics.fmean(diffs)) > statistics.stdev(diffs)
+
+
+def ranges_disjoint(a: Sequence[float], b: Sequence[float]) -> bool:
+    """The seed ranges of ``a`` and ``b`` do not overlap (never with fewer than two seeds)."""
     if len(a) < 2 or len(b) < 2:
         return False
     return max(a) < min(b) or max(b) < min(a)
@@ -338,7 +348,8 @@ def _differences(
                 "mean": mean,
                 "min": min(diffs),
                 "max": max(diffs),
-                "beyond_spread": beyond_spread(values, base),
+                "beyond_spread": beyond_spread(diffs),
+                "ranges_disjoint": ranges_disjoint(values, base),
                 "better": (mean > 0) == higher and mean != 0,
             }
         out[metric] = rows
@@ -364,7 +375,8 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
     lines += [
         f"Seeds {', '.join(map(str, study.seeds))}; each cell is mean ± sample standard "
         "deviation over the seeds of the final round's held-out value. Communication is per "
-        "client per round.",
+        f"client per round. The {len(result.cells)} runs took "
+        f"{sum(c.seconds for c in result.cells) / 60:.0f} minutes.",
         "",
     ]
     for variant in study.variants:
@@ -402,8 +414,9 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
 
 def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[str]) -> list[str]:
     lines = [
-        f"Difference from {what}, seed by seed (mean [min, max]); **bold**: larger than the "
-        "spread (the seed ranges do not overlap; never bold with one seed):",
+        f"Difference from {what}, seed by seed (mean [min, max]); **bold**: larger than its "
+        "spread (every seed the same sign, mean above the standard deviation); †: the seed "
+        "ranges are also disjoint; never with one seed:",
         "",
         "| strategy | " + " | ".join(diffs) + " |",
         "|---" * (len(diffs) + 1) + "|",
@@ -416,7 +429,8 @@ def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[s
                 cells.append("")
                 continue
             text = f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}]"
-            cells.append(f"**{text}**" if d["beyond_spread"] else text)
+            text = f"**{text}**" if d["beyond_spread"] else text
+            cells.append(text + (" †" if d["ranges_disjoint"] else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -472,6 +486,7 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
         "reference_variant": study.reference_variant,
         "provenance": provenance(),
         "seconds": result.seconds,
+        "run_seconds": sum(c.seconds for c in result.cells),
         "gpu": _has_gpu(),
         "variants": {
             v.name: {"set": v.overrides, "strategies": v.strategies, **stats[v.name]}
