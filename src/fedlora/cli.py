@@ -158,14 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("configs/tiny.toml"),
         help="a TOML config (default: configs/tiny.toml)",
     )
-    flower_bench.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=["rounds=4"],
-        metavar="KEY=VALUE",
-        help="override a config key (default: rounds=4)",
-    )
+    _set_option(flower_bench, ["rounds=4"], "override a config key (default: rounds=4)")
     flower_bench.add_argument(
         "--workdir", type=Path, default=None, help="run folders (default: runs/bench-flower-TIME)"
     )
@@ -178,14 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grid of runs from a study file (variants × strategies × seeds): tables, plot, JSON",
     )
     study.add_argument("file", type=Path, help="a study file, e.g. benchmarks/quality.toml")
-    study.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key in every run, after the study's own settings",
-    )
+    _set_option(study, [], "override a config key in every run, after the study's own settings")
     study.add_argument(
         "--seeds", type=_int_list, default=None, help="seeds, comma-separated (default: the file's)"
     )
@@ -227,13 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("configs/default.toml"),
         help="a TOML config (default: configs/default.toml)",
     )
-    scale.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="override a config key, after the defaults rounds=3, train.steps=2, "
+    _set_option(
+        scale,
+        None,
+        "override a config key, after the defaults rounds=3, train.steps=2, "
         "data.source=mmlu, data.heldout=32, model.max_length=64",
     )
     scale.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -257,16 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_option(parser: argparse.ArgumentParser, default: list[str] | None, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=default, metavar="KEY=VALUE", help=help
+    )
+
+
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", type=Path, help="a TOML config (default: built-in)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set rounds=3 --set clients.ranks=[8,4]",
-    )
+    _set_option(parser, [], "override a config key, e.g. --set rounds=3 --set clients.ranks=[8,4]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
