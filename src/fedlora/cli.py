@@ -151,13 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     flower_bench = benches.add_parser(
         "flower", help="seconds per round: Flower's simulation engine vs in-process, same config"
     )
-    flower_bench.add_argument(
-        "config",
-        nargs="?",
-        type=Path,
-        default=Path("configs/tiny.toml"),
-        help="a TOML config (default: configs/tiny.toml)",
-    )
+    _config_argument(flower_bench, Path("configs/tiny.toml"))
     _set_option(flower_bench, ["rounds=4"], "override a config key (default: rounds=4)")
     flower_bench.add_argument(
         "--workdir", type=Path, default=None, help="run folders (default: runs/bench-flower-TIME)"
@@ -170,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study",
         help="a grid of runs from a study file (variants × strategies × seeds): tables, plot, JSON",
     )
-    study.add_argument("file", type=Path, help="a study file, e.g. benchmarks/quality.toml")
+    study.add_argument("file", type=Path, help="a study file, e.g. benchmarks/weighting.toml")
     _set_option(study, [], "override a config key in every run, after the study's own settings")
     study.add_argument(
         "--seeds", type=_int_list, default=None, help="seeds, comma-separated (default: the file's)"
@@ -206,13 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale = benches.add_parser(
         "scale", help="peak memory and seconds per round with 10 vs 1,000 registered clients"
     )
-    scale.add_argument(
-        "config",
-        nargs="?",
-        type=Path,
-        default=Path("configs/default.toml"),
-        help="a TOML config (default: configs/default.toml)",
-    )
+    _config_argument(scale, Path("configs/default.toml"))
     _set_option(
         scale,
         None,
@@ -238,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--rank", type=_positive_int, default=8)
     over.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     return parser
+
+
+def _config_argument(parser: argparse.ArgumentParser, default: Path) -> None:
+    """An optional positional TOML config with a default file."""
+    parser.add_argument(
+        "config", nargs="?", type=Path, default=default, help=f"a TOML config (default: {default})"
+    )
 
 
 def _set_option(parser: argparse.ArgumentParser, default: list[str] | None, help: str) -> None:

@@ -42,11 +42,16 @@ def run_experiment(
 
 
 def checkpointing(writer: RunWriter, cfg: RunConfig) -> OnRound:
-    """After each round: its row in ``metrics.jsonl``, then the checkpoint (with every row and
-    the config, so a resume can check it continues the same run)."""
+    """After each round: its row in ``metrics.jsonl`` (with ``[privacy]`` noise, ``epsilon``: the
+    largest ε of any client so far, from the rows' participants), then the checkpoint (with every
+    row and the config, so a resume can check it continues the same run)."""
+    p = cfg.privacy
 
     def on_round(record: RoundRecord, snapshot: Snapshot) -> None:
-        writer.record(record.to_json())
+        row = record.to_json()
+        if record.round > 0 and p.clip_norm > 0 and p.noise_multiplier > 0:
+            row["epsilon"] = privacy_summary(p, [*writer.rows, row])["epsilon_max"]
+        writer.record(row)
         tensors, meta = snapshot
         save_checkpoint(writer.out, tensors, {**meta, "rows": writer.rows, "config": to_dict(cfg)})
 

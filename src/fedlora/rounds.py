@@ -126,8 +126,6 @@ class RoundRecord:
     attempts: int = 1
     skipped: str | None = None
     """Why the round changed nothing (too few replies in every try), or None."""
-    epsilon: float | None = None
-    """With ``[privacy]``: the largest ε of any client so far (:func:`fedlora.privacy.epsilon`)."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -147,8 +145,6 @@ class RoundRecord:
             out["attempts"] = self.attempts
         if self.skipped is not None:
             out["skipped"] = self.skipped
-        if self.epsilon is not None:
-            out["epsilon"] = self.epsilon
         return out
 
 
@@ -347,8 +343,6 @@ class FederatedRounds:
         self.merged: list[dict[str, BaseDelta]] = []
         self.received = {c.cid: 0 for c in self.clients}
         """How many of :attr:`merged` each client has received."""
-        self.uploads = {c.cid: 0 for c in self.clients}
-        """How many updates each client has delivered (what its privacy ε composes)."""
         self._started = time.perf_counter()
         self.done = 0
         """Rounds finished."""
@@ -493,7 +487,6 @@ class FederatedRounds:
                 Traffic(client.cid, task.plan.rank, up, task.down_params, 4, self.model_params)
             )
             self.received[client.cid] = len(self.merged)
-            self.uploads[client.cid] += 1
             if task.plan.prune_gamma is not None:  # a pruned rank stays pruned
                 self.ranks[client.cid] = min(f.rank for f in local.factors.values())
         self.state = strategy.aggregate(self.state, updates)
@@ -508,11 +501,6 @@ class FederatedRounds:
         if traits.client_adapter != "lora" or traits.self_pruning:
             record.rank_sum_before = sum(task.plan.rank for task in tasks)
             record.rank_sum_after = sum(r.mean_rank for r in results)
-        p = self.cfg.privacy
-        if p.clip_norm > 0 and p.noise_multiplier > 0:
-            record.epsilon = privacy.epsilon(
-                p.noise_multiplier, max(self.uploads.values()), p.delta
-            )
         record.seconds = time.perf_counter() - self._started
         self.done = t
         return record
@@ -533,7 +521,6 @@ class FederatedRounds:
             "merged": len(self.merged),
             "ranks": dict(self.ranks),
             "received": dict(self.received),
-            "uploads": dict(self.uploads),
         }
         return tensors, meta
 
@@ -553,7 +540,6 @@ class FederatedRounds:
         self.sampler.set_state(tensors["sampler"])
         self.ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
         self.received = {str(k): int(v) for k, v in meta["received"].items()}
-        self.uploads = {str(k): int(v) for k, v in meta["uploads"].items()}
         self.done = int(meta["round"])
 
     def export(self) -> tuple[dict[str, LoRAFactors], float | None]:

@@ -105,6 +105,13 @@ def federation_data(cfg: RunConfig) -> tuple[list[list[Example]], list[Example],
     return [list(p) for p in parts], heldout, kind
 
 
+def strategy_of(cfg: RunConfig) -> Strategy:
+    """``cfg.strategy`` with the client weights ``cfg`` asks for, on either engine."""
+    c = cfg.clients
+    weighting = configured_weighting(cfg.weighting, c.weights, c.num_clients)
+    return get_strategy(cfg.strategy, weighting=weighting)
+
+
 def benchmark_of(cfg: RunConfig) -> Benchmark | None:
     """The ``eval.benchmark`` examples: one fixed sample (seed 0), whatever the run's seed."""
     source = cfg.eval.benchmark
@@ -185,10 +192,7 @@ class Runner:
             return self.run_centralized(on_round, resume)
         if self.cfg.strategy == "standalone":
             return self.run_standalone(on_round, resume)
-        c = self.cfg.clients
-        weighting = configured_weighting(self.cfg.weighting, c.weights, c.num_clients)
-        strategy = get_strategy(self.cfg.strategy, weighting=weighting)
-        return self.run_federated(strategy, on_round, resume)
+        return self.run_federated(strategy_of(self.cfg), on_round, resume)
 
     def run_federated(
         self, strategy: Strategy, on_round: OnRound, resume: Snapshot | None = None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.bench.provenance import provenance
-from fedlora.ranks import FLORA_RANKS
+from fedlora.ranks import FLORA_RANKS, client_ranks
 from fedlora.strategies import REGISTRY
 
 Shapes = Mapping[str, tuple[int, int]]
@@ -132,8 +132,6 @@ def check_against_runs(study_json: Path, shapes: Shapes, model_params: int) -> l
             or not cell["communication"]
         ):
             continue
-        from fedlora.ranks import client_ranks
-
         c = cfg["clients"]
         ranks = client_ranks(c["ranks"], c["num_clients"], c["rank_set"], cfg["seed"])
         want = traffic_summary(strategy, shapes, ranks, cfg["rounds"], model_params)

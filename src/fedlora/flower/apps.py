@@ -53,9 +53,14 @@ from fedlora.rounds import (
     Task,
     Workbench,
 )
-from fedlora.simulation import RunOutcome, benchmark_of, check_client_ranks, federation_data
-from fedlora.strategies import get_strategy
-from fedlora.weighting import client_id, configured_weighting
+from fedlora.simulation import (
+    RunOutcome,
+    benchmark_of,
+    check_client_ranks,
+    federation_data,
+    strategy_of,
+)
+from fedlora.weighting import client_id
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -103,9 +108,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     bench = Workbench(loaded.model, loaded.tokenizer, cfg, kind, heldout, False, benchmark_of(cfg))
     check_client_ranks(clients, bench.shapes)
     params = sum(p.numel() for p in loaded.model.parameters())
-    c = cfg.clients
-    weighting = configured_weighting(cfg.weighting, c.weights, c.num_clients)
-    strategy = get_strategy(cfg.strategy, weighting=weighting)
+    strategy = strategy_of(cfg)
     rounds = FederatedRounds(cfg, strategy, clients, bench.shapes, params, bench)
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     on_round = checkpointing(writer, cfg)
