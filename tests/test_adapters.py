@@ -138,3 +138,66 @@ def test_exported_adapter_loads_in_peft_and_reproduces_the_global_update(
     adapters.merge_delta(merged, factors)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+
+
+def test_read_adapter_gives_back_the_exported_factors(tmp_path: Path) -> None:
+    model, _ = build_tiny(seed=0)
+    shapes = adapters.target_shapes(model, TARGETS)
+    gen = torch.Generator().manual_seed(6)
+    factors = {n: random_factors(*shapes[n], 1 + i, gen) for i, n in enumerate(shapes)}
+    adapters.export_adapter(model, factors, TARGETS, tmp_path / "adapter")
+
+    read = adapters.read_adapter(tmp_path / "adapter")
+
+    assert sorted(read) == sorted(factors)
+    for name, f in factors.items():
+        assert rel_err(read[name].delta(), f.delta()) < 1e-6
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_read_adapter_applies_peft_rank_and_alpha_patterns(tmp_path: Path, rslora: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"layers.1.self_attn.v_proj": 3},
+        use_rslora=rslora,
+    )
+    peft_model = get_peft_model(build_tiny(seed=0)[0], config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in adapters.lora_layers(peft_model).values():
+            B = layer.lora_B["default"].weight
+            B.copy_(torch.randn(B.shape, generator=gen))  # PEFT starts B at zero
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+
+    read = adapters.read_adapter(tmp_path / "adapter")
+
+    layers = adapters.lora_layers(peft_model)
+    assert sorted(read) == sorted(layers)
+    assert {read[n].rank for n in read if n.endswith("q_proj")} == {2}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert rel_err(read[name].delta(), layer.get_delta_weight("default")) < 1e-6
+
+
+def test_read_adapter_names_the_folder_or_the_key_it_cannot_use(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(ConfigError, match="not a readable PEFT LoRA adapter"):
+        adapters.read_adapter(tmp_path / "nothing")
+    model, _ = build_tiny(seed=0)
+    shapes = adapters.target_shapes(model, TARGETS)
+    gen = torch.Generator().manual_seed(8)
+    factors = {n: random_factors(*shapes[n], 2, gen) for n in shapes}
+    folder = adapters.export_adapter(model, factors, TARGETS, tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    dropped = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights))
+
+    with pytest.raises(ConfigError, match=f"no matching {dropped}"):
+        adapters.read_adapter(folder)

@@ -4,12 +4,21 @@ runs, and the results written as JSON, markdown and PNG."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
-from fedlora.bench.study import beyond_spread, load_study, ranges_disjoint, spread
+from fedlora.adapters import read_adapter
+from fedlora.bench.study import (
+    adapter_update_norm,
+    beyond_spread,
+    load_study,
+    ranges_disjoint,
+    spread,
+)
 from fedlora.cli import main
 from fedlora.errors import ConfigError
 from fedlora.report import higher_is_better
@@ -85,7 +94,13 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
     assert list(across) == ["flora"]  # fedit and zeropad are not in both variants
     assert across["flora"]["mean"] == pytest.approx(statistics.fmean(hom) - statistics.fmean(het))
     assert "differences_from_variant" not in payload["variants"]["het"]
+    for cell in payload["cells"]:  # ‖ΔW‖ of each run's exported adapter, from its factors
+        run = work / cell["variant"] / cell["strategy"] / f"seed-{cell['seed']}"
+        deltas = [f.delta() for f in read_adapter(run / "adapter").values()]
+        dense = math.sqrt(sum(float(torch.linalg.norm(d)) ** 2 for d in deltas))
+        assert cell["update_norm"] == pytest.approx(dense, rel=1e-5) and dense > 0
     table = (out / "mini.md").read_text()
+    assert "| ‖ΔW‖ |" in table
     assert "## het" in table and "| zeropad |" in table and "Difference from flora" in table
     assert (out / "mini.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
@@ -94,6 +109,10 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
     again = json.loads((out / "mini.json").read_text())
     assert [c["seed"] for c in again["cells"]] == [1, 1, 1, 1]
     assert all(c["reused"] for c in again["cells"])
+
+
+def test_a_run_without_an_adapter_has_no_update_norm(tmp_path: Path) -> None:
+    assert adapter_update_norm(tmp_path) is None  # standalone exports no global adapter
 
 
 def test_a_benchmarks_loss_is_lower_is_better() -> None:

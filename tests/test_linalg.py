@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import random_factors, rel_err
-from fedlora.linalg import factored_svd, frobenius_norm_of_product, pad, stack, truncate
+from fedlora.linalg import factored_svd, pad, stack, truncate
 
 
 def test_padding_keeps_delta_and_truncation_keeps_the_first_components() -> None:
@@ -57,11 +57,3 @@ def test_factored_svd_of_rank_deficient_factors() -> None:
 
     assert float(S[4:].abs().max()) < 1e-5 * float(S[0])
     assert rel_err((U * S) @ Vh, f.delta()) < 1e-5
-
-
-def test_frobenius_norm_of_product_matches_dense() -> None:
-    f = random_factors(30, 20, 5, torch.Generator().manual_seed(4))
-
-    assert frobenius_norm_of_product(f) == pytest.approx(
-        float(torch.linalg.norm(f.delta())), rel=1e-6
-    )

@@ -331,3 +331,45 @@ def load_adapter(model: Any, folder: Path) -> Any:
 def lora_layers_present(model: Any) -> bool:
     """Whether any LoRA layer is still injected in ``model``."""
     return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def read_adapter(folder: Path) -> dict[str, LoRAFactors]:
+    """The factors of a saved PEFT LoRA adapter folder, scaling folded (``ΔW = B A``), keyed by
+    base-model module name. Reads only ``adapter_config.json`` and ``adapter_model.safetensors``
+    (never a pickle); each module's rank and α follow PEFT's ``rank_pattern`` / ``alpha_pattern``
+    matching, and rsLoRA's ``α/√r``.
+    """
+    from peft.utils.other import get_pattern_key
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = folder / "adapter_model.safetensors"
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+        tensors = load_file(str(weights))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ConfigError(f"{folder} is not a readable PEFT LoRA adapter: {exc}") from None
+    factors: dict[str, LoRAFactors] = {}
+    for key in sorted(tensors):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        prefix = key.removesuffix(".lora_A.weight")
+        b_key = f"{prefix}.lora_B.weight"
+        if b_key not in tensors:
+            raise ConfigError(f"{weights}: {key} has no matching {b_key}")
+        module = prefix.removeprefix("base_model.model.")
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
+        alpha = config.alpha_pattern.get(
+            get_pattern_key(config.alpha_pattern, module), config.lora_alpha
+        )
+        A, B = tensors[key], tensors[b_key]
+        if A.shape[0] != r or B.shape[1] != r:
+            raise ConfigError(
+                f"{weights}: module {module} has factors of rank {A.shape[0]} and {B.shape[1]}, "
+                f"but adapter_config.json gives rank {r}"
+            )
+        scaling = alpha / r**0.5 if config.use_rslora else alpha / r
+        factors[module] = fold_scaling(A, B, scaling)
+    if not factors:
+        raise ConfigError(f"{weights} holds no LoRA factors (no key ending in .lora_A.weight)")
+    return factors

@@ -7,7 +7,6 @@ unless it says so. Shapes: ``A: (r, d_in)``, ``B: (d_out, r)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -162,12 +161,3 @@ def svd_factors(factors: LoRAFactors) -> LoRAFactors:
     """
     U, S, Vh = factored_svd(factors)
     return LoRAFactors(A=Vh.contiguous(), B=(U * S[None, :]).contiguous())
-
-
-def frobenius_norm_of_product(factors: LoRAFactors) -> float:
-    """``‖B A‖_F`` from the factors: ``‖B A‖_F² = Σ_ij (BᵀB)_ij (A Aᵀ)_ij`` (r × r Gram matrices),
-    computed in float64. Never forms ``B A``.
-    """
-    A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
-    squared = float(((B.mT @ B) * (A @ A.mT)).sum())
-    return math.sqrt(max(squared, 0.0))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ from fedlora.config import (
     to_dict,
 )
 from fedlora.errors import ConfigError
+from fedlora.lora import update_norm
 from fedlora.report import higher_is_better
 
 SUMMARY_EXTRAS = ("privacy", "rank_sum_before", "rank_sum_after", "adapter_ranks")
@@ -170,6 +172,9 @@ class Cell:
     summary: dict[str, Any]
     seconds: float
     reused: bool
+    update_norm: float | None = None
+    """``‖ΔW‖_F`` over all modules of the run's exported adapter: the whole update the global
+    model carries (for FLoRA every merged update), None without an adapter (standalone)."""
 
     def final(self, metric: str) -> float | None:
         points = self.summary.get("per_round", {}).get(metric, {})
@@ -218,7 +223,8 @@ def run_study(
         else:
             reused = True
         seconds = float(summary.get("seconds", time.perf_counter() - t0))
-        result.cells.append(Cell(variant.name, strategy, seed, summary, seconds, reused))
+        norm = adapter_update_norm(out / "adapter")
+        result.cells.append(Cell(variant.name, strategy, seed, summary, seconds, reused, norm))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -231,6 +237,16 @@ def _done(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError, ConfigError):
         return None
     return summary if to_dict(ran) == to_dict(cfg) else None
+
+
+def adapter_update_norm(folder: Path) -> float | None:
+    """``‖ΔW‖_F`` over all modules (``√Σ_m ‖B_m A_m‖²``, from the factors) of the adapter a run
+    exported to ``folder``; None when the run exported none."""
+    from fedlora.adapters import read_adapter
+
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    return math.sqrt(sum(update_norm(f) ** 2 for f in read_adapter(folder).values()))
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -284,6 +300,9 @@ def statistics_of(result: StudyResult) -> dict[str, Any]:
                 stats["up_mb"] = spread([x["up_bytes"] / 1e6 for x in comm])
                 stats["down_mb"] = spread([x["down_bytes"] / 1e6 for x in comm])
                 stats["ratio_to_full"] = spread([x["ratio_to_full"] for x in comm])
+            norms = [c.update_norm for c in mine if c.update_norm is not None]
+            if mine and len(norms) == len(mine):
+                stats["update_norm"] = spread(norms)
             stats["seconds"] = spread([c.seconds for c in mine])
             stats["curves"] = _mean_curves(mine, study.metrics)
             per[strategy] = stats
@@ -371,7 +390,9 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
         lines += [study.notes.strip(), ""]
     lines += [
         f"Seeds {', '.join(map(str, study.seeds))}; each cell is mean ± sample standard "
-        "deviation over the seeds of the final round's held-out value. Communication is per "
+        "deviation over the seeds of the final round's held-out value. ‖ΔW‖ is the Frobenius "
+        "norm, over all modules, of the update the exported adapter holds (the whole change to "
+        "the base model). Communication is per "
         f"client per round. The {len(result.cells)} runs took "
         f"{sum(c.seconds for c in result.cells) / 60:.0f} minutes.",
         "",
@@ -386,14 +407,15 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
             "",
             "| strategy | "
             + " | ".join(heads)
-            + " | up MB | down MB | ratio to full FT | s / run |",
-            "|---" * (len(heads) + 5) + "|",
+            + " | ‖ΔW‖ | up MB | down MB | ratio to full FT | s / run |",
+            "|---" * (len(heads) + 6) + "|",
         ]
         for strategy, s in per.items():
             cells = [_pm(s.get(m)) for m in study.metrics]
             lines.append(
                 f"| {strategy} | "
                 + " | ".join(cells)
+                + f" | {_pm(s.get('update_norm'), 3)}"
                 + f" | {_pm(s.get('up_mb'), 3)} | {_pm(s.get('down_mb'), 3)} | "
                 + f"{_pm(s.get('ratio_to_full'), 5)} | {s['seconds']['mean']:.0f} |"
             )
@@ -497,6 +519,7 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
                 "final": {m: c.final(m) for m in study.metrics},
                 "seconds": c.seconds,
                 "reused": c.reused,
+                "update_norm": c.update_norm,
                 "per_round": c.summary.get("per_round", {}),
                 "communication": c.summary.get("communication", {}),
                 **{k: c.summary[k] for k in SUMMARY_EXTRAS if k in c.summary},

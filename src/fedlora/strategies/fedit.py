@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.linalg import frobenius_norm_of_product, stack
-from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.linalg import stack
+from fedlora.lora import ClientUpdate, LoRAFactors, update_norm
 from fedlora.strategies.base import (
     GlobalState,
     RankSpec,
@@ -61,5 +61,5 @@ def fedit_aggregation_error(
         mean = zero_padded_mean(ordered, weights, module)
         exact = stack([u.factors[module] for u in ordered], [-p for p in weights])
         both = LoRAFactors(A=torch.cat([mean.A, exact.A]), B=torch.cat([mean.B, exact.B], dim=1))
-        errors[module] = frobenius_norm_of_product(both)
+        errors[module] = update_norm(both)
     return errors

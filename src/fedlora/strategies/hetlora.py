@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.linalg import frobenius_norm_of_product, truncate
-from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.linalg import truncate
+from fedlora.lora import ClientUpdate, LoRAFactors, update_norm
 from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 from fedlora.strategies.zeropad import zero_padded_mean
 
@@ -30,7 +30,7 @@ def norm_weights(
     updates: Sequence[ClientUpdate], module: str, fallback: Sequence[float]
 ) -> list[float]:
     """``p_k = ‖ΔW_k‖_F / Σ_j ‖ΔW_j‖_F`` for ``module``; ``fallback`` when all norms are zero."""
-    norms = [frobenius_norm_of_product(u.factors[module]) for u in updates]
+    norms = [update_norm(u.factors[module]) for u in updates]
     total = sum(norms)
     if total == 0.0:
         return list(fallback)
