@@ -455,7 +455,10 @@ def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[s
 
 
 def plot_study(result: StudyResult, stats: dict[str, Any], path: Path) -> Path:
-    """One panel per variant: the headline metric per round, mean over seeds, min–max band."""
+    """A panel per variant (row) and metric (column): the metric per round, mean over seeds,
+    min–max band; one colour per strategy across all panels."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,26 +466,33 @@ def plot_study(result: StudyResult, stats: dict[str, Any], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     study = result.study
-    metric = study.metrics[0]
-    n = len(study.variants)
-    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.2), dpi=100, squeeze=False)
-    for ax, variant in zip(axes[0], study.variants, strict=True):
-        for strategy, s in stats[variant.name]["strategies"].items():
-            curve = s["curves"].get(metric)
-            if not curve:
-                continue
-            xs = sorted(curve)
-            ax.plot(xs, [curve[x]["mean"] for x in xs], marker="o", label=strategy)
-            ax.fill_between(
-                xs, [curve[x]["min"] for x in xs], [curve[x]["max"] for x in xs], alpha=0.15
-            )
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(variant.name)
-        ax.set_xlabel("round (0 = base model)")
-        ax.set_ylabel(f"held-out {metric}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{study.title}: mean over seeds {study.seeds}, band = min–max")
+    rows, cols = len(study.variants), len(study.metrics)
+    strategies = list(dict.fromkeys(s for v in study.variants for s in v.strategies))
+    palette = plt.get_cmap("tab10" if len(strategies) <= 10 else "tab20")
+    colour = {s: palette(i) for i, s in enumerate(strategies)}
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5 * cols, 3.6 * rows + 0.8), dpi=100, squeeze=False
+    )
+    for row, variant in zip(axes, study.variants, strict=True):
+        for col, (ax, metric) in enumerate(zip(row, study.metrics, strict=True)):
+            for strategy, s in stats[variant.name]["strategies"].items():
+                curve = s["curves"].get(metric)
+                if not curve:
+                    continue
+                xs = sorted(curve)
+                c = colour[strategy]
+                ax.plot(xs, [curve[x]["mean"] for x in xs], marker="o", color=c, label=strategy)
+                lo, hi = [curve[x]["min"] for x in xs], [curve[x]["max"] for x in xs]
+                ax.fill_between(xs, lo, hi, color=c, alpha=0.12)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{variant.name}: {metric}", fontsize=10)
+            ax.set_xlabel("round (0 = base model)")
+            ax.set_ylabel(f"held-out {metric}")
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.legend(fontsize=7)
+    title = f"{study.title}: mean over seeds {study.seeds}, band = min–max"
+    fig.suptitle("\n".join(textwrap.wrap(title, width=34 * cols)), fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
