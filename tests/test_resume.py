@@ -42,8 +42,11 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 def test_sigkill_at_a_random_moment_then_resume_gives_the_same_run(tmp_path: Path) -> None:
     seed = random.randrange(2**32)
-    delay = random.Random(seed).uniform(0.0, 2.0)  # 6 rounds take longer than that
     run_experiment(tiny(rounds=6), tmp_path / "whole", progress=False)
+    lines = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    rounds_took = sum(json.loads(x).get("seconds", 0.0) for x in lines[1:])
+    # within the first 60 % of the 6 rounds' time, so that some rounds are always left to resume
+    delay = random.Random(seed).uniform(0.0, 0.6 * rounds_took)
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "fedlora.cli", "run", str(TINY), "--set", "rounds=6"]
     proc = subprocess.Popen([*argv, "--out", str(out), "--quiet"], stdout=subprocess.DEVNULL)
