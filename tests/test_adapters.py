@@ -12,6 +12,7 @@ from fedlora import adapters
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors
 from fedlora.models import build_tiny
+from fedlora.precision import MergedBase
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -99,19 +100,6 @@ def test_detach_gives_back_the_unchanged_base(model: torch.nn.Module) -> None:
         assert torch.equal(v, before[k])
 
 
-def test_merge_delta_adds_factored_and_dense_updates(model: torch.nn.Module) -> None:
-    q, v = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
-    modules = dict(model.named_modules())
-    wq, wv = modules[q].weight.clone(), modules[v].weight.clone()
-    fq = random_factors(64, 64, 3, torch.Generator().manual_seed(1))
-    dense_v = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
-
-    adapters.merge_delta(model, {q: fq, v: dense_v})
-
-    assert torch.allclose(modules[q].weight, wq + fq.delta(), atol=1e-5)
-    assert torch.allclose(modules[v].weight, wv + dense_v, atol=1e-6)
-
-
 def test_rank_above_the_module_is_a_clear_error(model: torch.nn.Module) -> None:
     with pytest.raises(ConfigError, match="rank 40 is larger than module"):
         adapters.attach(model, TARGETS, rank=40, alpha=80.0, seed=0)
@@ -135,7 +123,7 @@ def test_exported_adapter_loads_in_peft_and_reproduces_the_global_update(
         assert rel_err(layer.get_delta_weight("default"), factors[name].delta()) < 1e-6
     ids = torch.randint(0, 200, (2, 12), generator=gen)
     merged, _ = build_tiny(seed=0)
-    adapters.merge_delta(merged, factors)
+    MergedBase(merged).merge(factors)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
 

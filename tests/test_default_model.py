@@ -8,10 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
 from fedlora.models import load_model
+from fedlora.precision import dtype_name, resolve_dtype
 
 
 @pytest.mark.slow
@@ -42,6 +44,7 @@ def test_short_federated_run_on_the_default_model(tmp_path: Path) -> None:
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
 
     assert summary["model"] == "smollm2-135m" and summary["rounds"] == 1
+    assert summary["dtype"] == dtype_name(resolve_dtype("auto", torch.device("cpu")))
     assert 1.0 < summary["base"] < 6.0  # a pretrained model, not a random one (~10.8 nats)
     assert summary["improved"], (summary["base"], summary["final"])
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -94,6 +94,20 @@ def test_flower_simulation_equals_the_inprocess_runner(
     assert our_processes(out) == []  # the SuperLink and what it started are stopped
 
 
+def test_flower_simulation_in_bfloat16_equals_the_inprocess_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the nodes restore their bfloat16 base from float32 masters exactly as the server merges
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(TINY, ["model.dtype=bfloat16", f"clients.ranks={RANKS}"])
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+
+    summary = run_simulation(cfg, tmp_path / "flower", echo=False)
+
+    assert summary["engine"] == "flower" and summary["dtype"] == "bfloat16"
+    assert_same_run(tmp_path / "flower", tmp_path / "inprocess")
+
+
 def test_flower_options_need_the_flower_engine(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(TINY), "--superlink", "127.0.0.1:9093"]) == 2
     assert "need --engine flower" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.models import build_tiny, load_model, resolve_device, resolve_dtype
+from fedlora.models import build_tiny, load_model, resolve_device
 
 
 def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone() -> None:
@@ -57,11 +57,7 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
         load_model("no-such-org/no-such-model", device="cpu")
 
 
-def test_dtype_and_device_resolution() -> None:
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(ConfigError, match="unknown dtype 'half'"):
-        resolve_dtype("half", torch.device("cpu"))
+def test_device_resolution() -> None:
     assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         assert resolve_device("auto").type == "cpu"

@@ -27,10 +27,12 @@ def run_dir_files(out: Path) -> set[str]:
     return {p.name for p in out.iterdir()}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("strategy", MODES)
-def test_every_strategy_runs_end_to_end(strategy: str, tmp_path: Path) -> None:
+def test_every_strategy_runs_end_to_end(strategy: str, dtype: str, tmp_path: Path) -> None:
     equal = not REGISTRY[strategy].traits.mixed_ranks if strategy in REGISTRY else False
-    cfg = tiny(strategy=strategy, **({"clients.ranks": "[4]"} if equal else {}))
+    ranks = {"clients.ranks": "[4]"} if equal else {}
+    cfg = tiny(strategy=strategy, **{"model.dtype": dtype, **ranks})
 
     summary = run_experiment(cfg, tmp_path / strategy, progress=False)
 
@@ -45,6 +47,7 @@ def test_every_strategy_runs_end_to_end(strategy: str, tmp_path: Path) -> None:
         "perplexity.png",
     } <= run_dir_files(out)
     assert summary["metric"] == "loss" and summary["rounds"] == 2
+    assert summary["dtype"] == dtype
     assert summary["base"] == rows[0]["eval_loss"] and summary["final"] == rows[-1]["eval_loss"]
     assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in rows)
     # lr 3e-3 on a random tiny model: every method lowers the held-out loss
@@ -185,7 +188,7 @@ def test_merged_model_is_saved_and_carries_the_global_update(tmp_path: Path) -> 
 
     from fedlora.models import load_model
 
-    merged = load_model(str(tmp_path / "run" / "merged"), device="cpu").model
+    merged = load_model(str(tmp_path / "run" / "merged"), device="cpu", dtype="float32").model
     with_adapter = adapters.load_adapter(build_tiny(seed=0)[0], tmp_path / "run" / "adapter")
     ids = torch.tensor([[5, 9, 17, 33]])
     with torch.no_grad():

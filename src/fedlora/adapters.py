@@ -2,7 +2,8 @@
 
 Builds a LoRA of rank ``r_k`` on a base model, reads its state as core factors with the scaling
 folded (``ΔW = B A``, :func:`fedlora.lora.fold_scaling`), loads a strategy's start factors into
-it, merges base deltas into the frozen weights, and exports a standard PEFT adapter folder.
+it, and exports a standard PEFT adapter folder (merging into the base weights is
+:class:`fedlora.precision.MergedBase`'s).
 Module names are those of the base model (``model.layers.0.self_attn.q_proj``).
 """
 
@@ -18,7 +19,7 @@ from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
 from fedlora.errors import ConfigError
-from fedlora.lora import BaseDelta, LoRAFactors, fold_scaling
+from fedlora.lora import LoRAFactors, fold_scaling
 
 ADAPTER = "default"
 FROZEN = "frozen"
@@ -271,24 +272,6 @@ def freeze_a(peft_model: Any) -> None:
     """Make every ``A`` non-trainable (FFA-LoRA): no gradient, no optimizer state."""
     for layer in lora_layers(peft_model).values():
         layer.lora_A[ADAPTER].weight.requires_grad_(False)
-
-
-def merge_delta(model: Any, deltas: Mapping[str, BaseDelta]) -> None:
-    """``W ← W + ΔW`` in place for each named module; factored deltas never go dense."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            if name not in modules:
-                raise ConfigError(f"base delta for unknown module {name!r}")
-            weight = modules[name].weight
-            if isinstance(delta, LoRAFactors):
-                B = delta.B.to(weight.device, torch.float32)
-                A = delta.A.to(weight.device, torch.float32)
-                weight.copy_((weight.float() + B @ A).to(weight.dtype))
-            else:
-                weight.copy_(
-                    (weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype)
-                )
 
 
 def export_adapter(

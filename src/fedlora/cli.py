@@ -224,7 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--batch-size", type=_positive_int, default=4)
     over.add_argument("--seq-len", type=_positive_int, default=64)
     over.add_argument("--rank", type=_positive_int, default=8)
+    over.add_argument(
+        "--dtype", default="auto", help="compute dtype of both sides (default: auto, as runs)"
+    )
     over.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+
+    prec = benches.add_parser(
+        "precision",
+        help="seconds per step in float32 vs the default dtype, GFLOP/s against the matmul peak, "
+        "held-out loss of the default run in both, FLoRA's merge error",
+    )
+    prec.add_argument("--steps", type=_positive_int, default=5, help="steps per timed run")
+    prec.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side")
+    prec.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="run folders (default: runs/bench-precision-TIME)",
+    )
+    prec.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     return parser
 
 
@@ -372,9 +390,21 @@ def _bench_overhead(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         rank=args.rank,
+        dtype=args.dtype,
         progress=_progress,
     )
     return _report(format_overhead(result), result.to_json(), args.json)
+
+
+def _bench_precision(args: argparse.Namespace) -> int:
+    from fedlora.bench.precision import format_precision, run_precision_bench
+
+    _quiet_libraries(True)
+    workdir = args.workdir or _timestamped("bench-precision")
+    result = run_precision_bench(
+        workdir, steps=args.steps, repeats=args.repeats, progress=_progress
+    )
+    return _report(format_precision(result), result.to_json(), args.json)
 
 
 def _bench_flower(args: argparse.Namespace) -> int:
@@ -464,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_flower(args)
         if args.command == "bench" and args.bench == "overhead":
             return _bench_overhead(args)
+        if args.command == "bench" and args.bench == "precision":
+            return _bench_precision(args)
         if args.command == "bench" and args.bench == "study":
             return _bench_study(args)
         if args.command == "bench" and args.bench == "comm":

@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedlora import adapters
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.errors import ConfigError
+from fedlora.precision import dtype_name
 from fedlora.privacy import privacy_summary
 from fedlora.report import RunWriter, comparison, headline_metric, summarize
 from fedlora.rounds import RoundRecord, Workbench
@@ -94,7 +97,12 @@ def finish_run(
     start: float,
 ) -> dict[str, Any]:
     """Export the global adapter (and merged model), summarise, write the report; any engine."""
-    extra: dict[str, Any] = {"clients": clients, **facts, "model": cfg.model.name}
+    extra: dict[str, Any] = {
+        "clients": clients,
+        **facts,
+        "model": cfg.model.name,
+        "dtype": dtype_name(bench.model.dtype),
+    }
     if outcome.export:
         folder = adapters.export_adapter(
             bench.model, outcome.export, cfg.model.targets, writer.out / "adapter"
@@ -114,12 +122,19 @@ def finish_run(
 
 
 def save_merged(bench: Workbench, export: Any, folder: Path, cfg: RunConfig) -> Path:
-    """The full model with the global update merged (FLoRA's is already in the base)."""
-    model = bench.model
+    """The full model with the global update merged (FLoRA's is already in the base), saved in
+    float32 with each merged weight from its float32 master: whatever the compute dtype, no part
+    of the update is rounded away."""
     merged_already = cfg.strategy in REGISTRY and REGISTRY[cfg.strategy].traits.merges_into_base
     if export and not merged_already:
-        adapters.merge_delta(model, export)
-    model.save_pretrained(str(folder))
+        bench.merge(export)
+    config = bench.model.config
+    compute = config.dtype
+    config.dtype = torch.float32
+    try:
+        bench.model.save_pretrained(str(folder), state_dict=bench.base.float32_state_dict())
+    finally:
+        config.dtype = compute
     bench.tokenizer.save_pretrained(str(folder))
     return folder
 

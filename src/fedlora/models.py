@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fedlora.errors import ConfigError
+from fedlora.precision import resolve_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
@@ -62,29 +63,19 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bfloat16 on a CUDA device that supports it, float32 otherwise."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in choices:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(choices)}")
-    return choices[dtype]
-
-
 def load_model(
     name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0
 ) -> LoadedModel:
-    """Load ``name`` (see the module docstring) onto ``device`` in ``dtype``, in eval mode."""
+    """Load ``name`` (see the module docstring) onto ``device`` in eval mode, its weights in the
+    compute dtype ``dtype`` resolves to (:func:`fedlora.precision.resolve_dtype`); a saved model
+    is read straight into that dtype, never through a float32 copy."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name == TINY_MODEL:
         model, tokenizer = build_tiny(seed)
     else:
         folder = embedded_folder() if name == DEFAULT_MODEL else _local_or_hub(name)
-        model, tokenizer = _from_pretrained(str(folder))
+        model, tokenizer = _from_pretrained(str(folder), dtype=dt)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=dev, dtype=dt)
@@ -103,12 +94,14 @@ def _local_or_hub(name: str) -> str | Path:
     return name  # a hub id: transformers downloads it when a network exists
 
 
-def _from_pretrained(source: str, **kwargs: Any) -> tuple[Any, Any]:
+def _from_pretrained(
+    source: str, dtype: torch.dtype = torch.float32, **kwargs: Any
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ConfigError(
             f"cannot load model {source!r}: {exc}. Use {DEFAULT_MODEL!r} (embedded), "

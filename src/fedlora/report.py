@@ -114,6 +114,7 @@ def summary_markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
         f"final {summary['final']:.4f} after {summary['rounds']} rounds "
         f"({'better' if summary['improved'] else 'not better'} than the base model).",
         "",
+        *_precision_lines(summary),
         "| round | " + " | ".join(metrics) + " | train loss |",
         "|---" * (len(metrics) + 2) + "|",
     ]
@@ -144,6 +145,17 @@ def summary_markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
     if summary.get("adapter"):
         lines += ["", f"Adapter: `{summary['adapter']}` (load with `PeftModel.from_pretrained`)."]
     return "\n".join(lines) + "\n"
+
+
+def _precision_lines(summary: dict[str, Any]) -> list[str]:
+    if "dtype" not in summary:
+        return []
+    return [
+        f"Model `{summary.get('model')}` computed in **{summary['dtype']}** on "
+        f"{summary.get('device', 'an unrecorded device')}; LoRA factors, optimizer state and "
+        "merged updates in float32.",
+        "",
+    ]
 
 
 def _privacy_line(priv: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from fedlora.data.encode import LazyEncoded
 from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
 from fedlora.lora import BaseDelta, ClientUpdate, Expected, LoRAFactors, screen_update
+from fedlora.precision import MergedBase
 from fedlora.strategies import GlobalState, Start, Strategy
 from fedlora.strategies.hetlora import pruned_rank, self_prune
 from fedlora.train import num_steps, train_local
@@ -190,8 +191,12 @@ class Workbench:
         heldout: Sequence[Example] = (),
         progress: bool = True,
         benchmark: Benchmark | None = None,
+        base: MergedBase | None = None,
     ) -> None:
         self.model = model
+        self.base = base if base is not None else MergedBase(model)
+        """The merged base weights, exact in float32 whatever the compute dtype; ``base``: one
+        that outlives this workbench (a Flower node's, kept with its model)."""
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.kind = kind
@@ -237,7 +242,8 @@ class Workbench:
             self.model = adapters.detach(peft_model)
 
     def merge(self, deltas: dict[str, BaseDelta]) -> None:
-        adapters.merge_delta(self.model, deltas)
+        """``W ← W + ΔW`` for each named module, accumulated in the float32 masters."""
+        self.base.merge(deltas)
 
     def train(
         self, client: Client, plan: LocalPlan, t: int, local: TrainConfig | None = None

@@ -26,21 +26,51 @@ Choices = list[list[int]]
 """The token ids of each choice of one example, written as the response (end-of-turn included)."""
 
 
+def labelled_logits(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits at the positions whose next token carries a label, and those labels.
+
+    ``batch``: :func:`fedlora.data.encode.collate`'s tensors, ``(B, T)``. Position ``t`` predicts
+    token ``t + 1``; the ``K`` positions kept are those whose next token is labelled in any row
+    (``logits_to_keep``), so the LM head (a fifth of a small model's FLOPs) never runs on a
+    prompt. Returns ``logits (B, K, V)`` in the model's dtype, ``targets (B, K)`` and their
+    ``mask (B, K)``, on the model's device. A model that ignores ``logits_to_keep`` gives every
+    position; the kept ones are picked from them.
+    """
+    device = next(model.parameters()).device
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero()[:, 0]  # (K,)
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        logits_to_keep=keep.to(device),
+        use_cache=False,
+    ).logits
+    if logits.shape[1] != keep.numel():
+        logits = logits[:, keep.to(device)]
+    targets = targets[:, keep].to(device)
+    return logits, targets, targets != IGNORE_INDEX
+
+
+def mean_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``−(1/N) Σ log p(label)`` over the ``N`` labelled tokens of ``batch`` (float32), what
+    ``model(**batch).loss`` gives for a causal LM, from :func:`labelled_logits` only."""
+    logits, targets, mask = labelled_logits(model, batch)
+    return F.cross_entropy(logits[mask].float(), targets[mask])
+
+
 def response_log_likelihood(
     model: Any, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence ``Σ_{t: labels_t ≠ -100} log p(labels_t | x_<t)`` (float64) and the count.
 
     ``batch``: :func:`fedlora.data.encode.collate`'s tensors, ``(B, T)``; returns two ``(B,)``
-    tensors on the CPU. Log-softmax runs in float32 on the labelled positions only.
+    tensors on the CPU. Logits only at labelled positions (:func:`labelled_logits`); log-softmax
+    in float32.
     """
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)  # (B, T)
-    attention_mask = batch["attention_mask"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    targets = batch["labels"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
-    mask = targets != IGNORE_INDEX
-    return _sum_log_p(logits[:, :-1], targets, mask), mask.sum(dim=1).cpu()
+    logits, targets, mask = labelled_logits(model, batch)
+    return _sum_log_p(logits, targets, mask), mask.sum(dim=1).cpu()
 
 
 def choice_log_likelihood(

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
+from fedlora.scoring import mean_token_loss
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,6 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     stream = batches(data, cfg.batch_size, generator)
-    device = next(model.parameters()).device
     steps = num_steps(cfg, len(data))
     was_training = model.training
     model.train()
@@ -80,10 +80,10 @@ def train_local(
     for step in range(steps):
         for _ in range(cfg.grad_accum):
             batch = next(stream)
-            tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            loss = model(**tensors).loss
+            batch_tensors = collate(batch, pad_id)
+            loss = mean_token_loss(model, batch_tensors)
             total = loss if penalty is None else loss + penalty()
-            (total / cfg.grad_accum).backward()
+            torch.autograd.backward(total / cfg.grad_accum)
             losses.append(loss.detach())
             seen += len(batch)
         if on_step is not None:

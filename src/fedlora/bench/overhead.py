@@ -1,5 +1,6 @@
 """Benchmark: seconds per local training step through fedlora's client code versus a bare
-torch + peft loop, on the same model, batch and seed, side by side in one process.
+torch + peft loop, on the same model (in the same dtype), batch and seed, side by side in one
+process.
 
 Both sides train a fresh rank-``r`` LoRA on the same fixed batches; they alternate, in an order
 rotated every repeat, so drift of the machine's speed hits all sides alike; the median is kept.
@@ -22,6 +23,7 @@ from fedlora import adapters
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
 from fedlora.models import load_model
+from fedlora.precision import dtype_name
 from fedlora.train import train_local
 
 TARGETS = ["q_proj", "v_proj"]
@@ -30,6 +32,7 @@ TARGETS = ["q_proj", "v_proj"]
 @dataclass
 class OverheadBench:
     model: str
+    dtype: str
     steps: int
     repeats: int
     batch_size: int
@@ -106,6 +109,22 @@ def fedlora_client(
     return time.perf_counter() - start
 
 
+def alternate(
+    sides: dict[str, Callable[[int], float]], repeats: int, say: Callable[[str], None]
+) -> dict[str, float]:
+    """The median seconds of each side over ``repeats`` calls (the call's index as its seed),
+    alternating in an order rotated every repeat so that drift of the machine's speed hits every
+    side alike."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
+    for i in range(repeats):
+        say(f"repeat {i + 1}/{repeats}")
+        shift = i % len(order)
+        for name in order[shift:] + order[:shift]:
+            times[name].append(sides[name](i))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run_overhead_bench(
     model_name: str = "smollm2-135m",
     steps: int = 5,
@@ -113,34 +132,31 @@ def run_overhead_bench(
     batch_size: int = 4,
     seq_len: int = 64,
     rank: int = 8,
+    dtype: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> OverheadBench:
     say = progress or (lambda _msg: None)
-    loaded = load_model(model_name, device="cpu", dtype="float32")
+    loaded = load_model(model_name, device="cpu", dtype=dtype)
     model = loaded.model
     pad_id = int(loaded.tokenizer.pad_token_id)
     data = synthetic_data(model.config.vocab_size, steps * batch_size, seq_len, seed=0)
     cfg = TrainConfig(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
     bare_loop(model, data, cfg, rank, pad_id, seed=0)  # warm-up, not timed
-    sides: dict[str, Callable[[int], float]] = {
-        "bare": lambda i: bare_loop(model, data, cfg, rank, pad_id, seed=i),
-        "fedlora": lambda i: fedlora_client(model, data, cfg, rank, pad_id, seed=i),
-        "importance": lambda i: fedlora_client(
-            model, data, cfg, rank, pad_id, seed=i, importance=True
-        ),
-    }
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    order = list(sides)
-    for i in range(repeats):
-        say(f"repeat {i + 1}/{repeats}")
-        for name in order[i % 3 :] + order[: i % 3]:  # rotate so no side always runs first
-            times[name].append(sides[name](i))
-    bare, ours, tracked = times["bare"], times["fedlora"], times["importance"]
-    bare_s = statistics.median(bare) / steps
-    ours_s = statistics.median(ours) / steps
-    tracked_s = statistics.median(tracked) / steps
+    seconds = alternate(
+        {
+            "bare": lambda i: bare_loop(model, data, cfg, rank, pad_id, seed=i),
+            "fedlora": lambda i: fedlora_client(model, data, cfg, rank, pad_id, seed=i),
+            "importance": lambda i: fedlora_client(
+                model, data, cfg, rank, pad_id, seed=i, importance=True
+            ),
+        },
+        repeats,
+        say,
+    )
+    bare_s, ours_s, tracked_s = (seconds[k] / steps for k in ("bare", "fedlora", "importance"))
     return OverheadBench(
         model=model_name,
+        dtype=dtype_name(loaded.dtype),
         steps=steps,
         repeats=repeats,
         batch_size=batch_size,
@@ -157,7 +173,8 @@ def run_overhead_bench(
 
 def format_overhead(result: OverheadBench) -> str:
     return (
-        f"local training, {result.model}, batch {result.batch_size} x {result.seq_len} tokens, "
+        f"local training, {result.model} in {result.dtype}, "
+        f"batch {result.batch_size} x {result.seq_len} tokens, "
         f"rank {result.rank}, {result.steps} steps, median of {result.repeats}\n"
         f"bare torch + peft: {result.bare_s_per_step:.3f} s/step\n"
         f"fedlora client:    {result.fedlora_s_per_step:.3f} s/step\n"

@@ -21,12 +21,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import adapters
 from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
@@ -42,6 +40,7 @@ from fedlora.flower.records import (
 )
 from fedlora.lora import BaseDelta
 from fedlora.models import LoadedModel, load_model
+from fedlora.precision import MergedBase
 from fedlora.ranks import client_ranks
 from fedlora.report import RunWriter
 from fedlora.rounds import (
@@ -277,7 +276,7 @@ def _client_train(msg: Message, context: Context) -> Message:
     for i, delta in base.items():  # keep every merged update this node has received
         context.state[f"base.{i}"] = factors_record(delta)
     bench = _workbench(cfg, kind)
-    _restore_base(bench, cfg, _received_base(context))
+    _restore_base(bench, _received_base(context))
     result = bench.train(client, plan, t)
     return Message(result_content(result), reply_to=msg)
 
@@ -329,17 +328,15 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded(
-    name: str, device: str, dtype: str, seed: int
-) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
-    """The model, once per process, with a copy of its pristine target weights."""
+def _loaded(name: str, device: str, dtype: str, seed: int) -> tuple[LoadedModel, MergedBase]:
+    """The model, once per process, with its merged base (which keeps the pristine weights)."""
     loaded = load_model(name, device, dtype, seed=seed)
-    return loaded, {}
+    return loaded, MergedBase(loaded.model)
 
 
 def _workbench(cfg: RunConfig, kind: str) -> Workbench:
-    loaded, _ = _loaded(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.seed)
-    return Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False)
+    loaded, base = _loaded(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.seed)
+    return Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
 
 
 def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
@@ -353,16 +350,10 @@ def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
     ]
 
 
-def _restore_base(bench: Workbench, cfg: RunConfig, deltas: list[dict[str, BaseDelta]]) -> None:
+def _restore_base(bench: Workbench, deltas: list[dict[str, BaseDelta]]) -> None:
     """Target weights back to the pristine base, then every merged update in order (the server
-    merged the same updates in the same order, so both hold the same base weights)."""
-    _, pristine = _loaded(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.seed)
-    modules = dict(bench.model.named_modules())
-    with torch.no_grad():
-        for name in bench.shapes:
-            weight = modules[name].weight
-            if name not in pristine:
-                pristine[name] = weight.detach().clone()
-            weight.copy_(pristine[name])
+    merged the same updates in the same order into the same float32 masters, so both hold the
+    same base weights, bitwise)."""
+    bench.base.reset(list(bench.shapes))
     for delta in deltas:
-        adapters.merge_delta(bench.model, delta)
+        bench.merge(delta)
