@@ -125,18 +125,14 @@ def test_runner_uploads_only_the_trained_components(
 
 
 def seen_importance(updates: list[ClientUpdate], module: str) -> torch.Tensor:
-    """The server importance of ``module`` after ``updates``, recomputed by aggregating them."""
-    strategy = get_strategy("hafl-freeze")
-    shapes = {module: tuple(updates[0].factors[module].shape)}
-    state = strategy.init_state(shapes, 8, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
-    sub = [
-        ClientUpdate(
-            u.client_id,
-            {module: u.factors[module]},
-            u.num_examples,
-            component_index={module: u.indices(module)},
-            importance={module: u.importance[module]},  # type: ignore[index]
-        )
-        for u in updates
-    ]
-    return strategy.aggregate(state, sub).importance[module]
+    """The server importance of ``module`` after ``updates``, computed by hand, independently of
+    the strategy: per component, the example-weighted mean of the scores of the clients that
+    trained it."""
+    rank = max(int(u.indices(module).max()) + 1 for u in updates)
+    total, weight = torch.zeros(rank, dtype=torch.float64), torch.zeros(rank, dtype=torch.float64)
+    for u in updates:
+        assert u.importance is not None
+        for j, i in enumerate(u.indices(module).tolist()):
+            total[i] += u.num_examples * float(u.importance[module][j])
+            weight[i] += u.num_examples
+    return total / weight

@@ -8,8 +8,10 @@ import torch
 from fedlora import adapters
 from fedlora.config import TrainConfig
 from fedlora.data import Example, encode
-from fedlora.importance import SmoothedSensitivity, component_scores
+from fedlora.importance import ComponentImportance, SmoothedSensitivity, component_scores
+from fedlora.lora import LoRAFactors
 from fedlora.models import build_tiny
+from fedlora.strategies import GlobalState, get_strategy
 from fedlora.train import train_local
 
 
@@ -38,6 +40,42 @@ def test_component_score_combines_the_row_of_a_and_the_column_of_b() -> None:
 
     assert component_scores(score_A, score_B).tolist() == [4.0, 4.0]
     assert component_scores(score_A * 2, score_B).tolist() == [6.0, 6.0]
+
+
+def test_components_of_different_importance_get_different_scores() -> None:
+    # Prepare: r = 3. Row means of S_A: [2, 0, 5]; column means of S_B: [1, 3, 0]
+    score_A = torch.tensor([[1.0, 3.0], [0.0, 0.0], [4.0, 6.0]])  # (r, d_in)
+    score_B = torch.tensor([[0.0, 6.0, 0.0], [2.0, 0.0, 0.0]])  # (d_out, r)
+
+    # Execute / Assert: s = [3, 3, 5], by hand; a broadcast global mean would give [4, 4, 4]
+    assert component_scores(score_A, score_B).tolist() == [3.0, 3.0, 5.0]
+    assert component_scores(score_A, score_B * 0).tolist() == [2.0, 0.0, 5.0]
+
+
+def test_tracked_importance_picks_the_components_a_hand_computation_picks() -> None:
+    # Prepare: one module, r = 3, d_in = d_out = 2, one step with hand-set gradients.
+    # I = |w g| per entry; after one step with β1 = β2 = 0.85: Ī = 0.15 I, Ū = 0.15 · 0.85 I,
+    # so S = c I² with c = 0.15² · 0.85.
+    A = torch.nn.Parameter(torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.5, 0.5]]))  # (r, d_in)
+    B = torch.nn.Parameter(torch.tensor([[1.0, 0.0, 3.0], [1.0, 0.0, 1.0]]))  # (d_out, r)
+    A.grad = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 0.0]])  # I_A = [[1,1],[4,0],[0,0]]
+    B.grad = torch.tensor([[1.0, 5.0, 1.0], [1.0, 5.0, 1.0]])  # I_B = [[1,0,3],[1,0,1]]
+    tracker = ComponentImportance({"m": lambda: (A, B)})
+
+    # Execute
+    tracker.step()
+    scores = tracker.scores()["m"]
+
+    # Assert: component i scores c (mean_j I_A[i,j]² + mean_j I_B[j,i]²)
+    c = 0.15**2 * 0.85
+    expected = [c * (1 + 1), c * (16 / 2 + 0), c * (0 + (9 + 1) / 2)]  # [2c, 8c, 5c]
+    assert scores.tolist() == pytest.approx(expected, rel=1e-6)
+    # HAFL truncation sends a rank-2 client the two most important: components 1 and 2
+    state = GlobalState(
+        factors={"m": LoRAFactors(A=A.detach(), B=B.detach())}, importance={"m": scores}
+    )
+    index = get_strategy("hafl-truncate").component_indices(state, 2)
+    assert index is not None and index["m"].tolist() == [1, 2]
 
 
 def test_importance_is_tracked_during_local_training() -> None:

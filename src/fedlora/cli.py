@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per step in float32 vs the default dtype, GFLOP/s against the matmul peak, "
         "held-out loss of the default run in both, FLoRA's merge error",
     )
+    _set_option(prec, [], "override a key of the default config (e.g. model.name) in every part")
     prec.add_argument("--steps", type=_positive_int, default=5, help="steps per timed run")
     prec.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side")
     prec.add_argument(
@@ -402,7 +403,11 @@ def _bench_precision(args: argparse.Namespace) -> int:
     _quiet_libraries(True)
     workdir = args.workdir or _timestamped("bench-precision")
     result = run_precision_bench(
-        workdir, steps=args.steps, repeats=args.repeats, progress=_progress
+        workdir,
+        steps=args.steps,
+        repeats=args.repeats,
+        overrides=args.overrides,
+        progress=_progress,
     )
     return _report(format_precision(result), result.to_json(), args.json)
 

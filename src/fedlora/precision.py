@@ -7,9 +7,9 @@ hardware multiplies it natively, float32 elsewhere). The rules (``docs/precision
 - LoRA parameters, their gradients and AdamW's state are float32 (PEFT casts adapters of a
   bfloat16 / float16 model to float32), and so is every factor a client uploads;
 - all aggregation math is float32 or float64 (:mod:`fedlora.strategies`);
-- what a strategy merges into the base (FLoRA) accumulates in a float32 *master* of each merged
-  weight, ``W₀ + Σ_t ΔW_t`` (:class:`MergedBase`); the compute copy is re-cast from the master
-  after every merge, so rounding to the compute dtype never compounds across rounds;
+- what a strategy merges into the base (FLoRA) is never rounded to the compute dtype: in a
+  float32 run it is added into the weights, in a lower dtype it accumulates as a float32 term in
+  the forward pass, ``y = W₀ x + (Σ_t ΔW_t) x`` (:class:`MergedBase`);
 - evaluation and generation run in the compute dtype; log-probabilities in float32.
 """
 
@@ -84,69 +84,121 @@ def dense_delta(delta: BaseDelta, device: torch.device) -> torch.Tensor:
 
 
 class MergedBase:
-    """The base weights a strategy merges into, kept exactly in float32.
+    """The base weights a strategy merges into, with every merged update kept exactly.
 
-    For each merged module the master is ``W₀ + Σ_t ΔW_t`` in float32, summed in merge order;
-    ``W₀`` is the weight as loaded in the compute dtype. After each merge the module's weight
-    (the compute copy) is the master cast to the compute dtype. A float32 weight is its own master,
-    so a float32 run holds no copy. Two parties that start from the same ``W₀`` and merge the
-    same deltas in the same order hold bitwise the same masters and weights.
+    In float32 a merge is ``W ← W + ΔW`` in place: the weight is its own float32 master. In a
+    lower compute dtype the weight ``W₀`` stays as loaded and the accumulated update
+    ``Σ_t ΔW_t`` is a float32 term added to the module's output by a forward hook,
+    ``y = W₀ x + (Σ_t ΔW_t) x``: factored (the updates stacked, ``B_acc (A_acc x)``) while
+    ``R (d_in + d_out) < d_in d_out`` for the stacked rank ``R``, dense beyond. Rounding a sum
+    ``W₀ + ΔW`` to bfloat16 would lose most of a round's update (an element of ``ΔW`` below half
+    a bfloat16 step of its weight is lost outright), so no merged update is ever rounded to the
+    compute dtype. Two parties that start from the same ``W₀`` and merge the same deltas in the
+    same order hold bitwise the same state.
 
-    ``model`` is the plain base model; modules are found by name at each call, so the model may be
-    wrapped in an adapter and unwrapped between calls.
+    ``model`` is the plain base model; modules are found by name at each merge (the model may be
+    wrapped in a PEFT adapter between merges: PEFT keeps the hooked linear layer as its base
+    layer, so the term stays in the forward pass).
     """
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.masters: dict[str, torch.Tensor] = {}
+        self.terms: dict[str, BaseDelta] = {}
+        """The float32 accumulated update of each module whose weight is not float32."""
+        self._hooks: dict[str, Any] = {}
         self.pristine: dict[str, torch.Tensor] = {}
-        """``W₀`` of each module :meth:`reset` has seen (kept only by parties that reset)."""
+        """``W₀`` of each float32 module :meth:`reset` has seen (kept by parties that reset)."""
 
-    def _weight(self, name: str) -> torch.Tensor:
+    def _module(self, name: str) -> Any:
         modules = dict(self.model.named_modules())
         if name not in modules:
             raise ConfigError(f"base delta for unknown module {name!r}")
-        weight: torch.Tensor = modules[name].weight
-        return weight
-
-    def master(self, name: str) -> torch.Tensor:
-        """Module ``name``'s float32 master (the weight itself in float32; created on first use)."""
-        weight = self._weight(name)
-        if weight.dtype == torch.float32:
-            return weight
-        if name not in self.masters:
-            self.masters[name] = weight.detach().float()
-        return self.masters[name]
+        return modules[name]
 
     def merge(self, deltas: Mapping[str, BaseDelta]) -> None:
-        """``master ← master + ΔW`` for each named module, then the weight is re-cast from it."""
+        """Add ``ΔW`` to each named module: into a float32 weight in place, else into its float32
+        term (stacked while factored is smaller, dense beyond)."""
         with torch.no_grad():
             for name, delta in deltas.items():
-                master = self.master(name)
-                master.add_(dense_delta(delta, master.device))
-                weight = self._weight(name)
-                if weight is not master:
-                    weight.copy_(master)
+                module = self._module(name)
+                weight = module.weight
+                if weight.dtype == torch.float32:
+                    weight.add_(dense_delta(delta, weight.device))
+                    continue
+                self.terms[name] = _accumulate(self.terms.get(name), delta, weight.device)
+                if name not in self._hooks:
+                    self._hooks[name] = module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Any:
+        def add_term(module: Any, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> Any:
+            x = inputs[0].float()  # (..., d_in): the term runs in float32
+            term = self.terms[name]
+            # (..., d_out); factored: through (..., R)
+            extra = (x @ term.A.T) @ term.B.T if isinstance(term, LoRAFactors) else x @ term.T
+            return (out.float() + extra).to(out.dtype)
+
+        return add_term
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        """The accumulated update ``Σ_t ΔW_t`` of a module held as a term, float32 dense."""
+        term = self.terms.get(name)
+        return None if term is None else dense_delta(term, torch.device("cpu"))
+
+    def master(self, name: str) -> torch.Tensor:
+        """Module ``name``'s merged weight in float32: ``W₀ + Σ_t ΔW_t`` (the weight itself in
+        float32)."""
+        weight: torch.Tensor = self._module(name).weight
+        if weight.dtype == torch.float32:
+            return weight
+        term = self.delta(name)
+        upcast = weight.detach().float()
+        return upcast if term is None else upcast + term.to(weight.device)
 
     def reset(self, names: Sequence[str]) -> None:
-        """Modules ``names`` back to ``W₀`` (their weight when first reset), masters dropped."""
+        """Modules ``names`` back to ``W₀``: terms dropped; a float32 weight restored to its value
+        when first reset."""
         with torch.no_grad():
             for name in names:
-                weight = self._weight(name)
+                self.terms.pop(name, None)
+                hook = self._hooks.pop(name, None)
+                if hook is not None:
+                    hook.remove()
+                weight = self._module(name).weight
+                if weight.dtype != torch.float32:
+                    continue
                 if name not in self.pristine:
                     self.pristine[name] = weight.detach().clone()
                 weight.copy_(self.pristine[name])
-                self.masters.pop(name, None)
 
     def float32_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict in float32 with every merged weight taken from its master:
-        the exact merged model (tied weights stay one tensor)."""
+        """The model's state dict in float32 with every merged update in its weight: the exact
+        merged model (tied weights stay one tensor)."""
         by_storage: dict[int, torch.Tensor] = {}
         state = {}
         for key, value in self.model.state_dict().items():
             if value.is_floating_point():
                 value = by_storage.setdefault(value.data_ptr(), value.float())
             state[key] = value
-        for name, master in self.masters.items():
-            state[f"{name}.weight"] = master
+        for name in self.terms:
+            state[f"{name}.weight"] = self.master(name)
         return state
+
+
+def _accumulate(term: BaseDelta | None, delta: BaseDelta, device: torch.device) -> BaseDelta:
+    """``term + delta`` in float32 on ``device``: factors stacked (``[A; A']``, ``[B, B']``) while
+    ``R (d_in + d_out) < d_in d_out``, else dense."""
+    if isinstance(delta, LoRAFactors):
+        delta = LoRAFactors(
+            A=delta.A.to(device, torch.float32), B=delta.B.to(device, torch.float32)
+        )
+    else:
+        delta = delta.to(device, torch.float32)
+    if term is None:
+        return delta
+    if isinstance(term, LoRAFactors) and isinstance(delta, LoRAFactors):
+        d_out, d_in = term.shape
+        if (term.rank + delta.rank) * (d_in + d_out) < d_in * d_out:
+            return LoRAFactors(
+                A=torch.cat([term.A, delta.A]), B=torch.cat([term.B, delta.B], dim=1)
+            )
+    return dense_delta(term, device) + dense_delta(delta, device)

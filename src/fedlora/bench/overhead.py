@@ -30,7 +30,9 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 @dataclass
-class OverheadBench:
+class StepBench:
+    """The setting of a benchmark of local training steps."""
+
     model: str
     dtype: str
     steps: int
@@ -38,6 +40,13 @@ class OverheadBench:
     batch_size: int
     seq_len: int
     rank: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class OverheadBench(StepBench):
     bare_s_per_step: float
     fedlora_s_per_step: float
     ratio: float
@@ -45,9 +54,6 @@ class OverheadBench:
     importance_ratio: float
     """fedlora's client path with HAFL importance tracking, against the bare loop."""
     torch_threads: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def synthetic_data(vocab: int, n: int, seq_len: int, seed: int) -> list[Encoded]:
@@ -67,6 +73,7 @@ def bare_loop(
     """What a user would write with torch and peft alone; returns seconds."""
     from peft import LoraConfig, get_peft_model
 
+    device = next(model.parameters()).device
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -78,13 +85,15 @@ def bare_loop(
     order = torch.randperm(len(data), generator=gen).tolist()
     for step in range(cfg.steps):
         idx = order[(step * cfg.batch_size) % len(order) :][: cfg.batch_size]
-        batch = collate([data[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()}
         loss = peft_model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     peft_model.unload()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

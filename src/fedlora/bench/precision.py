@@ -9,39 +9,37 @@
    ``4 · params · tokens``, with the LM head only at the labelled positions).
 3. The default run (``fedlora run``'s config) in float32 and in the default dtype: final held-out
    loss and wall seconds of each.
-4. FLoRA's merge after 3 rounds in the default dtype: the float32 masters against
-   ``W₀ + Σ_t ΔW_t`` (float64), the compute copy's rounding, and what merging into the weights
-   in the compute dtype, as before, would have held.
+4. FLoRA's merge after 3 rounds in the default dtype: the update the server's model adds to
+   ``W₀`` against ``Σ_t ΔW_t`` (float64), and what merging into the weights in the compute dtype,
+   as before, would have held.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedlora.bench.overhead import alternate, bare_loop, fedlora_client, synthetic_data
+from fedlora.bench.overhead import (
+    StepBench,
+    alternate,
+    bare_loop,
+    fedlora_client,
+    synthetic_data,
+)
 from fedlora.config import RunConfig, TrainConfig, load_config
-from fedlora.models import load_model
+from fedlora.models import load_model, resolve_device
 from fedlora.precision import dense_delta, dtype_name, resolve_dtype
-
-TARGETS = ["q_proj", "v_proj"]
 
 
 @dataclass
-class PrecisionBench:
-    model: str
-    dtype: str
-    """The default compute dtype on this machine (``model.dtype = auto``)."""
-    steps: int
-    repeats: int
-    batch_size: int
-    seq_len: int
-    rank: int
+class PrecisionBench(StepBench):
+    """``dtype``: the default compute dtype on this machine (``model.dtype = auto``)."""
+
     bare_fp32_s_per_step: float
     fedlora_fp32_s_per_step: float
     fedlora_s_per_step: float
@@ -58,26 +56,29 @@ class PrecisionBench:
     run_fp32_s: float
     run_default_s: float
     flora_merge_rel_err: float
-    """Largest over modules of ``‖master − (W₀ + Σ ΔW)‖ / ‖Σ ΔW‖`` after 3 FLoRA rounds."""
-    flora_compute_copy_rel_err: float
-    """The same for the compute copy (the master rounded once to ``dtype``)."""
+    """Largest over modules of ``‖U − Σ_t ΔW_t‖ / ‖Σ_t ΔW_t‖`` after 3 FLoRA rounds, ``U`` the
+    accumulated update the server's forward pass adds to ``W₀`` (:class:`MergedBase`)."""
     flora_merged_in_dtype_rel_err: float
     """The same had every merge been rounded into the weights in ``dtype`` (the old path)."""
     torch_threads: int
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of the best of ``repeats`` ``(n, n) @ (n, n)`` products in ``dtype``."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    a = torch.randn(n, n).to(device, dtype)
+    b = torch.randn(n, n).to(device, dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -101,20 +102,28 @@ def run_precision_bench(
     batch_size: int = 4,
     seq_len: int = 64,
     rank: int = 8,
+    overrides: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PrecisionBench:
+    """``overrides``: ``--set`` items applied to the default config of every part (e.g. another
+    ``model.name``)."""
     say = progress or (lambda _msg: None)
-    default = load_config(None)
+    base = list(overrides or [])
+    default = load_config(None, base)
     per_step, gflop = time_steps(default, steps, repeats, batch_size, seq_len, rank, say)
     say("matmul peaks")
-    dtype = resolve_dtype(default.model.dtype, torch.device("cpu"))
-    peak, peak_fp32 = matmul_peak(dtype), matmul_peak(torch.float32)
+    device = resolve_device(default.model.device)
+    dtype = resolve_dtype(default.model.dtype, device)
+    peak, peak_fp32 = matmul_peak(dtype, device), matmul_peak(torch.float32, device)
     say("the default run in float32")
-    loss_fp32, run_fp32 = _final_loss(load_config(None, ["model.dtype=float32"]), workdir / "fp32")
+    loss_fp32, run_fp32 = _final_loss(
+        load_config(None, [*base, "model.dtype=float32"]), workdir / "fp32"
+    )
     say(f"the default run in {dtype_name(dtype)}")
     loss_default, run_default = _final_loss(default, workdir / "default")
     say(f"FLoRA's merge over 3 rounds in {dtype_name(dtype)}")
-    merge = flora_merge_errors(load_config(None, ["rounds=3", "data.heldout=8"]), workdir / "merge")
+    merge_cfg = load_config(None, ["data.heldout=8", *base, "rounds=3", "strategy=flora"])
+    merge = flora_merge_errors(merge_cfg, workdir / "merge")
     return PrecisionBench(
         model=default.model.name,
         dtype=dtype_name(dtype),
@@ -135,8 +144,7 @@ def run_precision_bench(
         loss_default=loss_default,
         run_fp32_s=run_fp32,
         run_default_s=run_default,
-        flora_merge_rel_err=merge["master"],
-        flora_compute_copy_rel_err=merge["compute_copy"],
+        flora_merge_rel_err=merge["held"],
         flora_merged_in_dtype_rel_err=merge["merged_in_dtype"],
         torch_threads=torch.get_num_threads(),
     )
@@ -153,8 +161,9 @@ def time_steps(
 ) -> tuple[dict[str, float], float]:
     """Seconds per step of the three sides (``bare_fp32``, ``fedlora_fp32``, ``fedlora``) and
     the GFLOP per step of the default side; both models are freed on return."""
-    fp32 = load_model(default.model.name, device="cpu", dtype="float32")
-    fast = load_model(default.model.name, device="cpu", dtype=default.model.dtype)
+    m = default.model
+    fp32 = load_model(m.name, device=m.device, dtype="float32")
+    fast = load_model(m.name, device=m.device, dtype=m.dtype)
     pad_id = int(fp32.tokenizer.pad_token_id)
     data = synthetic_data(fp32.model.config.vocab_size, steps * batch_size, seq_len, seed=0)
     cfg = TrainConfig(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
@@ -184,8 +193,8 @@ def _final_loss(cfg: RunConfig, out: Path) -> tuple[float, float]:
 
 def flora_merge_errors(cfg: RunConfig, workdir: Path) -> dict[str, float]:
     """Run FLoRA in-process for ``cfg.rounds`` rounds; the largest relative error over modules,
-    against ``W₀ + Σ_t ΔW_t`` in float64, of the server's float32 masters, of its compute copy,
-    and of merging every round into the weights in the compute dtype."""
+    against ``Σ_t ΔW_t`` in float64, of the update the server's model holds (``held``) and of
+    merging every round into the weights in their own dtype (``merged_in_dtype``)."""
     from fedlora.checkpoint import take_deltas
     from fedlora.simulation import Runner, build_federation
 
@@ -198,22 +207,21 @@ def flora_merge_errors(cfg: RunConfig, workdir: Path) -> dict[str, float]:
     tensors, meta = snapshots[-1]
     merged_deltas = [take_deltas(tensors, f"merged/{i}") for i in range(int(meta["merged"]))]
     merged = runner.bench.base
-    worst = {"master": 0.0, "compute_copy": 0.0, "merged_in_dtype": 0.0}
+    worst = {"held": 0.0, "merged_in_dtype": 0.0}
     for name, weight in w0.items():
         deltas = [dense_delta(d[name], weight.device) for d in merged_deltas]
         total = torch.stack(deltas).double().sum(0)
-        exact = weight.double() + total
-        naive = weight.clone()
+        naive = weight.clone()  # what merging into the weight in its own dtype would hold
         for d in deltas:
             naive = (naive.float() + d).to(weight.dtype)
+        term = merged.delta(name)
         held = {
-            "master": merged.master(name),
-            "compute_copy": runner.model.get_submodule(name).weight,
-            "merged_in_dtype": naive,
+            "held": term if term is not None else merged.master(name) - weight,
+            "merged_in_dtype": naive.double() - weight.double(),
         }
         norm = float(torch.linalg.norm(total))
         for key, value in held.items():
-            err = float(torch.linalg.norm(value.double() - exact)) / norm
+            err = float(torch.linalg.norm(value.double() - total)) / norm
             worst[key] = max(worst[key], err)
     return worst
 
@@ -233,9 +241,8 @@ def format_precision(r: PrecisionBench) -> str:
             f"default run: held-out loss {r.loss_fp32:.4f} in float32 ({r.run_fp32_s:.0f} s), "
             f"{r.loss_default:.4f} in {r.dtype} ({r.run_default_s:.0f} s); "
             f"difference {r.loss_default - r.loss_fp32:+.4f}",
-            f"FLoRA's merge after 3 rounds in {r.dtype}: float32 masters "
-            f"{r.flora_merge_rel_err:.2e}, compute copy {r.flora_compute_copy_rel_err:.2e}, "
-            f"merged into {r.dtype} weights "
-            f"(the old path) {r.flora_merged_in_dtype_rel_err:.2e} of the accumulated update",
+            f"FLoRA's merge after 3 rounds in {r.dtype}: the update the model holds is off by "
+            f"{r.flora_merge_rel_err:.2e} of the accumulated update; merged into {r.dtype} "
+            f"weights (the old path) {r.flora_merged_in_dtype_rel_err:.2e}",
         ]
     )
