@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import pytest
 import torch
 
 from fedlora.lora import ClientUpdate, LoRAFactors, fold_scaling
 from fedlora.strategies import GlobalState, Strategy, get_strategy
 
 MODULES = {"q_proj": (12, 10), "v_proj": (6, 10)}  # name -> (d_out, d_in)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never read or write the user's caches: fedlora's converted models (so the first
+    load of the default model in a session converts the shipped GGUF), matplotlib's, and those
+    of anything that follows XDG; subprocesses inherit the same folders."""
+    root = tmp_path_factory.mktemp("caches")
+    patch = pytest.MonkeyPatch()
+    for var in ("FEDLORA_CACHE", "MPLCONFIGDIR", "XDG_CACHE_HOME"):
+        patch.setenv(var, str(root / var.lower()))
+    yield
+    patch.undo()
 
 
 def random_factors(

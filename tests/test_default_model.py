@@ -5,6 +5,7 @@ On a fresh machine the first load converts the GGUF file to a cached float32 fol
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,26 @@ import torch
 
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
-from fedlora.models import load_model
+from fedlora.models import embedded_folder, load_model
 from fedlora.precision import dtype_name, resolve_dtype
+
+
+@pytest.mark.slow
+def test_the_shipped_gguf_is_converted_once_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
+
+    folder = embedded_folder()  # converts: the cache is empty
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    again = embedded_folder()  # reuses the converted folder
+
+    assert folder == tmp_path / "cache" / "smollm2-135m-instruct" and again == folder
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging left
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config  # the GGUF quantizer is gone: it saves and loads
 
 
 @pytest.mark.slow

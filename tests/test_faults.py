@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import exact_delta
+from fedlora import simulation
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
@@ -159,3 +160,25 @@ def test_stragglers_deliver_partial_work(tmp_path: Path, monkeypatch: pytest.Mon
 def test_fault_settings_are_checked(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         tiny(**overrides)
+
+
+def test_a_client_that_times_out_trains_but_its_update_never_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every client times out in every try: the round trains three clients twice, then skips
+    cfg = tiny(**{"faults.timeout": 1.0, "clients.retries": 1, "rounds": 1})
+    trained: list[str] = []
+    train = simulation.Workbench.train
+
+    def training(self: Any, client: Any, *args: Any) -> Any:
+        trained.append(client.cid)
+        return train(self, client, *args)
+
+    monkeypatch.setattr(simulation.Workbench, "train", training)
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
+
+    last = rows(tmp_path / "run")[-1]
+    assert len(trained) == 6 and last["attempts"] == 2
+    assert set(last["failed"].values()) == {"injected fault: no reply before the round closed"}
+    assert last["skipped"].startswith("fewer than clients.min_clients = 1")
+    assert summary["final"] == summary["base"]  # nothing arrived, nothing changed

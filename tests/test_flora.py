@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -84,3 +88,53 @@ def test_base_delta_is_dense_when_factors_would_be_larger() -> None:
 
     assert isinstance(small, LoRAFactors) and small.rank == 2
     assert isinstance(large, torch.Tensor) and large.shape == (6, 5)
+
+
+def test_a_dense_merged_update_is_merged_sent_counted_and_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: three rank-8 clients stack to R = 24. The tiny model's v_proj is 32 x 64, where
+    # R (d_in + d_out) = 2304 > d_in d_out = 2048: dense, as the default model's v_proj
+    # (192 x 576) is with FLoRA's ranks. Its q_proj (64 x 64: 3072 < 4096) stays factored.
+    from fedlora import experiment
+    from fedlora.checkpoint import load_checkpoint
+    from fedlora.config import load_config
+    from fedlora.experiment import resume_experiment, run_experiment
+
+    tiny = Path(__file__).parent.parent / "configs" / "tiny.toml"
+    cfg = load_config(tiny, ["clients.ranks=[8, 8, 8]", "rounds=3"])
+
+    # Execute: a whole run, and one that stops after round 1 and resumes
+    run_experiment(cfg, tmp_path / "whole", progress=False)
+    save = experiment.save_checkpoint
+
+    def stop_after_round_1(folder: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
+        path = save(folder, tensors, meta)
+        if meta["round"] == 1:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(experiment, "save_checkpoint", stop_after_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=False)
+    tensors, _ = load_checkpoint(tmp_path / "cut")
+    monkeypatch.setattr(experiment, "save_checkpoint", save)
+    resume_experiment(tmp_path / "cut", progress=False)
+
+    # Assert: v_proj's merged update is dense in the checkpoint, q_proj's factored
+    v, q = "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.q_proj"
+    assert tensors[f"merged/0/{v}/W"].shape == (32, 64)
+    assert f"merged/0/{q}/A" in tensors and f"merged/0/{v}/A" not in tensors
+    # each client downloads round 1's update in round 2: dense v (2 x 32 x 64), factored q
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    want = 2 * (32 * 64) + 2 * 24 * (64 + 64)
+    assert {t["down_params"] for t in rows[2]["traffic"]} == {want}
+    # the resumed run re-merged the dense update and ends where the whole run ended
+    got = (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert got == (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").read_bytes()
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [_timeless(r) for r in cut] == [_timeless(r) for r in rows]
+
+
+def _timeless(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "seconds"}

@@ -107,16 +107,30 @@ def write_connection(
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 below the ephemeral range (so no outgoing connection of
-    this host can take it between now and the bind)."""
-    for port in range(20000 + os.getpid() % 5000, 32000, 7):
-        with socket.socket() as s:
+    """A free TCP port on 127.0.0.1 (see :func:`free_ports`)."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1, all bound at once while they are chosen
+    (so each is free and none repeats), below the ephemeral range (so no outgoing connection of
+    this host can take one between now and the bind of the process it is for)."""
+    held: list[socket.socket] = []
+    try:
+        for port in range(20000 + os.getpid() % 5000, 32000, 7):
+            s = socket.socket()
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
+                s.close()
                 continue
-            return port
-    raise FedloraError("no free TCP port on 127.0.0.1 in 20000 … 32000")
+            held.append(s)
+            if len(held) == count:
+                return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+    raise FedloraError(f"no {count} free TCP ports on 127.0.0.1 in 20000 … 32000")
 
 
 @dataclass

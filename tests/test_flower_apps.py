@@ -1,0 +1,186 @@
+"""The Flower apps' error paths, without Flower processes: a node's config, the server's node
+query, its wait for nodes, a rejected reply and a gap in a node's merged updates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from fedlora.config import RunConfig, load_config
+from fedlora.errors import ConfigError, FedloraError, UpdateError
+from fedlora.flower import apps
+from fedlora.flower.records import factors_record
+from fedlora.lora import LoRAFactors
+from fedlora.rounds import ClientInfo, Failure, LocalPlan, Task
+
+TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
+
+
+def tiny() -> RunConfig:
+    return load_config(TINY)
+
+
+# --- a node's config --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({}, "the node config has no partition-id"),
+        ({"partition-id": 3}, r"partition-id must be an int in 0 … 2, got 3"),
+        ({"partition-id": True}, r"partition-id must be an int in 0 … 2, got True"),
+        ({"partition-id": "1"}, r"partition-id must be an int in 0 … 2, got '1'"),
+        ({"partition-id": 0, "rank": 0}, "rank must be an int >= 1, got 0"),
+        ({"partition-id": 0, "rank": "8"}, "rank must be an int >= 1, got '8'"),
+    ],
+)
+def test_a_bad_node_config_is_named(node_config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        apps.node_client(tiny(), node_config)
+
+
+def test_a_node_takes_its_rank_from_the_config_or_its_own(tmp_path: Path) -> None:
+    cfg = tiny()  # ranks [8, 4, 2], α = 2r
+
+    default, kind = apps.node_client(cfg, {"partition-id": 1})
+    own, _ = apps.node_client(cfg, {"partition-id": 1, "rank": 6, "alpha": 3.0})
+
+    assert (default.cid, default.index, default.rank, default.alpha) == ("client-0001", 1, 4, 8.0)
+    assert (own.rank, own.alpha) == (6, 3.0) and own.examples == default.examples
+    assert kind == "instruction" and default.examples
+
+
+def test_a_node_with_its_own_data_file_uses_it_whole(tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    client, kind = apps.node_client(tiny(), {"partition-id": 2, "data": str(path)})
+
+    assert [e.prompt for e in client.examples] == [f"q{i}" for i in range(5)]
+    assert kind == "instruction" and client.index == 2
+
+
+def test_a_node_whose_data_file_is_missing_says_which(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.jsonl"):
+        apps.node_client(tiny(), {"partition-id": 0, "data": str(tmp_path / "nope.jsonl")})
+
+
+# --- the server's questions to the nodes ------------------------------------------------------
+
+
+class Grid:
+    """A Flower grid with fixed node ids (only what the code under test asks of it)."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def _identity(index: int, cid: str | None = None) -> RecordDict:
+    return RecordDict(
+        {
+            "client": ConfigRecord(
+                {
+                    "cid": cid or f"client-{index:04d}",
+                    "index": index,
+                    "rank": 4,
+                    "alpha": 8.0,
+                    "examples": 10,
+                }
+            )
+        }
+    )
+
+
+def _replying(monkeypatch: pytest.MonkeyPatch, replies: list[RecordDict | Failure]) -> None:
+    """The nodes' replies, in order; messages are built as in a run (which sets the run id)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(apps, "_send", lambda grid, messages, timeout, names: replies)
+
+
+def test_two_nodes_with_the_same_partition_id_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _replying(monkeypatch, [_identity(0), _identity(1), _identity(1)])
+
+    with pytest.raises(ConfigError, match="nodes 12 and 13 both say partition-id 1"):
+        apps._identify(Grid([11, 12, 13]), [11, 12, 13], tiny(), 1.0)  # type: ignore[arg-type]
+
+
+def test_a_missing_partition_id_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    _replying(monkeypatch, [_identity(0), _identity(2), _identity(4)])
+    cfg = load_config(TINY, ["clients.num_clients=5", "clients.ranks=[4]"])
+
+    with pytest.raises(ConfigError, match="no node has partition-id 1"):
+        apps._identify(Grid([1, 2, 3]), [1, 2, 3], cfg, 1.0)  # type: ignore[arg-type]
+
+
+def test_a_node_that_does_not_answer_the_query_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    _replying(monkeypatch, [_identity(0), Failure("no reply within 1 s"), _identity(2)])
+
+    with pytest.raises(FedloraError, match="node 8 did not say which client it is: no reply"):
+        apps._identify(Grid([7, 8, 9]), [7, 8, 9], tiny(), 1.0)  # type: ignore[arg-type]
+
+
+def test_the_identified_clients_come_in_index_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    _replying(monkeypatch, [_identity(2), _identity(0), _identity(1)])
+
+    clients, node_of, examples = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+
+    assert [c.index for c in clients] == [0, 1, 2]
+    assert node_of == {"client-0000": 6, "client-0001": 7, "client-0002": 5}
+    assert examples == dict.fromkeys(node_of, 10)
+
+
+def test_waiting_for_too_few_nodes_times_out_with_the_count() -> None:
+    with pytest.raises(FedloraError, match=r"only 2 of clients\.num_clients = 3 nodes connected"):
+        apps._wait_for_nodes(Grid([1, 2]), 3, 0.0)  # type: ignore[arg-type]
+    assert apps._wait_for_nodes(Grid([3, 1, 2]), 3, 0.0) == [1, 2, 3]  # type: ignore[arg-type]
+
+
+def test_a_malformed_reply_is_a_failed_client_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = RecordDict({"result": ConfigRecord({"loss": 1.0})})  # no factors, no examples
+    _replying(monkeypatch, [bad, Failure("its node failed: boom")])
+    tasks = [
+        Task(ClientInfo(f"client-000{k}", k, 4, 8.0), 1, LocalPlan(4), 0, [], 0) for k in (0, 1)
+    ]
+    node_of = {"client-0000": 1, "client-0001": 2}
+
+    out = apps._exchange(Grid([1, 2]), tasks, node_of, 1.0)  # type: ignore[arg-type]
+
+    assert isinstance(out[0], Failure) and out[0].reason.startswith("rejected reply: ")
+    assert isinstance(out[1], Failure) and out[1].reason == "its node failed: boom"
+
+
+# --- a node's merged updates ------------------------------------------------------------------
+
+
+def _delta() -> dict[str, LoRAFactors]:
+    return {"m": LoRAFactors(A=torch.ones(1, 3), B=torch.ones(2, 1))}
+
+
+def test_a_gap_in_a_nodes_merged_updates_is_an_error() -> None:
+    state = RecordDict({"base.0": factors_record(_delta()), "base.2": factors_record(_delta())})
+
+    with pytest.raises(UpdateError, match=r"holds merged updates \[0, 2\], expected 0 … 1"):
+        apps._received_base(SimpleNamespace(state=state))  # type: ignore[arg-type]
+
+
+def test_a_nodes_merged_updates_come_back_in_order() -> None:
+    first, second = _delta(), {"m": torch.full((2, 3), 2.0)}
+    state = RecordDict({"base.1": factors_record(second), "base.0": factors_record(first)})
+
+    got = apps._received_base(SimpleNamespace(state=state))  # type: ignore[arg-type]
+
+    assert isinstance(got[0]["m"], LoRAFactors) and torch.equal(got[1]["m"], second["m"])  # type: ignore[arg-type]
