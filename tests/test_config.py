@@ -78,3 +78,51 @@ def test_every_shipped_config_loads(path: Path) -> None:
 
 def test_configs_are_shipped() -> None:
     assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rounds=0"], "rounds must be >= 1, got 0"),
+        (["clients.num_clients=0"], "clients.num_clients must be >= 1"),
+        (["train.steps=0"], "train.steps must be >= 1"),
+        (["train.batch_size=0"], "train.batch_size must be >= 1"),
+        (["train.grad_accum=0"], "train.grad_accum must be >= 1"),
+        (["model.max_length=4"], "model.max_length must be >= 8"),
+        (["data.heldout=0"], "data.heldout must be >= 1"),
+        (["eval.batch_size=0"], "eval.batch_size must be >= 1"),
+        (["eval.every=0"], "eval.every must be >= 1"),
+        (["eval.benchmark=chatterbot"], "the training source itself"),
+        (["eval.benchmark_examples=0"], "eval.benchmark_examples must be >= 1"),
+        (["clients.fraction=0"], r"clients.fraction must be in \(0, 1\]"),
+        (["train.lr=0"], "train.lr must be > 0"),
+        (["hetlora.gamma=1.0"], r"hetlora.gamma must be in \(0, 1\)"),
+        (["hetlora.reg=-1"], "hetlora.reg must be >= 0"),
+        (["adalora.target_ratio=0"], r"adalora.target_ratio must be in \(0, 1\]"),
+        (["adalora.tinit=0.6", "adalora.tfinal=0.5"], "with a sum below 1"),
+        (["adalora.delta_t=0"], "adalora.delta_t must be >= 1"),
+        (["export_rank=0"], "export_rank must be >= 1"),
+        (["clients.min_clients=4"], "clients.min_clients must be in 1 … clients.num_clients = 3"),
+        (["clients.fraction=0.34", "clients.min_clients=2"], "more than the 1 clients sampled"),
+        (["clients.retries=-1"], "clients.retries must be >= 0"),
+        (["faults.crash_before=1.5"], r"faults.crash_before must be a probability in \[0, 1\]"),
+        (["faults.timeout=0.6", "faults.straggler=0.6"], "the fault probabilities sum to 1.2"),
+        (["faults.straggler_work=0"], r"faults.straggler_work must be in \(0, 1\]"),
+        (["flower.wait_nodes_s=0"], "flower.wait_nodes_s and flower.round_timeout_s must be > 0"),
+        (["validation.max_norm=0"], "validation.max_norm must be > 0"),
+        (["validation.max_examples=0"], "validation.max_examples must be >= 1"),
+        (["privacy.clip_norm=-1"], "privacy.clip_norm and privacy.noise_multiplier must be >= 0"),
+        (["privacy.delta=1"], r"privacy.delta must be in \(0, 1\)"),
+        (["privacy.noise_multiplier=1"], "privacy.noise_multiplier is set but"),
+        (["privacy.clip_norm=1", "strategy=standalone"], "'standalone' sends nothing"),
+        (["privacy.clip_norm=1", "strategy=hafl-truncate"], "also send importance scores"),
+        (["privacy.clip_norm=1", "strategy=flora-adalora"], "AdaLoRA's kept ranks"),
+        (["weighting=custom"], 'weighting = "custom" and clients.weights go together'),
+        (["weighting=custom", "clients.weights=[1, 0]"], "clients.weights must be positive"),
+        (["data.kind=text"], "data.kind = 'text' is not allowed"),
+        (["strategy=fedit"], "'fedit' needs every client at the same rank"),
+    ],
+)
+def test_every_range_check_names_its_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

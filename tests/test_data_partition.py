@@ -176,7 +176,16 @@ def test_split_heldout_is_seeded() -> None:
     assert a == b and a[1] != c[1]
 
 
-@pytest.mark.parametrize("size", [0, 100, 0.0, 1.0, 0.001])
-def test_split_heldout_refuses_an_empty_side(size: int | float) -> None:
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (0, "gives 0 heldout examples"),
+        (100, "gives 100 heldout examples"),
+        (0.001, "gives 0 heldout examples"),
+        (0.0, r"heldout fraction must lie in \(0, 1\), got 0.0"),
+        (1.0, r"heldout fraction must lie in \(0, 1\), got 1.0"),
+    ],
+)
+def test_split_heldout_refuses_an_empty_side(size: int | float, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
         split_heldout(make_examples(), size)

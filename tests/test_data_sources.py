@@ -308,3 +308,69 @@ def test_a_hub_failure_says_what_to_use_offline(monkeypatch: pytest.MonkeyPatch)
         ConfigError, match=r"cannot load hub data set 'tatsu-lab/alpaca'.*builtin source"
     ):
         load_examples("hub:tatsu-lab/alpaca")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "bad.json",
+            '[\n  {"prompt": "a", "response": "b"},\n  {"prompt": }\n]',
+            r"bad\.json line 3: invalid JSON",
+        ),
+        ("dup.csv", "prompt,prompt\na,b\n", r"dup\.csv line 1: repeated column names"),
+        ("big.csv", "prompt,response\n" + "a" * 200_000 + ",b\n", r"big\.csv line 2: invalid CSV"),
+        ("bad.parquet", "not parquet at all", r"bad\.parquet: not a readable Parquet file"),
+    ],
+)
+def test_an_unreadable_file_names_itself_and_where(
+    name: str, content: str, message: str, tmp_path: Path
+) -> None:
+    file = tmp_path / name
+    file.write_text(content, encoding="utf-8")
+
+    with pytest.raises(ConfigError, match=message):
+        load_examples(str(file))
+
+
+def _choice_file(tmp_path: Path, choices: Any, answer: Any) -> Path:
+    file = tmp_path / "mc.jsonl"
+    row = {"prompt": "Pick", "response": "y", "choices": choices, "answer": answer}
+    file.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    return file
+
+
+@pytest.mark.parametrize(
+    ("choices", "answer", "expected"),
+    [
+        ('["x", "y", "z"]', 2, 2),  # choices as a JSON string, answer by index
+        (["x", "y", "z"], "z", 2),  # answer by its text
+        (["x", "y", "z"], "c", 2),  # answer by letter, either case
+        (["x", "y", "z"], "1", 1),  # answer as a digit string
+    ],
+)
+def test_choices_and_answers_in_every_accepted_form(
+    choices: Any, answer: Any, expected: int, tmp_path: Path
+) -> None:
+    (example,), kind = load_examples(str(_choice_file(tmp_path, choices, answer)))
+
+    assert kind == "multiple-choice" and example.choices == ("x", "y", "z")
+    assert example.answer == expected
+
+
+@pytest.mark.parametrize(
+    ("choices", "answer", "message"),
+    [
+        ('["x", "y"', 0, r"choices '\[\"x\", \"y\"' is not a JSON list"),
+        (["x"], 0, "choices must be a list of at least 2 options"),
+        (["x", "y"], 2, r"answer 2 is neither a choice, an index nor a letter of the 2 choices"),
+        (["x", "y"], "w", "answer 'w' is neither a choice"),
+        (["x", "y"], True, "answer True is neither a choice"),
+    ],
+)
+def test_bad_choices_or_answers_name_the_line(
+    choices: Any, answer: Any, message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        load_examples(str(_choice_file(tmp_path, choices, answer)))
+    assert "mc.jsonl line 1" in str(err.value)

@@ -62,3 +62,61 @@ def test_epochs_and_accumulation_set_the_step_count() -> None:
     assert num_steps(TrainConfig(steps=7), 100) == 7
     assert num_steps(TrainConfig(epochs=1.0, batch_size=4, grad_accum=2), 100) == 13
     assert num_steps(TrainConfig(epochs=0.01, batch_size=4), 10) == 1
+
+
+# equal-length examples: a micro-batch's mean loss weighs every example alike, so two
+# micro-batches of 2 accumulate exactly the gradient of one batch of 4
+SAME_LENGTH = [Example(prompt=f"add {i} {i}", response=f"= {i + 10}") for i in range(1, 9)]
+
+
+def trained_on(cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dict, int]:
+    model, tokenizer = build_tiny(seed=0)
+    peft_model = adapters.attach(model, TARGETS, rank=4, alpha=8.0, seed=1)
+    before = adapters.read_factors(peft_model)
+    data = encode(examples, tokenizer, max_length=48)
+    assert len({len(d.input_ids) for d in data}) == 1 or examples is not SAME_LENGTH
+    result = train_local(peft_model, data, cfg, tokenizer.pad_token_id, 0)
+    return before, adapters.read_factors(peft_model), result.examples_seen
+
+
+def test_accumulated_micro_batches_make_the_step_of_their_whole_batch() -> None:
+    whole = TrainConfig(lr=1e-2, steps=1, batch_size=4, max_grad_norm=None)
+    halves = TrainConfig(lr=1e-2, steps=1, batch_size=2, grad_accum=2, max_grad_norm=None)
+
+    _, a, seen_a = trained_on(whole, SAME_LENGTH)
+    _, b, seen_b = trained_on(halves, SAME_LENGTH)
+    _, c, _ = trained_on(
+        TrainConfig(lr=1e-2, steps=1, batch_size=2, max_grad_norm=None), SAME_LENGTH
+    )
+
+    assert seen_a == seen_b == 4
+    for name in a:
+        assert torch.allclose(a[name].B, b[name].B, atol=1e-6)  # the same 4 examples, one step
+        assert not torch.allclose(a[name].B, c[name].B, atol=1e-4)  # 2 examples differ
+
+
+def test_gradient_clipping_bounds_the_step() -> None:
+    # Adam divides by the gradient's size, but a gradient clipped far below its ε (1e-8) makes
+    # a step of about lr · g / ε: nearly nothing moves
+    free = TrainConfig(lr=1e-2, steps=1, batch_size=4, max_grad_norm=None)
+    clipped = TrainConfig(lr=1e-2, steps=1, batch_size=4, max_grad_norm=1e-12)
+
+    _, a, _ = trained_on(free, EXAMPLES)
+    _, b, _ = trained_on(clipped, EXAMPLES)
+
+    for name in a:
+        assert float(b[name].B.abs().max()) < 1e-3 * float(a[name].B.abs().max())
+
+
+def test_weight_decay_shrinks_the_trained_factors() -> None:
+    # AdamW's decoupled decay: A ← A (1 − lr · wd) besides the Adam step (B starts at zero)
+    plain = TrainConfig(lr=1e-2, steps=1, batch_size=4, weight_decay=0.0)
+    decayed = TrainConfig(lr=1e-2, steps=1, batch_size=4, weight_decay=10.0)
+
+    before, a, _ = trained_on(plain, EXAMPLES)
+    _, b, _ = trained_on(decayed, EXAMPLES)
+
+    for name in a:
+        # the decay is exactly the difference: b = a − lr · wd · A₀ (the Adam steps are equal)
+        A0 = before[name].A
+        assert torch.allclose(b[name].A, a[name].A - 1e-2 * 10.0 * A0, atol=1e-5)
