@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test setup setup-dev lint clean
+.PHONY: run test setup setup-dev lint clean mutation
 
 run: setup
 	$(BIN)/fedlora run --out runs/default
@@ -36,5 +36,17 @@ $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Mutation testing of the pure core ([tool.mutmut] in pyproject.toml); not part of `make test`.
+# Prints killed / survived / total and writes the survivors to benchmarks/results/mutation/.
+mutation: setup-dev
+	$(BIN)/python -m pip install --quiet -e ".[dev,mutation]"
+	$(BIN)/mutmut run --max-children 2 > /dev/null || true
+	$(BIN)/mutmut export-cicd-stats > /dev/null
+	mkdir -p benchmarks/results/mutation
+	$(BIN)/mutmut results > benchmarks/results/mutation/survivors.txt || true
+	$(BIN)/python -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
+	  print({k: s[k] for k in ('killed', 'survived', 'total') if k in s}, s)" \
+	  | tee benchmarks/results/mutation/summary.txt
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache mutants
