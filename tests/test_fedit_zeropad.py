@@ -90,3 +90,30 @@ def test_zeropad_equals_fedit_at_equal_ranks(rank: int, clients: int, seed: int)
         assert torch.equal(a.factors[m].A, b.factors[m].A)
         assert torch.equal(a.factors[m].B, b.factors[m].B)
         assert rel_err(a.global_delta(m), b.global_delta(m)) == 0.0
+
+
+def test_fedit_names_the_strategies_that_take_mixed_ranks() -> None:
+    with pytest.raises(ValueError) as err:
+        get_strategy("fedit").aggregate(GlobalState(), make_updates([4, 2]))
+    assert str(err.value).endswith(
+        " (use flora, flexlora, zeropad, hetlora, hafl or ffa for mixed ranks)"
+    )
+
+
+def test_fedit_reads_a_per_module_rank_and_refuses_a_wrong_one() -> None:
+    strategy = get_strategy("fedit")
+    state = strategy.aggregate(GlobalState(), make_updates([3, 3]))
+
+    (start,) = strategy.redistribute(state, [{"q_proj": 3, "v_proj": 3}])
+    assert start is not None and {f.rank for f in start.values()} == {3}
+    with pytest.raises(ValueError, match="fedit: a client of rank 2 cannot start from the"):
+        strategy.redistribute(state, [{"q_proj": 3, "v_proj": 2}])
+
+
+def test_fedit_aggregation_error_follows_the_weighting() -> None:
+    updates = make_updates([3, 3, 3], examples=[1, 10, 100])
+
+    by_examples = fedit_aggregation_error(updates, "examples")
+    uniform = fedit_aggregation_error(updates, "uniform")
+
+    assert all(by_examples[m] != pytest.approx(uniform[m], rel=1e-3) for m in by_examples)

@@ -57,3 +57,16 @@ def test_factored_svd_of_rank_deficient_factors() -> None:
 
     assert float(S[4:].abs().max()) < 1e-5 * float(S[0])
     assert rel_err((U * S) @ Vh, f.delta()) < 1e-5
+
+
+def test_padding_to_the_same_rank_is_the_identity_and_by_one_adds_one_zero_component() -> None:
+    f = random_factors(5, 4, 2, torch.Generator().manual_seed(3))
+
+    same, wider = pad(f, 2), pad(f, 3)
+
+    assert same is f
+    assert wider.rank == 3 and wider.A.shape == (3, 4) and wider.B.shape == (5, 3)
+    assert not wider.A[2].any() and not wider.B[:, 2].any()
+    assert torch.equal(wider.delta(), f.delta())
+    with pytest.raises(ValueError, match="cannot pad rank 2 down to 1"):
+        pad(f, 1)

@@ -78,3 +78,16 @@ def test_mixed_dtypes_and_bool_example_counts_are_rejected() -> None:
 def test_an_update_without_modules_is_rejected() -> None:
     with pytest.raises(UpdateError, match="no LoRA modules"):
         validate_updates([ClientUpdate("c0", {}, 3)])
+
+
+@pytest.mark.parametrize("scaling", [0.0, -1.0, float("inf"), float("nan")])
+def test_unfolding_needs_a_positive_finite_scaling(scaling: float) -> None:
+    f = LoRAFactors(A=torch.ones(1, 2), B=torch.ones(3, 1))
+    with pytest.raises(ValueError, match="LoRA scaling must be a positive finite number, got"):
+        unfold_scaling(f, scaling)
+
+
+def test_unfolding_a_scaling_below_one_gives_back_the_peft_factors() -> None:
+    A0, B0 = torch.ones(1, 2), torch.full((3, 1), 2.0)
+    A, B = unfold_scaling(fold_scaling(A0, B0, 0.5), 0.5)
+    assert torch.equal(A, A0) and torch.equal(B, B0)

@@ -274,3 +274,18 @@ def test_state_round_counts_rounds() -> None:
     for expected in (1, 2, 3):
         state = strategy.aggregate(state, make_updates(MIXED, seed=expected))
         assert state.round == expected
+
+
+def test_a_strategy_name_cannot_be_registered_twice() -> None:
+    from fedlora.strategies import REGISTRY
+    from fedlora.strategies.base import register
+    from fedlora.strategies.flora import FLoRA
+
+    assert REGISTRY["flora"] is FLoRA
+
+    class Twin(FLoRA):
+        name = "flora"
+
+    with pytest.raises(ValueError, match="strategy name 'flora' registered twice"):
+        register(Twin)
+    assert REGISTRY["flora"] is FLoRA
