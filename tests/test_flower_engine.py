@@ -4,6 +4,7 @@ global adapter as the in-process runner, on the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,6 +56,24 @@ def assert_same_run(flower: Path, inprocess: Path) -> None:
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
     assert losses(flower) == pytest.approx(losses(inprocess), rel=1e-5)
+
+
+FLOWER_PROGRAMS = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp")
+
+
+def flower_processes() -> list[psutil.Process]:
+    """This test process's descendants that are Flower's: the SuperLink, the SuperExec it
+    starts and the simulation or ServerApp process that runs a run (not always in the
+    SuperLink's process group, so each is killed by its own id)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:  # a process may end between the listing and the question
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if any(program in cmdline for program in FLOWER_PROGRAMS):
+            found.append(child)
+    return found
 
 
 def our_processes(marker: Path) -> list[str]:
@@ -270,14 +289,11 @@ def test_a_flower_run_whose_superlink_is_killed_resumes_to_the_same_result(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if metrics.exists() and metrics.read_text().count("\n") >= 2:
-                for child in psutil.Process().children(recursive=True):
-                    try:  # a process may end between the listing and the question
-                        cmdline = child.cmdline()
-                    except psutil.Error:
-                        continue
-                    if any("flower-superlink" in part for part in cmdline):
-                        os.killpg(child.pid, signal.SIGKILL)
-                        killed.append(metrics.read_text().count("\n") - 1)
+                rows = metrics.read_text().count("\n") - 1
+                for child in flower_processes():  # the SuperLink and the run it executes
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+                        killed.append(rows)
                 return
             time.sleep(0.02)
 

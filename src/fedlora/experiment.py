@@ -123,8 +123,8 @@ def finish_run(
 
 def save_merged(bench: Workbench, export: Any, folder: Path, cfg: RunConfig) -> Path:
     """The full model with the global update merged (FLoRA's is already in the base), saved in
-    float32 with each merged weight from its float32 master: whatever the compute dtype, no part
-    of the update is rounded away."""
+    float32 with ``W₀ + Σ_t ΔW_t`` in each merged weight: whatever the compute dtype, no part of
+    the update is rounded away."""
     merged_already = cfg.strategy in REGISTRY and REGISTRY[cfg.strategy].traits.merges_into_base
     if export and not merged_already:
         bench.merge(export)

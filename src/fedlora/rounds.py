@@ -242,7 +242,8 @@ class Workbench:
             self.model = adapters.detach(peft_model)
 
     def merge(self, deltas: dict[str, BaseDelta]) -> None:
-        """``W ← W + ΔW`` for each named module, accumulated in the float32 masters."""
+        """``W ← W + ΔW`` for each named module, never rounded to the compute dtype
+        (:class:`fedlora.precision.MergedBase`)."""
         self.base.merge(deltas)
 
     def train(

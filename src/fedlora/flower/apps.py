@@ -352,8 +352,8 @@ def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
 
 def _restore_base(bench: Workbench, deltas: list[dict[str, BaseDelta]]) -> None:
     """Target weights back to the pristine base, then every merged update in order (the server
-    merged the same updates in the same order into the same float32 masters, so both hold the
-    same base weights, bitwise)."""
+    merged the same updates in the same order with the same float32 arithmetic, so both hold
+    the same base, bitwise)."""
     bench.base.reset(list(bench.shapes))
     for delta in deltas:
         bench.merge(delta)
