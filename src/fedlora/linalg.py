@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from fedlora.lora import LoRAFactors
+from fedlora.lora import BaseDelta, LoRAFactors
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +47,14 @@ def stack(factors: Sequence[LoRAFactors], weights: Sequence[float]) -> LoRAFacto
     A = torch.cat([f.A.to(dtype) * p for f, p in zip(factors, weights, strict=True)], dim=0)
     B = torch.cat([f.B.to(dtype) for f in factors], dim=1)
     return LoRAFactors(A=A, B=B)
+
+
+def compact(delta: LoRAFactors) -> BaseDelta:
+    """``delta`` as factors when they hold fewer numbers than the dense matrix
+    (``R (d_in + d_out) < d_in d_out``), else dense."""
+    if delta.rank * (delta.d_in + delta.d_out) < delta.d_in * delta.d_out:
+        return delta
+    return delta.delta()
 
 
 def indexed_mean(

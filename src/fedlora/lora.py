@@ -84,9 +84,14 @@ BaseDelta = LoRAFactors | torch.Tensor
 """An update to merge into a frozen base weight: factored ``B @ A`` or dense ``(d_out, d_in)``."""
 
 
-def dense_delta(delta: BaseDelta) -> torch.Tensor:
-    """The dense ``(d_out, d_in)`` matrix of a base delta, factored or not."""
-    return delta.delta() if isinstance(delta, LoRAFactors) else delta
+def dense_delta(delta: BaseDelta, device: torch.device | None = None) -> torch.Tensor:
+    """The dense ``(d_out, d_in)`` matrix of a base delta, factored or not; with ``device``,
+    computed there (factors are moved, not the product)."""
+    if isinstance(delta, LoRAFactors):
+        if device is None:
+            return delta.delta()
+        return delta.B.to(device) @ delta.A.to(device)
+    return delta if device is None else delta.to(device)
 
 
 def fold_scaling(A: torch.Tensor, B: torch.Tensor, scaling: float) -> LoRAFactors:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.lora import BaseDelta, LoRAFactors
+from fedlora.linalg import compact, stack
+from fedlora.lora import BaseDelta, LoRAFactors, dense_delta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,13 +77,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def dense_delta(delta: BaseDelta, device: torch.device) -> torch.Tensor:
-    """A base delta as a float32 ``(d_out, d_in)`` matrix on ``device`` (``B A`` for factors)."""
-    if isinstance(delta, LoRAFactors):
-        return delta.B.to(device, torch.float32) @ delta.A.to(device, torch.float32)
-    return delta.to(device, torch.float32)
-
-
 class MergedBase:
     """The base weights a strategy merges into, with every merged update kept exactly.
 
@@ -123,7 +117,7 @@ class MergedBase:
                 module = self._module(name)
                 weight = module.weight
                 if weight.dtype == torch.float32:
-                    weight.add_(dense_delta(delta, weight.device))
+                    weight.add_(dense_delta(delta, weight.device).float())
                     continue
                 self.terms[name] = _accumulate(self.terms.get(name), delta, weight.device)
                 if name not in self._hooks:
@@ -186,7 +180,7 @@ class MergedBase:
 
 def _accumulate(term: BaseDelta | None, delta: BaseDelta, device: torch.device) -> BaseDelta:
     """``term + delta`` in float32 on ``device``: factors stacked (``[A; A']``, ``[B, B']``) while
-    ``R (d_in + d_out) < d_in d_out``, else dense."""
+    that holds fewer numbers than the dense matrix (:func:`fedlora.linalg.compact`), else dense."""
     if isinstance(delta, LoRAFactors):
         delta = LoRAFactors(
             A=delta.A.to(device, torch.float32), B=delta.B.to(device, torch.float32)
@@ -196,9 +190,5 @@ def _accumulate(term: BaseDelta | None, delta: BaseDelta, device: torch.device) 
     if term is None:
         return delta
     if isinstance(term, LoRAFactors) and isinstance(delta, LoRAFactors):
-        d_out, d_in = term.shape
-        if (term.rank + delta.rank) * (d_in + d_out) < d_in * d_out:
-            return LoRAFactors(
-                A=torch.cat([term.A, delta.A]), B=torch.cat([term.B, delta.B], dim=1)
-            )
+        return compact(stack([term, delta], [1.0, 1.0]))
     return dense_delta(term, device) + dense_delta(delta, device)

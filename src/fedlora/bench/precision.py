@@ -32,8 +32,9 @@ from fedlora.bench.overhead import (
     synthetic_data,
 )
 from fedlora.config import RunConfig, TrainConfig, load_config
+from fedlora.lora import dense_delta
 from fedlora.models import load_model, resolve_device
-from fedlora.precision import dense_delta, dtype_name, resolve_dtype
+from fedlora.precision import dtype_name, resolve_dtype
 
 
 @dataclass
@@ -209,7 +210,7 @@ def flora_merge_errors(cfg: RunConfig, workdir: Path) -> dict[str, float]:
     merged = runner.bench.base
     worst = {"held": 0.0, "merged_in_dtype": 0.0}
     for name, weight in w0.items():
-        deltas = [dense_delta(d[name], weight.device) for d in merged_deltas]
+        deltas = [dense_delta(d[name], weight.device).float() for d in merged_deltas]
         total = torch.stack(deltas).double().sum(0)
         naive = weight.clone()  # what merging into the weight in its own dtype would hold
         for d in deltas:

@@ -14,16 +14,9 @@ send and merge), dense otherwise.
 
 from __future__ import annotations
 
-from fedlora.linalg import stack
-from fedlora.lora import BaseDelta, LoRAFactors
+from fedlora.linalg import compact, stack
+from fedlora.lora import LoRAFactors
 from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
-
-
-def compact(delta: LoRAFactors) -> BaseDelta:
-    """``delta`` as factors when they hold fewer numbers than the dense matrix, else dense."""
-    if delta.rank * (delta.d_in + delta.d_out) < delta.d_in * delta.d_out:
-        return delta
-    return delta.delta()
 
 
 @register
