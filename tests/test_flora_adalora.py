@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fedlora import adapters
-from fedlora.config import AdaLoRAConfig, TrainConfig, load_config
+from fedlora.clients import Callbacks
+from fedlora.clients.adalora import AdaLoRAOptions as AdaLoRAConfig
+from fedlora.config import TrainConfig, load_config
 from fedlora.data import Example, encode
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
@@ -36,7 +38,7 @@ def adalora_client(model: torch.nn.Module, rank: int, seed: int, tokenizer: obje
         TrainConfig(lr=2e-2, steps=steps),
         tokenizer.pad_token_id,  # type: ignore[attr-defined]
         seed,
-        after_step=peft_model.base_model.update_and_allocate,
+        callbacks=Callbacks(after_step=peft_model.base_model.update_and_allocate),
     )
     return peft_model
 

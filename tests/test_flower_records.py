@@ -45,10 +45,7 @@ def _task(start_rank: int = 4) -> Task:
         rank=start_rank,
         start=_factors(start_rank, 1),
         frozen=_factors(2, 2),
-        freeze_a=True,
-        importance=True,
-        adapter="adalora",
-        prune_gamma=0.9,
+        options={"train": "B", "gamma": 0.9, "steps": 3, "on": True},
     )
     base = [
         _factors(3, 3),
@@ -60,8 +57,9 @@ def _task(start_rank: int = 4) -> Task:
 def test_a_task_round_trips_bitwise() -> None:
     task = _task()
     plan, t, base = content_plan(task_content(task))
-    assert t == 5 and plan.rank == 4 and plan.freeze_a and plan.importance
-    assert plan.adapter == "adalora" and plan.prune_gamma == pytest.approx(0.9)
+    assert t == 5 and plan.rank == 4
+    assert plan.options == {"train": "B", "gamma": 0.9, "steps": 3, "on": True}
+    assert [type(v) for v in plan.options.values()] == [str, float, int, bool]
     assert plan.start is not None and task.plan.start is not None
     assert plan.frozen is not None and task.plan.frozen is not None
     _same(plan.start, task.plan.start)

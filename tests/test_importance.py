@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedlora import adapters
+from fedlora.clients import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data import Example, encode
 from fedlora.importance import ComponentImportance, SmoothedSensitivity, component_scores
@@ -91,7 +92,7 @@ def test_importance_is_tracked_during_local_training() -> None:
         TrainConfig(lr=1e-2, steps=3),
         tokenizer.pad_token_id,
         0,
-        on_step=tracker.step,
+        callbacks=Callbacks(on_step=tracker.step),
     )
 
     scores = tracker.scores()

@@ -87,7 +87,7 @@ def test_noise_has_standard_deviation_sigma_times_c_and_a_frozen_a_is_untouched(
     for x in (got["big"].A, got["big"].B):
         assert float(x.std()) == pytest.approx(1.0, rel=0.03)
         assert abs(float(x.mean())) < 0.05
-    got, _ = privacy.privatize(start, start, cfg, torch.Generator(), freeze_a=True)
+    got, _ = privacy.privatize(start, start, cfg, torch.Generator(), sent=("B",))
     assert torch.equal(got["big"].A, start["big"].A)
     assert float(got["big"].B.std()) == pytest.approx(1.0, rel=0.05)
 
@@ -96,7 +96,7 @@ def test_a_frozen_a_does_not_count_toward_the_norm() -> None:
     start = factors(4, 0)
     trained = {n: LoRAFactors(A=s.A + 100.0, B=s.B + 1e-4) for n, s in start.items()}
     got, before = privacy.privatize(
-        start, trained, PrivacyConfig(clip_norm=1.0), torch.Generator(), True
+        start, trained, PrivacyConfig(clip_norm=1.0), torch.Generator(), ("B",)
     )
     assert before == pytest.approx(update_norm(start, trained, a=False))
     for n in SHAPES:  # B's small update is inside the bound; A is passed through as trained
@@ -172,8 +172,8 @@ def test_every_upload_is_the_clipped_update_of_its_client(
     made: list[tuple[float, dict[str, LoRAFactors], dict[str, LoRAFactors]]] = []
     real_privatize = privacy.privatize
 
-    def spy(start, trained, cfg, generator, freeze_a=False):  # type: ignore[no-untyped-def]
-        got, before = real_privatize(start, trained, cfg, generator, freeze_a)
+    def spy(start, trained, cfg, generator, sent=("A", "B")):  # type: ignore[no-untyped-def]
+        got, before = real_privatize(start, trained, cfg, generator, sent)
         made.append((before, start, got))
         return got, before
 

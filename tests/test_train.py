@@ -19,7 +19,7 @@ def trained(seed: int, cfg: TrainConfig, freeze_a: bool = False) -> tuple[dict, 
     base = {k: v.clone() for k, v in model.state_dict().items()}
     peft_model = adapters.attach(model, TARGETS, rank=4, alpha=8.0, seed=1)
     if freeze_a:
-        adapters.freeze_a(peft_model)
+        adapters.freeze(peft_model, "A")
     before = adapters.read_factors(peft_model)
     data = encode(EXAMPLES, tokenizer, max_length=48)
     result = train_local(peft_model, data, cfg, tokenizer.pad_token_id, seed)

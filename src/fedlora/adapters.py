@@ -156,7 +156,8 @@ def attach_adalora(
 ) -> Any:
     """Wrap ``model`` in a fresh PEFT AdaLoRA of initial rank ``rank`` whose budget shrinks to an
     average of ``target_rank`` per module over ``total_steps`` optimizer steps; ``options`` is
-    :class:`fedlora.config.AdaLoRAConfig` (schedule fractions, EMA betas, orthogonality weight).
+    :class:`fedlora.clients.adalora.AdaLoRAOptions` (schedule fractions, EMA betas,
+    orthogonality weight).
     Call ``peft_model.base_model.update_and_allocate(step)`` after every optimizer step."""
     _fitting_ranks(model, targets, rank)
     tinit = int(options.tinit * total_steps)
@@ -187,7 +188,7 @@ def attach_adalora(
 
 
 def tail_penalty(peft_model: Any, keep: Mapping[str, int]) -> Any:
-    """HetLoRA's regulariser as a callable for ``train_local(penalty=...)``:
+    """HetLoRA's regulariser as a callable for a hook's ``Callbacks(penalty=...)``:
     ``Σ_modules ‖s B[:, keep:]‖_F ‖A[keep:]‖_F`` over the trainable adapter (scaling ``s``)."""
     layers = lora_layers(peft_model)
 
@@ -258,7 +259,7 @@ def write_factors(
 
 def importance_tracker(peft_model: Any, beta1: float = 0.85, beta2: float = 0.85) -> Any:
     """A :class:`fedlora.importance.ComponentImportance` over every LoRA layer's ``A`` and ``B``;
-    call its ``step()`` from ``train_local(on_step=...)``."""
+    call its ``step()`` from a hook's ``Callbacks(on_step=...)``."""
     from fedlora.importance import ComponentImportance
 
     def getter(layer: Any) -> Any:
@@ -268,10 +269,14 @@ def importance_tracker(peft_model: Any, beta1: float = 0.85, beta2: float = 0.85
     return ComponentImportance(params, beta1, beta2)
 
 
-def freeze_a(peft_model: Any) -> None:
-    """Make every ``A`` non-trainable (FFA-LoRA): no gradient, no optimizer state."""
+def freeze(peft_model: Any, part: str) -> None:
+    """Make every ``A`` (``part = "A"``, FFA-LoRA) or every ``B`` non-trainable: no gradient,
+    no optimizer state."""
+    if part not in ("A", "B"):
+        raise ValueError(f"part must be 'A' or 'B', got {part!r}")
     for layer in lora_layers(peft_model).values():
-        layer.lora_A[ADAPTER].weight.requires_grad_(False)
+        factor = layer.lora_A if part == "A" else layer.lora_B
+        factor[ADAPTER].weight.requires_grad_(False)
 
 
 def export_adapter(

@@ -9,18 +9,27 @@ whole model each way: ``(up + down) / (2 · model parameters)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedlora.lora import BaseDelta, LoRAFactors
 
+BYTES_PER_PARAM = 4
+"""Every number travels as float32."""
 
-def factor_params(factors: Mapping[str, LoRAFactors] | None, b_only: bool = False) -> int:
-    """Numbers in ``factors``: ``Σ r (d_in + d_out)``, or ``Σ r d_out`` with ``b_only``."""
+
+def factor_params(
+    factors: Mapping[str, LoRAFactors] | None, parts: Sequence[str] = ("A", "B")
+) -> int:
+    """Numbers in the ``parts`` (``A`` and/or ``B``) of ``factors``: ``Σ r (d_in + d_out)`` for
+    both, ``Σ r d_out`` for ``B`` alone."""
     if not factors:
         return 0
-    return sum(f.B.numel() if b_only else f.A.numel() + f.B.numel() for f in factors.values())
+    return sum(
+        (f.A.numel() if "A" in parts else 0) + (f.B.numel() if "B" in parts else 0)
+        for f in factors.values()
+    )
 
 
 def delta_params(deltas: Mapping[str, BaseDelta] | None) -> int:

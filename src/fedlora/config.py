@@ -11,9 +11,10 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from fedlora.errors import ConfigError
 
@@ -89,35 +90,6 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
-
-
-@dataclass
-class HetLoRAConfig:
-    """HetLoRA's rank self-pruning on the client (strategy ``hetlora``)."""
-
-    prune: bool = True
-    gamma: float = 0.9
-    """A client that prunes keeps rank ``max(1, ⌊γ r⌋)``; the tail is the components beyond."""
-    reg: float = 0.01
-    """λ of the regulariser ``λ Σ ‖B_tail‖_F ‖A_tail‖_F`` added to the local loss."""
-
-
-@dataclass
-class AdaLoRAConfig:
-    """AdaLoRA clients (strategy ``flora-adalora``), through PEFT's ``AdaLoraConfig``."""
-
-    target_ratio: float = 0.5
-    """Each client's budget shrinks to ``max(1, round(ratio · r_k))`` per module on average."""
-    tinit: float = 0.1
-    """Fraction of the local steps before pruning starts."""
-    tfinal: float = 0.2
-    """Fraction of the local steps after the final budget is fixed (at least one step)."""
-    delta_t: int = 1
-    """Steps between budget allocations."""
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg: float = 0.5
-    """Weight of AdaLoRA's orthogonality regulariser."""
 
 
 @dataclass
@@ -208,12 +180,56 @@ class RunConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
-    adalora: AdaLoRAConfig = field(default_factory=AdaLoRAConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    methods: dict[str, Any] = field(
+        default_factory=lambda: default_method_options(), metadata={"sections": True}
+    )
+    """Each method's own options by section (``[hetlora]``, ``[adalora]``): written at the top
+    level of a config like the other sections, defined and checked beside their method
+    (:func:`method_options`)."""
+
+
+METHOD_OPTIONS: dict[str, type[Any]] = {}
+"""Option sections owned by a method, by section name, registered beside the method."""
+
+T = TypeVar("T")
+
+
+def method_options(section: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: the dataclass ``cls`` is the ``[section]`` of the config. Its fields are
+    typed and defaulted like every section's; its ``check()`` (if any) raises
+    :class:`ConfigError` for values out of range."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        if section in METHOD_OPTIONS or section in {f.name for f in dataclasses.fields(RunConfig)}:
+            raise ValueError(f"config section {section!r} registered twice")
+        METHOD_OPTIONS[section] = cls
+        return cls
+
+    return wrap
+
+
+def _registered() -> dict[str, type[Any]]:
+    """:data:`METHOD_OPTIONS`, with every method's client side imported (which registers them)."""
+    import fedlora.clients  # noqa: F401
+
+    return METHOD_OPTIONS
+
+
+def default_method_options() -> dict[str, Any]:
+    return {name: cls() for name, cls in _registered().items()}
+
+
+def options_of(config: RunConfig, cls: type[T]) -> T:
+    """The run's options of the section ``cls`` is registered as (its defaults if unset)."""
+    for name, registered in _registered().items():
+        if registered is cls:
+            value = config.methods.get(name)
+            return value if isinstance(value, cls) else cls()
+    raise ValueError(f"{cls.__name__} is not registered with method_options")
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -288,15 +304,26 @@ def build(cls: type[Any], raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'} must be a table of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("sections")}
+    sections = [f.name for f in dataclasses.fields(cls) if f.metadata.get("sections")]
+    owned: dict[str, Any] = {}
+    if sections:
+        owned = {k: raw[k] for k in raw if k in _registered()}
+        raw = {k: v for k, v in raw.items() if k not in owned}
     unknown = set(raw) - set(fields)
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(
             f"unknown config key {where + name!r}; allowed in "
-            f"{where.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
+            f"{where.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted([*fields, *(METHOD_OPTIONS if sections else ())]))}"
         )
-    values = {}
+    values: dict[str, Any] = {}
+    for name in sections:
+        values[name] = {
+            section: build(option_cls, owned.get(section, {}), f"{section}.")
+            for section, option_cls in METHOD_OPTIONS.items()
+        }
     for name, value in raw.items():
         hint = hints[name]
         key = f"{where}{name}"
@@ -407,20 +434,9 @@ def check(config: RunConfig) -> None:
         not config.clients.ranks or min(config.clients.ranks) < 1
     ):
         raise ConfigError(f"clients.ranks must be ranks >= 1, got {config.clients.ranks}")
-    if not 0 < config.hetlora.gamma < 1:
-        raise ConfigError(f"hetlora.gamma must be in (0, 1), got {config.hetlora.gamma}")
-    if config.hetlora.reg < 0:
-        raise ConfigError(f"hetlora.reg must be >= 0, got {config.hetlora.reg}")
-    a = config.adalora
-    if not 0 < a.target_ratio <= 1:
-        raise ConfigError(f"adalora.target_ratio must be in (0, 1], got {a.target_ratio}")
-    if not (0 <= a.tinit < 1 and 0 <= a.tfinal < 1 and a.tinit + a.tfinal < 1):
-        raise ConfigError(
-            f"adalora.tinit and adalora.tfinal must be fractions in [0, 1) with a sum below 1, "
-            f"got {a.tinit} and {a.tfinal}"
-        )
-    if a.delta_t < 1:
-        raise ConfigError(f"adalora.delta_t must be >= 1, got {a.delta_t}")
+    for options in config.methods.values():
+        if hasattr(options, "check"):
+            options.check()
     _check_faults(config)
     _check_privacy(config)
     if config.export_rank is not None and config.export_rank < 1:
@@ -473,7 +489,7 @@ def _check_faults(config: RunConfig) -> None:
 
 def _check_privacy(config: RunConfig) -> None:
     """Privacy needs a clip norm with its noise, and a strategy whose uploads are all noised."""
-    from fedlora.strategies import REGISTRY
+    from fedlora.clients import hook_for
 
     p = config.privacy
     if p.clip_norm < 0 or p.noise_multiplier < 0:
@@ -494,25 +510,24 @@ def _check_privacy(config: RunConfig) -> None:
         raise ConfigError(
             f"privacy applies to what clients send; strategy {config.strategy!r} sends nothing"
         )
-    traits = REGISTRY[config.strategy].traits
-    if traits.needs_importance or traits.client_adapter != "lora":
+    sends = hook_for(config.strategy).also_sends
+    if sends is not None:
         raise ConfigError(
             f"privacy is not available with strategy {config.strategy!r}: its clients also "
-            "send "
-            + ("importance scores" if traits.needs_importance else "AdaLoRA's kept ranks")
-            + " computed from their data, which the noise does not cover"
+            f"send {sends} computed from their data, which the noise does not cover"
         )
 
 
 def _check_rank_mix(config: RunConfig) -> None:
-    """A strategy that needs equal ranks (FedIT) must not be given mixed ones."""
+    """The ranks resolve (a misspelled distribution or a bad ``rank_set`` is found here, for
+    every strategy), and a strategy that needs equal ranks (FedIT) is not given mixed ones."""
     from fedlora.ranks import client_ranks
     from fedlora.strategies import REGISTRY
 
-    if config.strategy not in REGISTRY or REGISTRY[config.strategy].traits.mixed_ranks:
-        return
     c = config.clients
     ranks = client_ranks(c.ranks, c.num_clients, c.rank_set, config.seed)
+    if config.strategy not in REGISTRY or REGISTRY[config.strategy].traits.mixed_ranks:
+        return
     if len(set(ranks)) > 1:
         raise ConfigError(
             f"strategy {config.strategy!r} needs every client at the same rank, but "
@@ -526,5 +541,8 @@ def _allowed(key: str, value: str, allowed: list[str]) -> None:
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
-    """The resolved configuration as plain data (for ``config.json`` in the run folder)."""
-    return dataclasses.asdict(config)
+    """The resolved configuration as plain data (for ``config.json`` in the run folder), the
+    methods' sections at the top level as in a config file."""
+    out = dataclasses.asdict(config)
+    out.update(out.pop("methods"))
+    return out

@@ -34,14 +34,13 @@ import torch
 
 from fedlora.config import PrivacyConfig
 from fedlora.lora import LoRAFactors
+from fedlora.seeds import derive_seed
 
 
 def noise_generator(cfg: PrivacyConfig, *parts: int) -> torch.Generator:
     """The generator for one upload's noise: from the OS's entropy, or from
     ``cfg.noise_seed`` and ``parts`` (reproducible, and so no protection against whoever knows
     the seed)."""
-    from fedlora.rounds import derive_seed
-
     seed = secrets.randbits(63) if cfg.noise_seed is None else derive_seed(cfg.noise_seed, *parts)
     return torch.Generator().manual_seed(seed)
 
@@ -51,12 +50,13 @@ def privatize(
     trained: Mapping[str, LoRAFactors],
     cfg: PrivacyConfig,
     generator: torch.Generator,
-    freeze_a: bool = False,
+    sent: Sequence[str] = ("A", "B"),
 ) -> tuple[dict[str, LoRAFactors], float]:
     """``trained`` with its update against ``start`` clipped to ``cfg.clip_norm`` and noised
-    (``N(0, (σC)²)`` per entry); also the update's norm before clipping. With ``freeze_a`` the
-    ``A`` factors are returned as trained (untouched, and not part of the update)."""
-    updates: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    (``N(0, (σC)²)`` per entry); also the update's norm before clipping. Only the factors in
+    ``sent`` (``A`` and/or ``B``) are the update; the others are returned as trained (frozen,
+    untouched, and not sent)."""
+    updates: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     total = 0.0
     for name, f in trained.items():
         s = start[name]
@@ -65,9 +65,9 @@ def privatize(
                 f"module {name!r}: trained factors of rank {f.rank} and shape {f.shape} do not "
                 f"match their start (rank {s.rank}, shape {s.shape})"
             )
-        dA = None if freeze_a else f.A.double() - s.A.double()  # exact: float32 in float64
-        dB = f.B.double() - s.B.double()
-        total += float(dB.square().sum()) + (0.0 if dA is None else float(dA.square().sum()))
+        dA = f.A.double() - s.A.double() if "A" in sent else None  # exact: float32 in float64
+        dB = f.B.double() - s.B.double() if "B" in sent else None
+        total += sum(float(d.square().sum()) for d in (dA, dB) if d is not None)
         updates[name] = (dA, dB)
     norm = math.sqrt(total)
     clip = min(1.0, cfg.clip_norm / norm) if norm > 0 else 1.0
@@ -76,7 +76,7 @@ def privatize(
     for name, (dA, dB) in updates.items():
         s, f = start[name], trained[name]
         A = f.A if dA is None else (s.A.double() + _noised(dA * clip, std, generator))
-        B = s.B.double() + _noised(dB * clip, std, generator)
+        B = f.B if dB is None else (s.B.double() + _noised(dB * clip, std, generator))
         out[name] = LoRAFactors(A=A.to(f.A.dtype), B=B.to(f.B.dtype))
     return out, norm
 

@@ -22,6 +22,11 @@ DISTRIBUTIONS = ("flora", "uniform", "heavy-tail-light", "heavy-tail-strong", "n
 
 def type_probabilities(name: str, num_types: int) -> list[float]:
     """Probability of each rank type (sorted ascending) under distribution ``name``."""
+    if name not in DISTRIBUTIONS:
+        raise ConfigError(
+            f"clients.ranks = {name!r} is no rank distribution; choose one of "
+            f"{', '.join(DISTRIBUTIONS)} or give a list of ranks"
+        )
     m = num_types
     if name == "uniform" or m == 1:
         return [1.0 / m] * m
@@ -32,9 +37,7 @@ def type_probabilities(name: str, num_types: int) -> list[float]:
     if name == "normal":
         weights = [math.comb(m - 1, i) for i in range(m)]
         return [w / sum(weights) for w in weights]
-    raise ConfigError(
-        f"unknown rank distribution {name!r}; choose one of {', '.join(DISTRIBUTIONS)}"
-    )
+    raise AssertionError(name)  # pragma: no cover - every name in DISTRIBUTIONS is handled
 
 
 def client_ranks(

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, TypeVar
 
 import torch
 
-from fedlora import adapters, privacy
+from fedlora import adapters, privacy, seeds
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
-from fedlora.comm import Traffic, delta_params, factor_params
+from fedlora.clients import LocalPlan, Session, hook_for
+from fedlora.comm import BYTES_PER_PARAM, Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
 from fedlora.data import Example
 from fedlora.data.encode import LazyEncoded
@@ -29,9 +30,11 @@ from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
 from fedlora.lora import BaseDelta, ClientUpdate, Expected, LoRAFactors, screen_update
 from fedlora.precision import MergedBase
-from fedlora.strategies import GlobalState, Start, Strategy
-from fedlora.strategies.hetlora import pruned_rank, self_prune
+from fedlora.seeds import derive_seed
+from fedlora.strategies import GlobalState, Strategy
 from fedlora.train import num_steps, train_local
+
+__all__ = ["LocalPlan", "derive_seed"]  # re-exported: engines and tests take them from here
 
 
 @dataclass(frozen=True)
@@ -53,21 +56,6 @@ class Client(ClientInfo):
 
 
 @dataclass(frozen=True)
-class LocalPlan:
-    """What one client does in a round, decided from the strategy's traits."""
-
-    rank: int
-    start: Start = None
-    frozen: Start = None
-    """Components held in the forward pass but not trained (hafl-freeze)."""
-    freeze_a: bool = False
-    importance: bool = False
-    adapter: str = "lora"
-    prune_gamma: float | None = None
-    """HetLoRA self-pruning with this γ (None: no pruning)."""
-
-
-@dataclass(frozen=True)
 class LocalResult:
     factors: dict[str, LoRAFactors]
     loss: float
@@ -75,6 +63,8 @@ class LocalResult:
     kept: dict[str, int]
     """Components per module that carry the update (after AdaLoRA's or HetLoRA's pruning)."""
     num_examples: int
+    next_rank: int | None = None
+    """The rank the client trains from the next round on (HetLoRA's pruning); None: unchanged."""
 
     @property
     def mean_rank(self) -> float:
@@ -161,14 +151,6 @@ def sample_clients(clients: Sequence[C], fraction: float, generator: torch.Gener
     return [clients[i] for i in picked]
 
 
-def derive_seed(*parts: int) -> int:
-    """A deterministic seed from integers (no global RNG)."""
-    value = 0
-    for p in parts:
-        value = (value * 1_000_003 + p) % (2**63 - 1)
-    return value
-
-
 @dataclass(frozen=True)
 class Benchmark:
     """A second evaluation set (``eval.benchmark``): its metric prefix, examples and kind."""
@@ -249,61 +231,36 @@ class Workbench:
     def train(
         self, client: Client, plan: LocalPlan, t: int, local: TrainConfig | None = None
     ) -> LocalResult:
-        """Attach a fresh adapter of the plan's rank, load its start (and frozen components),
-        train (tracking importance, regularising the tail or running AdaLoRA's budget as the plan
-        says), read the factors and scores, detach. ``local`` overrides ``cfg.train``."""
+        """Train one plan with the method's client hook (:mod:`fedlora.clients`): attach a fresh
+        adapter of the plan's rank, load its start and frozen components, prepare, train, read
+        the upload, detach; then privacy's clipping and noise, and the hook's last word.
+        ``local`` overrides ``cfg.train``."""
         cfg = self.cfg
         local = local or cfg.train
-        r = plan.rank
         seed = derive_seed(cfg.seed, t, client.index)
         data = LazyEncoded(client.examples, self.tokenizer, cfg.model.max_length)
         steps = num_steps(local, len(data))
-        if plan.adapter == "adalora":
-            target = max(1, round(cfg.adalora.target_ratio * r))
-            peft_model = adapters.attach_adalora(
-                self.model, cfg.model.targets, r, client.alpha, seed, steps, target, cfg.adalora
-            )
-        else:
-            peft_model = adapters.attach(self.model, cfg.model.targets, r, client.alpha, seed=seed)
+        session = Session(cfg, plan, t, client.alpha, seed, steps, tuple(self.shapes))
+        hook = hook_for(cfg.strategy)(session)
+        peft_model = hook.attach(self.model)
         try:
             if plan.start:
                 adapters.write_factors(peft_model, plan.start)
             if plan.frozen:
                 adapters.add_frozen(peft_model, plan.frozen)
-            if plan.freeze_a:
-                adapters.freeze_a(peft_model)
-            label = f"round {t} {client.cid} (r={r})" if self.progress else None
-            tracker = adapters.importance_tracker(peft_model) if plan.importance else None
-            penalty = None
-            if plan.prune_gamma is not None and cfg.hetlora.reg > 0:
-                keep = {n: pruned_rank(r, plan.prune_gamma) for n in self.shapes}
-                tail = adapters.tail_penalty(peft_model, keep)
-                reg = cfg.hetlora.reg
-                penalty = lambda: reg * tail()  # noqa: E731
-            allocate = (
-                peft_model.base_model.update_and_allocate if plan.adapter == "adalora" else None
-            )
+            callbacks = hook.prepare(peft_model)
             private = cfg.privacy.clip_norm > 0
             before = adapters.read_factors(peft_model) if private else None
-            result = train_local(
-                peft_model,
-                data,
-                local,
-                self.pad_id,
-                seed,
-                label,
-                on_step=tracker.step if tracker is not None else None,
-                penalty=penalty,
-                after_step=allocate,
-            )
-            factors = adapters.read_factors(peft_model)
-            kept = adapters.kept_ranks(peft_model)
-            scores = tracker.scores() if tracker is not None else None
+            label = f"round {t} {client.cid} (r={plan.rank})" if self.progress else None
+            result = train_local(peft_model, data, local, self.pad_id, seed, label, callbacks)
+            upload = hook.read(peft_model)
         finally:
             self.model = adapters.detach(peft_model)
         if before is not None:  # noised before anything else reads the factors
             noise = privacy.noise_generator(cfg.privacy, t, client.index)
-            factors, norm = privacy.privatize(before, factors, cfg.privacy, noise, plan.freeze_a)
+            sent = hook.sent(plan.options)
+            factors, norm = privacy.privatize(before, upload.factors, cfg.privacy, noise, sent)
+            upload = replace(upload, factors=factors)
             log.debug(
                 "round %d: %s's update norm %.4g, clip norm %g",
                 t,
@@ -311,12 +268,15 @@ class Workbench:
                 norm,
                 cfg.privacy.clip_norm,
             )
-        if plan.prune_gamma is not None:
-            pruned = self_prune(plan.start, factors, plan.prune_gamma)
-            if pruned is not None:
-                factors = pruned
-                kept = {n: f.rank for n, f in pruned.items()}
-        return LocalResult(factors, result.loss, scores, kept, len(client.examples))
+        upload = hook.finish(upload)
+        return LocalResult(
+            upload.factors,
+            result.loss,
+            upload.importance,
+            upload.kept,
+            len(client.examples),
+            upload.next_rank,
+        )
 
 
 class FederatedRounds:
@@ -342,11 +302,12 @@ class FederatedRounds:
         self.shapes = dict(shapes)
         self.model_params = model_params
         self.bench = bench
-        self.sampler = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
+        self.sampler = seeds.generator(cfg.seed, seeds.SAMPLER)
         self.ranks = {c.cid: c.rank for c in self.clients}
         """Each client's current rank (HetLoRA's self-pruning lowers it)."""
-        init_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 2))
+        init_gen = seeds.generator(cfg.seed, seeds.SHARED_INIT)
         self.state = strategy.init_state(shapes, max(c.rank for c in self.clients), init_gen)
+        self.hook = hook_for(strategy.name)
         self.merged: list[dict[str, BaseDelta]] = []
         self.received = {c.cid: 0 for c in self.clients}
         """How many of :attr:`merged` each client has received."""
@@ -453,22 +414,14 @@ class FederatedRounds:
         sampled = sample_clients(self.clients, cfg.clients.fraction, self.sampler)
         ranks = [self.ranks[c.cid] for c in sampled]
         starts = strategy.redistribute(self.state, ranks)
-        prune = cfg.hetlora.gamma if traits.self_pruning and cfg.hetlora.prune else None
+        options = strategy.client_options(self.state)
         tasks = []
         for client, rank, start in zip(sampled, ranks, starts, strict=True):
-            plan = LocalPlan(
-                rank,
-                start,
-                strategy.frozen_components(self.state, rank),
-                traits.fixed_a,
-                traits.needs_importance,
-                traits.client_adapter,
-                prune,
-            )
+            plan = LocalPlan(rank, start, strategy.frozen_components(self.state, rank), options)
             first = self.received[client.cid]
             pending = self.merged[first:]
             down = (
-                factor_params(start, traits.fixed_a)
+                factor_params(start, ("B",) if traits.fixed_a else ("A", "B"))
                 + factor_params(plan.frozen)
                 + sum(delta_params(d) for d in pending)
             )
@@ -489,13 +442,20 @@ class FederatedRounds:
         traffic = []
         for task, local in zip(tasks, results, strict=True):
             client = task.client
-            up = factor_params(local.factors, traits.fixed_a)
+            up = factor_params(local.factors, self.hook.sent(task.plan.options))
             traffic.append(
-                Traffic(client.cid, task.plan.rank, up, task.down_params, 4, self.model_params)
+                Traffic(
+                    client.cid,
+                    task.plan.rank,
+                    up,
+                    task.down_params,
+                    BYTES_PER_PARAM,
+                    self.model_params,
+                )
             )
             self.received[client.cid] = len(self.merged)
-            if task.plan.prune_gamma is not None:  # a pruned rank stays pruned
-                self.ranks[client.cid] = min(f.rank for f in local.factors.values())
+            if local.next_rank is not None:  # a pruned rank stays pruned
+                self.ranks[client.cid] = local.next_rank
         self.state = strategy.aggregate(self.state, updates)
         if traits.merges_into_base:
             self.bench.merge(dict(self.state.base_delta))
@@ -505,7 +465,7 @@ class FederatedRounds:
         record = RoundRecord(
             t, metrics, sum(losses) / len(losses), [task.client.cid for task in tasks], traffic
         )
-        if traits.client_adapter != "lora" or traits.self_pruning:
+        if self.hook.shrinks_rank:
             record.rank_sum_before = sum(task.plan.rank for task in tasks)
             record.rank_sum_after = sum(r.mean_rank for r in results)
         record.seconds = time.perf_counter() - self._started

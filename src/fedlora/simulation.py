@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from fedlora import adapters
+from fedlora import adapters, seeds
 from fedlora.checkpoint import put_deltas, take_factors
 from fedlora.config import RunConfig, check
 from fedlora.data import Example, load_examples, partition, split_heldout
@@ -38,7 +38,6 @@ from fedlora.rounds import (
     RoundRecord,
     Task,
     Workbench,
-    derive_seed,
     sample_clients,
 )
 from fedlora.strategies import Strategy, get_strategy
@@ -269,7 +268,7 @@ class Runner:
         reported metric is the mean over the round's clients of each one's adapter on the
         held-out set."""
         store = AdapterStore(self.workdir / "clients")
-        sampler = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 1))
+        sampler = seeds.generator(self.cfg.seed, seeds.SAMPLER)
 
         def snapshot(t: int) -> Snapshot:
             return {"sampler": sampler.get_state()}, {"mode": "standalone", "round": t}
@@ -307,9 +306,7 @@ def injected_fault(cfg: RunConfig, task: Task) -> str | None:
     """The fault ``[faults]`` injects into ``task`` (``crash_before``, ``crash_after``,
     ``timeout``, ``straggler``) or None; one uniform draw seeded by (seed, round, try, client)."""
     f = cfg.faults
-    gen = torch.Generator().manual_seed(
-        derive_seed(cfg.seed, 3, task.round, task.attempt, task.client.index)
-    )
+    gen = seeds.generator(cfg.seed, seeds.FAULTS, task.round, task.attempt, task.client.index)
     u = float(torch.rand(1, generator=gen))
     edge = 0.0
     for name, p in (

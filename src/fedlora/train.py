@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from fedlora.clients.base import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
 from fedlora.scoring import mean_token_loss
@@ -55,18 +56,19 @@ def train_local(
     pad_id: int,
     seed: int,
     progress: str | None = None,
-    on_step: Callable[[], None] | None = None,
-    penalty: Callable[[], torch.Tensor] | None = None,
-    after_step: Callable[[int], None] | None = None,
+    callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``; return the mean loss.
 
-    ``progress``: a label for a progress bar over the steps (None: no bar). ``on_step``: called
-    once per optimizer step after the backward passes, while the gradients are still there
-    (importance tracking). ``penalty``: a regulariser added to every micro-batch's loss (HetLoRA's
-    tail norm); the reported loss is the model's alone. ``after_step``: called with the step
-    index after each optimizer step, before the gradients are cleared (AdaLoRA's budget).
+    ``progress``: a label for a progress bar over the steps (None: no bar). ``callbacks``: a
+    client hook's (:class:`fedlora.clients.Callbacks`): ``on_step`` once per optimizer step after
+    the backward passes, while the gradients are still there (importance tracking);
+    ``penalty`` added to every micro-batch's loss (HetLoRA's tail norm; the reported loss is the
+    model's alone); ``after_step`` with the step index after each optimizer step, before the
+    gradients are cleared (AdaLoRA's budget).
     """
+    hooks = callbacks or Callbacks()
+    on_step, penalty, after_step = hooks.on_step, hooks.penalty, hooks.after_step
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.bench.provenance import provenance
+from fedlora.clients import hook_for
 from fedlora.ranks import FLORA_RANKS, client_ranks
 from fedlora.strategies import REGISTRY
 
@@ -47,15 +48,14 @@ def planned_traffic(
 ) -> list[list[tuple[int, int]]]:
     """Per round, per client: (parameters up, parameters down), all clients in every round."""
     traits = REGISTRY[strategy].traits
+    b_only = hook_for(strategy).sent({}) == ("B",)
     r_global = max(ranks)
     out = []
     stacked = 0  # Σ r_j of the previous round (FLoRA's merged update)
     for _ in range(rounds):
         row = []
         for r in ranks:
-            up = sum(
-                r * (d_out if traits.fixed_a else d_in + d_out) for d_out, d_in in shapes.values()
-            )
+            up = sum(r * (d_out if b_only else d_in + d_out) for d_out, d_in in shapes.values())
             if traits.merges_into_base:
                 down = sum(
                     min(stacked * (d_in + d_out), d_in * d_out) for d_out, d_in in shapes.values()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedlora import adapters
+from fedlora.clients import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
 from fedlora.models import load_model
@@ -110,7 +111,8 @@ def fedlora_client(
     start = time.perf_counter()
     peft_model = adapters.attach(model, TARGETS, rank, 2.0 * rank, seed=seed)
     tracker = adapters.importance_tracker(peft_model) if importance else None
-    train_local(peft_model, data, cfg, pad_id, seed, on_step=tracker.step if tracker else None)
+    callbacks = Callbacks(on_step=tracker.step if tracker is not None else None)
+    train_local(peft_model, data, cfg, pad_id, seed, callbacks=callbacks)
     if tracker is not None:
         tracker.scores()
     adapters.read_factors(peft_model)

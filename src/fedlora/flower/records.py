@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedlora.clients.base import Scalar
 from fedlora.errors import UpdateError
 from fedlora.lora import BaseDelta, LoRAFactors
 from fedlora.rounds import LocalPlan, LocalResult, Task
@@ -96,14 +97,11 @@ def task_content(task: Task) -> RecordDict:
                     "client": task.client.cid,
                     "round": task.round,
                     "rank": plan.rank,
-                    "freeze_a": plan.freeze_a,
-                    "importance": plan.importance,
-                    "adapter": plan.adapter,
-                    "prune_gamma": -1.0 if plan.prune_gamma is None else plan.prune_gamma,
                     "base_from": task.base_from,
                     "base_count": len(task.base_deltas),
                 }
-            )
+            ),
+            "options": ConfigRecord(dict(plan.options)),
         }
     )
     if plan.start:
@@ -119,7 +117,6 @@ def content_plan(content: RecordDict) -> tuple[LocalPlan, int, dict[int, dict[st
     """A ``train`` message's plan, round and merged base updates (by their position)."""
     where = "train message"
     p = config_part(content, "plan", where)
-    gamma = float(_scalar(p, "prune_gamma", where))
     start = frozen = None
     if "start" in content:
         start = record_factors(array_part(content, "start", where), where)
@@ -129,10 +126,7 @@ def content_plan(content: RecordDict) -> tuple[LocalPlan, int, dict[int, dict[st
         rank=int(_scalar(p, "rank", where)),
         start=start,
         frozen=frozen,
-        freeze_a=bool(_scalar(p, "freeze_a", where)),
-        importance=bool(_scalar(p, "importance", where)),
-        adapter=str(_scalar(p, "adapter", where)),
-        prune_gamma=None if gamma < 0 else gamma,
+        options=plan_options(config_part(content, "options", where), where),
     )
     first = int(_scalar(p, "base_from", where))
     count = int(_scalar(p, "base_count", where))
@@ -143,12 +137,27 @@ def content_plan(content: RecordDict) -> tuple[LocalPlan, int, dict[int, dict[st
     return plan, int(_scalar(p, "round", where)), base
 
 
+def plan_options(record: ConfigRecord, where: str) -> dict[str, Scalar]:
+    """A plan's options: each a bool, int, float or str."""
+    options: dict[str, Scalar] = {}
+    for key in record:
+        value = record[key]
+        if not isinstance(value, (bool, int, float, str)):
+            raise UpdateError(f"{where}: plan option {key!r} must be a scalar, got {value!r}")
+        options[key] = value
+    return options
+
+
 def result_content(result: LocalResult) -> RecordDict:
     """A client's result as the content of its reply."""
     content = RecordDict(
         {
             "result": ConfigRecord(
-                {"loss": float(result.loss), "num_examples": int(result.num_examples)}
+                {
+                    "loss": float(result.loss),
+                    "num_examples": int(result.num_examples),
+                    "next_rank": -1 if result.next_rank is None else int(result.next_rank),
+                }
             ),
             "factors": factors_record(result.factors),
             "kept": ConfigRecord({name: int(k) for name, k in result.kept.items()}),
@@ -175,7 +184,16 @@ def content_result(content: RecordDict, client: str) -> LocalResult:
     examples = _scalar(r, "num_examples", where)
     if isinstance(examples, bool) or not isinstance(examples, int):
         raise UpdateError(f"{where}: num_examples must be an int, got {examples!r}")
-    return LocalResult(factors, float(_scalar(r, "loss", where)), importance, kept, examples)
+    next_rank = _scalar(r, "next_rank", where)
+    bad = isinstance(next_rank, bool) or not isinstance(next_rank, int)
+    if bad or (next_rank != -1 and next_rank < 1):
+        raise UpdateError(
+            f"{where}: next_rank must be an int >= 1 (or -1: unchanged), got {next_rank!r}"
+        )
+    loss = float(_scalar(r, "loss", where))
+    return LocalResult(
+        factors, loss, importance, kept, examples, None if next_rank < 0 else next_rank
+    )
 
 
 def config_part(content: RecordDict, key: str, where: str) -> ConfigRecord:

@@ -30,7 +30,8 @@ adapter."""
 
 @dataclass(frozen=True)
 class Traits:
-    """What a strategy needs from the runner."""
+    """What a strategy needs from the runner. What its clients do differently is its client
+    hook's (:mod:`fedlora.clients`)."""
 
     paper: str
     """The method's source, cited in docs and tables."""
@@ -44,12 +45,6 @@ class Traits:
     """``A`` stays at the shared init of :meth:`Strategy.init_state`; only ``B`` trains."""
     component_level: bool = False
     """Aggregates per rank-1 component and honours :attr:`ClientUpdate.component_index`."""
-    needs_importance: bool = False
-    """Clients track and send component importance (:mod:`fedlora.importance`)."""
-    client_adapter: str = "lora"
-    """What clients train: ``lora``, or ``adalora`` (PEFT's AdaLoRA; ranks shrink locally)."""
-    self_pruning: bool = False
-    """Clients regularise their rank tail and may prune it (HetLoRA, :func:`self_prune`)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +154,12 @@ class Strategy(ABC):
         (what its update's ``component_index`` must say); None: the first ``r_k``."""
         del state, spec
         return None
+
+    def client_options(self, state: GlobalState) -> dict[str, bool | int | float | str]:
+        """Options for the method's client hook in the next round, the same for every client
+        (they travel in each plan, as Flower's FedProx sends its ``proximal_mu``)."""
+        del state
+        return {}
 
     def frozen_components(self, state: GlobalState, spec: RankSpec) -> Start:
         """Components a rank-``spec`` client holds in its forward pass but does not train (HAFL's

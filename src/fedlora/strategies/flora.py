@@ -50,5 +50,4 @@ class FLoRAAdaLoRA(FLoRA):
         mixed_ranks=True,
         merges_into_base=True,
         fresh_client_adapters=True,
-        client_adapter="adalora",
     )

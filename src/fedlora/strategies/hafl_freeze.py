@@ -35,7 +35,6 @@ class HAFLFreeze(HAFLTruncate):
         paper="Yan et al. 2024 (HAFL, importance-based freezing)",
         mixed_ranks=True,
         component_level=True,
-        needs_importance=True,
     )
 
     def frozen_components(self, state: GlobalState, spec: RankSpec) -> Start:

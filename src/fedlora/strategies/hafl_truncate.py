@@ -38,7 +38,6 @@ class HAFLTruncate(HAFL):
         paper="Yan et al. 2024 (HAFL, importance-based truncation)",
         mixed_ranks=True,
         component_level=True,
-        needs_importance=True,
     )
 
     def component_indices(

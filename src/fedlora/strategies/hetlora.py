@@ -40,7 +40,7 @@ def norm_weights(
 @register
 class HetLoRA(Strategy):
     name = "hetlora"
-    traits = Traits(paper="Cho et al. 2024 (HetLoRA)", mixed_ranks=True, self_pruning=True)
+    traits = Traits(paper="Cho et al. 2024 (HetLoRA)", mixed_ranks=True)
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
         weights = norm_weights(rnd.updates, module, rnd.weights)

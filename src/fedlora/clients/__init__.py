@@ -1,0 +1,29 @@
+"""Client hooks, one file per method whose clients do more than train a plain LoRA, registered
+by strategy name in :data:`HOOKS` (:mod:`fedlora.clients.base`)."""
+
+from fedlora.clients import adalora, ffa, hafl, hetlora
+from fedlora.clients.base import (
+    HOOKS,
+    Callbacks,
+    ClientHook,
+    LocalPlan,
+    Session,
+    Upload,
+    hook_for,
+    register_hook,
+)
+
+__all__ = [
+    "HOOKS",
+    "Callbacks",
+    "ClientHook",
+    "LocalPlan",
+    "Session",
+    "Upload",
+    "adalora",
+    "ffa",
+    "hafl",
+    "hetlora",
+    "hook_for",
+    "register_hook",
+]

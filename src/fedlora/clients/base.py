@@ -1,0 +1,170 @@
+"""The client half of a method: what one client does around its local training.
+
+A method is a server file (its :class:`fedlora.strategies.Strategy`, pure math) and, where its
+clients do more than train a plain LoRA from the start the server sends, a client hook: a
+:class:`ClientHook` subclass registered under the strategy's name with :func:`register_hook`, in
+its own file of this package, with the method's options (a dataclass registered with
+:func:`fedlora.config.method_options`) beside it. :meth:`fedlora.rounds.Workbench.train` runs
+the same steps for every method and asks the hook at each of them:
+
+1. :meth:`ClientHook.attach`: wrap the base model in a fresh adapter of the plan's rank (PEFT's
+   LoRA; AdaLoRA's hook attaches PEFT's AdaLoRA). The runner then loads the plan's start and
+   frozen components.
+2. :meth:`ClientHook.prepare`: freeze parameters, set up trackers; returns the
+   :class:`Callbacks` local training calls (a loss penalty, an action per step, one after it).
+3. :meth:`ClientHook.read`: what the trained adapter uploads (factors, kept ranks, importance),
+   while it is still attached.
+4. The runner applies client-level privacy to the factors of :meth:`ClientHook.sent` (the
+   parts that travel), detaches, then :meth:`ClientHook.finish` may change the upload once more
+   (HetLoRA's self-pruning).
+
+The server side of a round gives a hook options through the plan (:attr:`LocalPlan.options`,
+from :meth:`fedlora.strategies.Strategy.client_options`), as Flower's ``FedProx`` puts its
+``proximal_mu`` into the train config; anything else a hook needs comes from the run config,
+which every client holds. The hook is PEFT's ``LoraVariant`` idea one level up: the variant
+changes a method's client steps, the runner keeps their order.
+
+PEFT is imported only where a hook touches the model (:mod:`fedlora.adapters`), so that reading
+a config, which registers every method's options, stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar
+
+import torch
+
+from fedlora.lora import LoRAFactors
+from fedlora.strategies.base import Start
+
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
+
+Scalar: TypeAlias = bool | int | float | str
+"""A plan option's value (what a Flower ``ConfigRecord`` carries)."""
+
+PARTS = ("A", "B")
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What one client does in a round, as the server sends it."""
+
+    rank: int
+    start: Start = None
+    frozen: Start = None
+    """Components held in the forward pass but not trained (hafl-freeze)."""
+    options: Mapping[str, Scalar] = field(default_factory=dict)
+    """The method's client options for this round (:meth:`Strategy.client_options`)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """One client's local training in one round, as its hook sees it."""
+
+    cfg: RunConfig
+    plan: LocalPlan
+    round: int
+    alpha: float
+    seed: int
+    """Seeds the adapter's initialisation (and, in the runner, the batches)."""
+    steps: int
+    """Optimizer steps this training will take."""
+    modules: tuple[str, ...]
+    """The target modules' full names."""
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """What local training calls (:func:`fedlora.train.train_local`); None: nothing."""
+
+    penalty: Callable[[], torch.Tensor] | None = None
+    """Added to every micro-batch's loss; the reported loss is the model's alone."""
+    on_step: Callable[[], None] | None = None
+    """After each step's backward passes, while the gradients are there."""
+    after_step: Callable[[int], None] | None = None
+    """After each optimizer step, with its index, before the gradients are cleared."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What a client's training gives the server."""
+
+    factors: dict[str, LoRAFactors]
+    kept: dict[str, int]
+    """Components per module that carry the update (fewer than planned after pruning)."""
+    importance: dict[str, torch.Tensor] | None = None
+    next_rank: int | None = None
+    """The rank this client trains from the next round on (None: unchanged)."""
+
+
+class ClientHook:
+    """The default client: a fresh PEFT LoRA of the plan's rank (``A`` random from the session's
+    seed, ``B`` zero), the plan's start loaded into its first components, every factor trained
+    and sent."""
+
+    shrinks_rank: ClassVar[bool] = False
+    """Results may carry fewer components than planned; rounds record the rank sums."""
+    also_sends: ClassVar[str | None] = None
+    """What else a reply carries that is computed from the client's data (privacy's noise does
+    not cover it, so ``[privacy]`` refuses the method); None: factors only."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @classmethod
+    def sent(cls, options: Mapping[str, Scalar]) -> tuple[str, ...]:
+        """The factors that train and travel up, ``A`` and/or ``B``, for a plan's ``options``;
+        the others stay as they started (and are not counted as traffic)."""
+        del options
+        return PARTS
+
+    def attach(self, model: Any) -> Any:
+        from fedlora import adapters
+
+        s = self.session
+        return adapters.attach(model, s.cfg.model.targets, s.plan.rank, s.alpha, seed=s.seed)
+
+    def prepare(self, peft_model: Any) -> Callbacks:
+        """Freeze what does not train (the factors outside :meth:`sent`)."""
+        from fedlora import adapters
+
+        for part in PARTS:
+            if part not in self.sent(self.session.plan.options):
+                adapters.freeze(peft_model, part)
+        return Callbacks()
+
+    def read(self, peft_model: Any) -> Upload:
+        from fedlora import adapters
+
+        return Upload(adapters.read_factors(peft_model), adapters.kept_ranks(peft_model))
+
+    def finish(self, upload: Upload) -> Upload:
+        """The upload after privacy's noise, detached from the model."""
+        return upload
+
+
+HOOKS: dict[str, type[ClientHook]] = {}
+
+H = TypeVar("H", bound=type[ClientHook])
+
+
+def register_hook(*strategies: str) -> Callable[[H], H]:
+    """Class decorator: ``cls`` is the client side of each of ``strategies``."""
+
+    def wrap(cls: H) -> H:
+        for name in strategies:
+            if name in HOOKS:
+                raise ValueError(f"client hook for strategy {name!r} registered twice")
+            HOOKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def hook_for(strategy: str) -> type[ClientHook]:
+    """The client hook of ``strategy`` (the default :class:`ClientHook` for a method without
+    one, and for ``centralized`` and ``standalone`` training)."""
+    return HOOKS.get(strategy, ClientHook)
