@@ -14,7 +14,7 @@ from fedlora.strategies import REGISTRY, GlobalState, get_strategy
 from fedlora.weighting import client_weights
 
 ALL = sorted(REGISTRY)
-EXACT = {"flora", "flora-adalora", "flexlora", "ffa"}  # their global ΔW equals Σ p_k ΔW_k
+EXACT = {"flora", "flora-adalora", "flexlora", "ffa", "fedex"}  # their global ΔW equals Σ p_k ΔW_k
 MIXED = [8, 4, 2, 2, 1]
 EQUAL = [4, 4, 4]
 
@@ -36,6 +36,7 @@ def assert_states_equal(a: GlobalState, b: GlobalState) -> None:
 def test_registry_holds_every_method() -> None:
     assert set(REGISTRY) == {
         "fedit",
+        "fedex",
         "zeropad",
         "hetlora",
         "flora",
@@ -263,7 +264,7 @@ def test_given_uniform_and_example_weights_differ_as_they_should(name: str) -> N
 def test_unknown_strategy_lists_the_available_ones() -> None:
     with pytest.raises(
         ValueError,
-        match="available: fedit, ffa, flexlora, flora, flora-adalora, hafl, hafl-freeze, "
+        match="available: fedex, fedit, ffa, flexlora, flora, flora-adalora, hafl, hafl-freeze, "
         "hafl-truncate, hetlora, zeropad",
     ):
         get_strategy("fedavg")

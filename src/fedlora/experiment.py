@@ -22,7 +22,6 @@ from fedlora.privacy import privacy_summary
 from fedlora.report import RunWriter, comparison, headline_metric, summarize
 from fedlora.rounds import RoundRecord, Workbench
 from fedlora.simulation import OnRound, Runner, RunOutcome, Snapshot, build_federation
-from fedlora.strategies import REGISTRY
 
 
 def run_experiment(
@@ -112,7 +111,8 @@ def finish_run(
         if outcome.export_error is not None:
             extra["adapter_relative_error"] = outcome.export_error
     if cfg.save_merged:
-        extra["merged_model"] = str(save_merged(bench, outcome.export, writer.out / "merged", cfg))
+        merge = outcome.export if outcome.unmerged is None else outcome.unmerged
+        extra["merged_model"] = str(save_merged(bench, merge, writer.out / "merged"))
     if cfg.privacy.clip_norm > 0:
         extra["privacy"] = privacy_summary(cfg.privacy, writer.rows)
     extra["seconds"] = time.perf_counter() - start
@@ -121,13 +121,12 @@ def finish_run(
     return writer.finish(summary)
 
 
-def save_merged(bench: Workbench, export: Any, folder: Path, cfg: RunConfig) -> Path:
-    """The full model with the global update merged (FLoRA's is already in the base), saved in
-    float32 with ``W₀ + Σ_t ΔW_t`` in each merged weight: whatever the compute dtype, no part of
-    the update is rounded away."""
-    merged_already = cfg.strategy in REGISTRY and REGISTRY[cfg.strategy].traits.merges_into_base
-    if export and not merged_already:
-        bench.merge(export)
+def save_merged(bench: Workbench, unmerged: Any, folder: Path) -> Path:
+    """The full model with the global update merged (``unmerged``: what the base weights do not
+    hold yet; FLoRA's update is already in them), saved in float32 with ``W₀ + Σ_t ΔW_t`` in
+    each merged weight: whatever the compute dtype, no part of the update is rounded away."""
+    if unmerged:
+        bench.merge(unmerged)
     config = bench.model.config
     compute = config.dtype
     config.dtype = torch.float32

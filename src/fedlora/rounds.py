@@ -510,11 +510,20 @@ class FederatedRounds:
         self.done = int(meta["round"])
 
     def export(self) -> tuple[dict[str, LoRAFactors], float | None]:
-        """The global result: FLoRA's accumulated merged update (exact or at ``export_rank``),
-        else the global adapter."""
+        """The global result: the accumulated merged updates with the global adapter, if any,
+        for a strategy that merges into the base (exact, or at ``export_rank``), else the global
+        adapter."""
         if self.strategy.traits.merges_into_base:
-            return accumulated_factors(self.merged, self.cfg.export_rank)
+            parts: list[dict[str, BaseDelta]] = list(self.merged)
+            if self.state.factors:
+                parts.append(dict(self.state.factors))
+            return accumulated_factors(parts, self.cfg.export_rank)
         return dict(self.state.factors), None
+
+    def unmerged(self) -> dict[str, LoRAFactors]:
+        """The part of the global result not yet in the server's base weights: the global
+        adapter (FLoRA: none, FedEx-LoRA: ``B̄ Ā``)."""
+        return dict(self.state.factors)
 
 
 def accumulated_factors(

@@ -64,6 +64,8 @@ class RunOutcome:
 
     export: dict[str, LoRAFactors] | None
     export_error: float | None = None
+    unmerged: dict[str, LoRAFactors] | None = None
+    """What of ``export`` the server's base weights do not hold yet (None: all of it)."""
 
 
 def build_federation(cfg: RunConfig) -> Federation:
@@ -209,7 +211,7 @@ class Runner:
         for t in self.rounds(server.done + 1):
             on_round(server.run_round(t, self.execute), server.snapshot())
         factors, err = server.export()
-        return RunOutcome(factors, err)
+        return RunOutcome(factors, err, server.unmerged())
 
     def execute(self, tasks: list[Task]) -> list[LocalResult | Failure]:
         """Train each task's client here in turn, with the faults of ``[faults]`` injected."""

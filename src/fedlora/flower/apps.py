@@ -138,7 +138,9 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
     }
-    summary = finish_run(cfg, writer, RunOutcome(factors, err), bench, info, facts, start)
+    summary = finish_run(
+        cfg, writer, RunOutcome(factors, err, rounds.unmerged()), bench, info, facts, start
+    )
     print(f"fedlora: run folder {out}", flush=True)
     return summary
 

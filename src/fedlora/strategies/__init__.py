@@ -1,6 +1,7 @@
 """Aggregation strategies, one file each, selected by name from :data:`REGISTRY`."""
 
 from fedlora.strategies import (
+    fedex,
     fedit,
     ffa,
     flexlora,
@@ -29,6 +30,7 @@ __all__ = [
     "Start",
     "Strategy",
     "Traits",
+    "fedex",
     "fedit",
     "fedit_aggregation_error",
     "ffa",

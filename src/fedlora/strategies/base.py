@@ -63,10 +63,16 @@ class GlobalState:
     importance: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def global_delta(self, module: str) -> torch.Tensor:
-        """The dense update this state applies to ``module`` (for tests and evaluation only)."""
+        """The dense update this round's state applies to ``module``: the merged base delta
+        and the global adapter, either or both (for tests and evaluation only)."""
+        parts = []
         if module in self.base_delta:
-            return dense_delta(self.base_delta[module])
-        return self.factors[module].delta()
+            parts.append(dense_delta(self.base_delta[module]))
+        if module in self.factors:
+            parts.append(self.factors[module].delta())
+        if not parts:
+            raise KeyError(module)
+        return sum(parts[1:], parts[0])
 
 
 @dataclass(frozen=True)

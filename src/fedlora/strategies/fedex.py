@@ -1,0 +1,37 @@
+"""FedEx-LoRA: exact aggregation for federated LoRA (Singhal, Ponkshe, Vepakomma, "FedEx-LoRA:
+Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation Models", ACL 2025).
+
+Rule: FedIT's averages ``Ā = Σ p_k A_k`` and ``B̄ = Σ p_k B_k`` are the global adapter every
+client warm-starts from, and the residual ``Σ_k p_k B_k A_k − B̄ Ā`` that FedIT drops is merged
+into the base weights, so that ``W₀ + Σ_t residual_t + B̄ Ā = W₀ + Σ_t Σ_k p_k ΔW_k`` after every
+round: exact, like FLoRA, but clients keep training the global adapter. Equal ranks.
+
+The residual is built from factors: ``[B_1 … B_K, B̄] [p_1 A_1; …; p_K A_K; −Ā]`` (rank
+``(K + 1) r``), kept factored where that is smaller than dense (:func:`fedlora.linalg.compact`),
+merged exactly in float32 like FLoRA's update. Deviation from the paper: its code merges the
+residual into the weights it holds as a dense matrix each round; here it is one more merged
+update that clients receive and merge themselves (Flower nodes too), counted as traffic.
+"""
+
+from __future__ import annotations
+
+from fedlora.linalg import compact, stack
+from fedlora.lora import LoRAFactors
+from fedlora.strategies.base import GlobalState, RoundInput, Traits, register
+from fedlora.strategies.fedit import FedIT
+
+
+@register
+class FedExLoRA(FedIT):
+    name = "fedex"
+    traits = Traits(
+        paper="Singhal et al. 2025 (FedEx-LoRA)", mixed_ranks=False, merges_into_base=True
+    )
+
+    def _aggregate(self, rnd: RoundInput) -> GlobalState:
+        factors = {m: self._combine(rnd, m) for m in rnd.modules}
+        residual = {}
+        for m, mean in factors.items():
+            parts = [*rnd.factors(m), LoRAFactors(A=mean.A, B=mean.B)]
+            residual[m] = compact(stack(parts, [*rnd.weights, -1.0]))
+        return GlobalState(factors=factors, base_delta=residual, round=rnd.state.round + 1)
