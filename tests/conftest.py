@@ -67,7 +67,8 @@ def setup_round(
     """A strategy, its initial state and client updates that fit it."""
     strategy = get_strategy(name, **options)
     state = strategy.init_state(MODULES, max(ranks), torch.Generator().manual_seed(seed + 1000))
-    shared = state if strategy.traits.fixed_a else None
+    frozen_a = strategy.traits.fixed_a or strategy.client_options(state).get("train") == "B"
+    shared = state if frozen_a else None  # A is the state's where clients hold it frozen
     return strategy, state, make_updates(ranks, seed, shared=shared)
 
 

@@ -14,7 +14,14 @@ from fedlora.strategies import REGISTRY, GlobalState, get_strategy
 from fedlora.weighting import client_weights
 
 ALL = sorted(REGISTRY)
-EXACT = {"flora", "flora-adalora", "flexlora", "ffa", "fedex"}  # their global ΔW equals Σ p_k ΔW_k
+EXACT = {
+    "flora",
+    "flora-adalora",
+    "flexlora",
+    "ffa",
+    "fedex",
+    "rolora",
+}  # their global ΔW equals Σ p_k ΔW_k
 MIXED = [8, 4, 2, 2, 1]
 EQUAL = [4, 4, 4]
 
@@ -39,6 +46,7 @@ def test_registry_holds_every_method() -> None:
         "fedex",
         "zeropad",
         "hetlora",
+        "rolora",
         "flora",
         "flora-adalora",
         "flexlora",
@@ -265,7 +273,7 @@ def test_unknown_strategy_lists_the_available_ones() -> None:
     with pytest.raises(
         ValueError,
         match="available: fedex, fedit, ffa, flexlora, flora, flora-adalora, hafl, hafl-freeze, "
-        "hafl-truncate, hetlora, zeropad",
+        "hafl-truncate, hetlora, rolora, zeropad",
     ):
         get_strategy("fedavg")
 

@@ -164,8 +164,8 @@ class FlowerConfig:
 @dataclass
 class RunConfig:
     strategy: str = "flora"
-    """An aggregation strategy (fedit, zeropad, hetlora, flora, flora-adalora, flexlora, ffa,
-    hafl, hafl-truncate, hafl-freeze), or ``centralized`` / ``standalone``."""
+    """An aggregation strategy (a name in :data:`fedlora.strategies.REGISTRY`: flora, fedit,
+    fedex, flexlora, …), or ``centralized`` / ``standalone``."""
     rounds: int = 2
     seed: int = 0
     weighting: str = "examples"

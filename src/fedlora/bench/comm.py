@@ -29,7 +29,7 @@ from typing import Any
 from fedlora.bench.provenance import provenance
 from fedlora.clients import hook_for
 from fedlora.ranks import FLORA_RANKS, client_ranks
-from fedlora.strategies import REGISTRY
+from fedlora.strategies import REGISTRY, GlobalState
 
 Shapes = Mapping[str, tuple[int, int]]
 """``{module: (d_out, d_in)}``."""
@@ -48,7 +48,8 @@ def planned_traffic(
 ) -> list[list[tuple[int, int]]]:
     """Per round, per client: (parameters up, parameters down), all clients in every round."""
     traits = REGISTRY[strategy].traits
-    b_only = hook_for(strategy).sent({}) == ("B",)
+    first = REGISTRY[strategy]().client_options(GlobalState())
+    b_only = hook_for(strategy).sent(first) == ("B",)
     r_global = max(ranks)
     out = []
     stacked = 0  # Σ r_j of the previous round (FLoRA's merged update)

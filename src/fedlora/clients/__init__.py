@@ -1,7 +1,7 @@
 """Client hooks, one file per method whose clients do more than train a plain LoRA, registered
 by strategy name in :data:`HOOKS` (:mod:`fedlora.clients.base`)."""
 
-from fedlora.clients import adalora, ffa, hafl, hetlora
+from fedlora.clients import adalora, ffa, hafl, hetlora, rolora
 from fedlora.clients.base import (
     HOOKS,
     Callbacks,
@@ -26,4 +26,5 @@ __all__ = [
     "hetlora",
     "hook_for",
     "register_hook",
+    "rolora",
 ]

@@ -10,6 +10,7 @@ from fedlora.strategies import (
     hafl_freeze,
     hafl_truncate,
     hetlora,
+    rolora,
     zeropad,
 )
 from fedlora.strategies.base import (
@@ -41,5 +42,6 @@ __all__ = [
     "hafl_freeze",
     "hafl_truncate",
     "hetlora",
+    "rolora",
     "zeropad",
 ]
