@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
+from fedlora.clients import hook_for
 from fedlora.lora import ClientUpdate, LoRAFactors, fold_scaling
 from fedlora.strategies import GlobalState, Strategy, get_strategy
 
@@ -67,7 +68,7 @@ def setup_round(
     """A strategy, its initial state and client updates that fit it."""
     strategy = get_strategy(name, **options)
     state = strategy.init_state(MODULES, max(ranks), torch.Generator().manual_seed(seed + 1000))
-    frozen_a = strategy.traits.fixed_a or strategy.client_options(state).get("train") == "B"
+    frozen_a = "A" not in hook_for(name).sent(strategy.client_options(state))
     shared = state if frozen_a else None  # A is the state's where clients hold it frozen
     return strategy, state, make_updates(ranks, seed, shared=shared)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fedlora.clients import hook_for
 from fedlora.lora import ClientUpdate, LoRAFactors
 from fedlora.strategies import REGISTRY, GlobalState, Strategy, get_strategy
 from fedlora.weighting import client_weights
@@ -138,7 +139,7 @@ def run_aggregation_bench(
         strategy = get_strategy(name)
         state = strategy.init_state({MODULE: (d_out, d_in)}, max(ranks), generator)
         clients = updates
-        if name == "ffa":
+        if "A" not in hook_for(name).sent(strategy.client_options(state)):  # A frozen: A_0
             clients = synthetic_updates(d_in, d_out, ranks, generator, state.factors[MODULE])
         elif not strategy.traits.mixed_ranks:
             homogeneous = int(statistics.median(ranks))
