@@ -168,3 +168,29 @@ def test_privacy_noises_only_the_sent_factor() -> None:
     assert norm == pytest.approx(float(torch.linalg.norm(trained["m"].A - start["m"].A)))
     assert torch.equal(got["m"].B, trained["m"].B)  # B frozen: passed through, not counted
     assert not torch.equal(got["m"].A, trained["m"].A)
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "flower"])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("clients.ranks=flroa", "clients.ranks = 'flroa' is no rank distribution"),
+        ("hetlora.gama=0.5", "unknown config key 'hetlora.gama'"),
+    ],
+)
+def test_both_engines_refuse_a_bad_config_before_starting(
+    engine: str,
+    override: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fedlora.cli import main
+
+    tiny = str(Path(__file__).parents[1] / "configs" / "tiny.toml")
+    out = tmp_path / "x"
+    code = main(["run", tiny, "--engine", engine, "--set", override, "--out", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"fedlora: error: {message}")
+    assert not out.exists()  # nothing started, nothing written
