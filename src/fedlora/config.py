@@ -76,6 +76,10 @@ class ClientsConfig:
     retries: int = 1
     """Times a round with too few replies is tried again with a fresh sample; then skipped."""
 
+    def alpha_for(self, rank: int) -> float:
+        """LoRA α of a client of rank ``rank``: :attr:`alpha`, or 2r (FLoRA's setting)."""
+        return float(self.alpha) if self.alpha else 2.0 * rank
+
 
 @dataclass
 class TrainConfig:

@@ -75,7 +75,7 @@ def build_federation(cfg: RunConfig) -> Federation:
     parts, heldout, kind = federation_data(cfg)
     ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
     clients = [
-        Client(client_id(k), k, r, cfg.clients.alpha or 2.0 * r, list(part))
+        Client(client_id(k), k, r, cfg.clients.alpha_for(r), list(part))
         for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
     ]
     shapes = adapters.target_shapes(loaded.model, cfg.model.targets)
@@ -241,7 +241,7 @@ class Runner:
         optimizer steps as the sampled clients of a federated round take together."""
         pooled = [e for c in self.fed.clients for e in c.examples]
         rank = max(c.rank for c in self.fed.clients)
-        central = Client("centralized", 0, rank, self.cfg.clients.alpha or 2.0 * rank, pooled)
+        central = Client("centralized", 0, rank, self.cfg.clients.alpha_for(rank), pooled)
         k = max(1, round(self.cfg.clients.fraction * len(self.fed.clients)))
         local = dataclasses.replace(self.cfg.train, steps=self.cfg.train.steps * k)
 

@@ -314,7 +314,7 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
         rank = client_ranks(cfg.clients.ranks, n, cfg.clients.rank_set, cfg.seed)[index]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"node config rank must be an int >= 1, got {rank!r}")
-    alpha = float(node_config.get("alpha") or cfg.clients.alpha or 2.0 * rank)
+    alpha = float(node_config.get("alpha") or cfg.clients.alpha_for(rank))
     if "data" in node_config:
         examples, kind = load_examples(
             str(node_config["data"]),
