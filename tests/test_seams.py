@@ -123,7 +123,7 @@ def test_reading_a_config_registers_the_method_options_without_loading_peft() ->
         "print(sorted(METHOD_OPTIONS), 'peft' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['adalora', 'hetlora'] False False"
+    assert out.stdout.strip() == "['adalora', 'florist', 'hetlora'] False False"
 
 
 def test_method_options_are_read_typed_and_written_back_at_the_top_level() -> None:

@@ -217,8 +217,9 @@ def method_options(section: str) -> Callable[[type[T]], type[T]]:
 
 
 def _registered() -> dict[str, type[Any]]:
-    """:data:`METHOD_OPTIONS`, with every method's client side imported (which registers them)."""
-    import fedlora.clients  # noqa: F401
+    """:data:`METHOD_OPTIONS`, with every method imported (which registers their sections)."""
+    import fedlora.clients
+    import fedlora.strategies  # noqa: F401
 
     return METHOD_OPTIONS
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fedlora import adapters, seeds
 from fedlora.checkpoint import put_deltas, take_factors
-from fedlora.config import RunConfig, check
+from fedlora.config import RunConfig, check, options_of
 from fedlora.data import Example, load_examples, partition, split_heldout
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors
@@ -40,7 +40,7 @@ from fedlora.rounds import (
     Workbench,
     sample_clients,
 )
-from fedlora.strategies import Strategy, get_strategy
+from fedlora.strategies import REGISTRY, Strategy, get_strategy
 from fedlora.train import num_steps
 from fedlora.weighting import client_id, configured_weighting
 
@@ -110,7 +110,10 @@ def strategy_of(cfg: RunConfig) -> Strategy:
     """``cfg.strategy`` with the client weights ``cfg`` asks for, on either engine."""
     c = cfg.clients
     weighting = configured_weighting(cfg.weighting, c.weights, c.num_clients)
-    return get_strategy(cfg.strategy, weighting=weighting)
+    options = REGISTRY[cfg.strategy].Options
+    if options is None:
+        return get_strategy(cfg.strategy, weighting=weighting)
+    return get_strategy(cfg.strategy, weighting=weighting, options=options_of(cfg, options))
 
 
 def benchmark_of(cfg: RunConfig) -> Benchmark | None:

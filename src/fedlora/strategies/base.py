@@ -101,6 +101,10 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     traits: ClassVar[Traits]
+    Options: ClassVar[type[Any] | None] = None
+    """The dataclass of the strategy's own config section (registered with
+    :func:`fedlora.config.method_options`), passed to the constructor as ``options``; None: the
+    strategy takes no options."""
 
     def __init__(self, weighting: Weighting = "examples") -> None:
         self.weighting = weighting
