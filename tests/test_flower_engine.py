@@ -322,6 +322,15 @@ def test_flower_refuses_single_party_references(strategy: str, tmp_path: Path) -
         serve(None, cfg, tmp_path / "run")  # type: ignore[arg-type]  # refused before any node
 
 
+def test_flower_refuses_to_resume_a_method_whose_clients_keep_state(tmp_path: Path) -> None:
+    from fedlora.errors import ConfigError
+    from fedlora.flower.apps import serve
+
+    cfg = load_config(TINY, ["strategy=fedsa", "clients.ranks=[4]"])
+    with pytest.raises(ConfigError, match="'fedsa' keeps client state on the nodes"):
+        serve(None, cfg, tmp_path / "run", resume=True)  # type: ignore[arg-type]
+
+
 def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:
     # Prepare: a SuperLink with TLS and node authentication, one registered key, one not
     out = tmp_path / "run"

@@ -221,14 +221,14 @@ def test_a_noised_run_reports_each_clients_epsilon(tmp_path: Path) -> None:
 
 
 PRIVATE_STRATEGIES = ["fedit", "fedex", "zeropad", "hetlora", "flora", "flexlora", "ffa", "hafl"]
-PRIVATE_STRATEGIES += ["rolora"]
+PRIVATE_STRATEGIES += ["rolora", "florist", "fedsa"]
 
 
 @pytest.mark.parametrize("strategy", PRIVATE_STRATEGIES)
 def test_every_strategy_whose_uploads_are_all_noised_runs_privately(
     strategy: str, tmp_path: Path
 ) -> None:
-    ranks = "[4]" if strategy in ("fedit", "fedex") else "[8,4,2]"
+    ranks = "[4]" if strategy in ("fedit", "fedex", "fedsa") else "[8,4,2]"
     cfg = tiny(**{"strategy": strategy, "clients.ranks": ranks, "rounds": 1,
                   "privacy.clip_norm": 0.05, "privacy.noise_multiplier": 1.0})  # fmt: skip
     summary = run_experiment(cfg, tmp_path / "run", progress=False)

@@ -85,6 +85,8 @@ PRIVATE = ["privacy.clip_norm=1.0", "privacy.noise_multiplier=0.5", "privacy.noi
         ("flora-adalora", [], 1),
         ("centralized", [], 1),
         ("standalone", [], 1),
+        # each client's own B comes back from its file as of the checkpoint's round
+        ("fedsa", ["clients.ranks=[4]"], 1),
         # ε goes on from the checkpoint's rows: the resumed run reports the same ε per round
         ("flora", PRIVATE, 1),
         # bfloat16: the resumed server re-merges FLoRA's float32 updates into float32 terms on
@@ -108,7 +110,7 @@ def test_a_crash_after_any_round_resumes_to_the_same_run(
     def crashing(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> Path:
         path = save(folder, tensors, meta)
         if meta["round"] == crash_after:
-            if strategy == "standalone":  # a client of the next round had saved its adapter
+            if strategy in ("standalone", "fedsa"):  # a client of the next round saved its own
                 torn = folder / "clients" / f"client-0000.r{crash_after + 1}.safetensors"
                 torn.write_bytes(b"torn")
             raise Crash

@@ -47,6 +47,7 @@ def test_registry_holds_every_method() -> None:
     assert set(REGISTRY) == {
         "fedit",
         "fedex",
+        "fedsa",
         "zeropad",
         "hetlora",
         "rolora",
@@ -282,7 +283,7 @@ def test_given_uniform_and_example_weights_differ_as_they_should(name: str) -> N
 def test_unknown_strategy_lists_the_available_ones() -> None:
     with pytest.raises(
         ValueError,
-        match="available: fedex, fedit, ffa, flexlora, flora, flora-adalora, florist, hafl, "
+        match="available: fedex, fedit, fedsa, ffa, flexlora, flora, flora-adalora, florist, hafl, "
         "hafl-freeze, hafl-truncate, hetlora, rolora, zeropad",
     ):
         get_strategy("fedavg")

@@ -21,7 +21,7 @@ import torch
 
 from fedlora import adapters, privacy, seeds
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
-from fedlora.clients import LocalPlan, Session, hook_for
+from fedlora.clients import ClientState, LocalPlan, Session, hook_for
 from fedlora.comm import BYTES_PER_PARAM, Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
 from fedlora.data import Example
@@ -65,6 +65,8 @@ class LocalResult:
     num_examples: int
     next_rank: int | None = None
     """The rank the client trains from the next round on (HetLoRA's pruning); None: unchanged."""
+    personal: dict[str, float] = field(default_factory=dict)
+    """Held-out metrics of the client's own trained model (:attr:`LocalPlan.score`)."""
 
     @property
     def mean_rank(self) -> float:
@@ -229,18 +231,24 @@ class Workbench:
         self.base.merge(deltas)
 
     def train(
-        self, client: Client, plan: LocalPlan, t: int, local: TrainConfig | None = None
+        self,
+        client: Client,
+        plan: LocalPlan,
+        t: int,
+        local: TrainConfig | None = None,
+        state: ClientState | None = None,
     ) -> LocalResult:
         """Train one plan with the method's client hook (:mod:`fedlora.clients`): attach a fresh
         adapter of the plan's rank, load its start and frozen components, prepare, train, read
-        the upload, detach; then privacy's clipping and noise, and the hook's last word.
-        ``local`` overrides ``cfg.train``."""
+        the upload (and score the client's own model when the plan asks and this party holds a
+        held-out set), detach; then privacy's clipping and noise, and the hook's last word.
+        ``local`` overrides ``cfg.train``; ``state`` is the client's own across rounds."""
         cfg = self.cfg
         local = local or cfg.train
         seed = derive_seed(cfg.seed, t, client.index)
         data = LazyEncoded(client.examples, self.tokenizer, cfg.model.max_length)
         steps = num_steps(local, len(data))
-        session = Session(cfg, plan, t, client.alpha, seed, steps, tuple(self.shapes))
+        session = Session(cfg, plan, t, client.alpha, seed, steps, tuple(self.shapes), state)
         hook = hook_for(cfg.strategy)(session)
         peft_model = hook.attach(self.model)
         try:
@@ -254,6 +262,7 @@ class Workbench:
             label = f"round {t} {client.cid} (r={plan.rank})" if self.progress else None
             result = train_local(peft_model, data, local, self.pad_id, seed, label, callbacks)
             upload = hook.read(peft_model)
+            personal = self.evaluate() if plan.score and self.heldout else {}
         finally:
             self.model = adapters.detach(peft_model)
         if before is not None:  # noised before anything else reads the factors
@@ -276,6 +285,7 @@ class Workbench:
             upload.kept,
             len(client.examples),
             upload.next_rank,
+            personal,
         )
 
 
@@ -403,25 +413,31 @@ class FederatedRounds:
             return Failure(f"rejected update: {exc}"), None
         return result, update
 
+    def due(self, t: int) -> bool:
+        """Whether round ``t`` is evaluated: every ``eval.every`` rounds and the last."""
+        return t == self.cfg.rounds or t % self.cfg.eval.every == 0
+
     def _metrics(self, t: int) -> dict[str, float]:
         """The global model's held-out metrics when round ``t`` is due for evaluation."""
-        due = t == self.cfg.rounds or t % self.cfg.eval.every == 0
-        return self.bench.evaluate_with(dict(self.state.factors)) if due else {}
+        return self.bench.evaluate_with(dict(self.state.factors)) if self.due(t) else {}
 
     def tasks(self, t: int, attempt: int = 0) -> list[Task]:
         """Sample round ``t``'s clients and plan each one's local work."""
         strategy, traits, cfg = self.strategy, self.strategy.traits, self.cfg
         sampled = sample_clients(self.clients, cfg.clients.fraction, self.sampler)
+        due = self.due(t)
         ranks = [self.ranks[c.cid] for c in sampled]
         starts = strategy.redistribute(self.state, ranks)
         options = strategy.client_options(self.state)
         tasks = []
         for client, rank, start in zip(sampled, ranks, starts, strict=True):
-            plan = LocalPlan(rank, start, strategy.frozen_components(self.state, rank), options)
+            frozen = strategy.frozen_components(self.state, rank)
+            plan = LocalPlan(rank, start, frozen, options, score=self.hook.keeps_state and due)
             first = self.received[client.cid]
             pending = self.merged[first:]
+            parts = self.hook.received(options) or (("B",) if traits.fixed_a else ("A", "B"))
             down = (
-                factor_params(start, ("B",) if traits.fixed_a else ("A", "B"))
+                factor_params(start, parts)
                 + factor_params(plan.frozen)
                 + sum(delta_params(d) for d in pending)
             )
@@ -461,6 +477,9 @@ class FederatedRounds:
             self.bench.merge(dict(self.state.base_delta))
             self.merged.append(dict(self.state.base_delta))
         metrics = self._metrics(t)
+        personal = [r.personal for r in results if r.personal]
+        for key in personal[0] if personal else ():  # the mean of the clients' own models
+            metrics[f"personal_{key}"] = sum(p[key] for p in personal) / len(personal)
         losses = [r.loss for r in results]
         record = RoundRecord(
             t, metrics, sum(losses) / len(losses), [task.client.cid for task in tasks], traffic

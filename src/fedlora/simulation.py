@@ -166,6 +166,8 @@ class Runner:
             progress,
             benchmark_of(fed.cfg),
         )
+        self.states: AdapterStore | None = None
+        """Each client's own state across rounds, for a hook that keeps one."""
 
     @property
     def model(self) -> Any:
@@ -211,8 +213,13 @@ class Runner:
             on_round(server.start(), server.snapshot())
         else:
             server.restore(*resume)
+        if server.hook.keeps_state:
+            self.states = AdapterStore(self.workdir / "clients")
+            self.states.forget_after(server.done)
         for t in self.rounds(server.done + 1):
             on_round(server.run_round(t, self.execute), server.snapshot())
+            if self.states is not None:
+                self.states.prune(t)
         factors, err = server.export()
         return RunOutcome(factors, err, server.unmerged())
 
@@ -230,7 +237,10 @@ class Runner:
                 steps = num_steps(self.cfg.train, len(client.examples))
                 work = max(1, int(self.cfg.faults.straggler_work * steps))
                 local = dataclasses.replace(self.cfg.train, steps=work, epochs=None)
-            result = self.bench.train(client, task.plan, task.round, local)
+            state = None
+            if self.states is not None:
+                state = StoredState(self.states, client.cid, task.round)
+            result = self.bench.train(client, task.plan, task.round, local, state)
             if fault == "crash_after":
                 out.append(Failure("injected fault: crashed after training, before replying"))
             elif fault == "timeout":
@@ -370,3 +380,19 @@ class AdapterStore:
         for cid in cids:
             for _, path in [v for v in self._versions(cid) if v[0] <= t][:-1]:
                 path.unlink()
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """One client's :class:`fedlora.clients.ClientState` in an :class:`AdapterStore`, saved as of
+    round ``t`` (so resuming from round ``t``'s checkpoint finds it as it was)."""
+
+    store: AdapterStore
+    cid: str
+    t: int
+
+    def load(self) -> dict[str, LoRAFactors] | None:
+        return self.store.load(self.cid)
+
+    def save(self, factors: dict[str, LoRAFactors]) -> None:
+        self.store.save(self.cid, self.t, factors)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, TypeVar
 
 import torch
 
@@ -58,6 +58,21 @@ class LocalPlan:
     """Components held in the forward pass but not trained (hafl-freeze)."""
     options: Mapping[str, Scalar] = field(default_factory=dict)
     """The method's client options for this round (:meth:`Strategy.client_options`)."""
+    score: bool = False
+    """Score the client's own trained model on the held-out set (a hook that keeps client
+    state: FedSA-LoRA's personalised model), where the client holds one (in-process)."""
+
+
+class ClientState(Protocol):
+    """What one client keeps across rounds (:attr:`ClientHook.keeps_state`): in-process a file
+    per client and round under the run folder, so a resumed run finds it as it was at the
+    checkpoint; on a Flower node its ``context.state``."""
+
+    def load(self) -> dict[str, LoRAFactors] | None:
+        """What the client saved last; None: nothing yet."""
+
+    def save(self, factors: dict[str, LoRAFactors]) -> None:
+        """Keep ``factors`` for the client's next round."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ class Session:
     """Optimizer steps this training will take."""
     modules: tuple[str, ...]
     """The target modules' full names."""
+    state: ClientState | None = None
+    """This client's own state across rounds, for a hook that :attr:`ClientHook.keeps_state`."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,9 @@ class ClientHook:
     also_sends: ClassVar[str | None] = None
     """What else a reply carries that is computed from the client's data (privacy's noise does
     not cover it, so ``[privacy]`` refuses the method); None: factors only."""
+    keeps_state: ClassVar[bool] = False
+    """The client keeps part of its adapter across rounds (:attr:`Session.state`); the runner
+    provides the state and scores the client's own model (``personal_*`` metrics)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -120,6 +140,13 @@ class ClientHook:
         the others stay as they started (and are not counted as traffic)."""
         del options
         return PARTS
+
+    @classmethod
+    def received(cls, options: Mapping[str, Scalar]) -> tuple[str, ...] | None:
+        """The factors of the plan's start that travel down, ``A`` and/or ``B``; None: what the
+        strategy's traits imply (both, or ``B`` alone with a fixed ``A``)."""
+        del options
+        return None
 
     def attach(self, model: Any) -> Any:
         from fedlora import adapters

@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.clients import hook_for
 from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
@@ -38,7 +39,7 @@ from fedlora.flower.records import (
     result_content,
     task_content,
 )
-from fedlora.lora import BaseDelta
+from fedlora.lora import BaseDelta, LoRAFactors
 from fedlora.models import LoadedModel, load_model
 from fedlora.precision import MergedBase
 from fedlora.ranks import client_ranks
@@ -93,6 +94,12 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     from fedlora.experiment import checkpointing, finish_run, resume_point
 
     start = time.perf_counter()
+    if resume and hook_for(cfg.strategy).keeps_state:
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} keeps client state on the nodes, which a new Flower run "
+            "starts without; a resumed run would not continue the same clients (run it again, "
+            "or in-process, where each client's state is a file of the run folder)"
+        )
     snapshot = resume_point(cfg, out) if resume else None
     if cfg.strategy in ("centralized", "standalone"):
         raise ConfigError(
@@ -279,8 +286,28 @@ def _client_train(msg: Message, context: Context) -> Message:
         context.state[f"base.{i}"] = factors_record(delta)
     bench = _workbench(cfg, kind)
     _restore_base(bench, _received_base(context))
-    result = bench.train(client, plan, t)
+    result = bench.train(client, plan, t, state=NodeState(context))
     return Message(result_content(result), reply_to=msg)
+
+
+class NodeState:
+    """A node's own :class:`fedlora.clients.ClientState`: one record of its ``context.state``,
+    which Flower keeps on the node for the run (a new Flower run, a resumed one included, starts
+    without it)."""
+
+    KEY = "client.own"
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def load(self) -> dict[str, LoRAFactors] | None:
+        if self.KEY not in self.context.state.array_records:
+            return None
+        deltas = record_deltas(array_part(self.context.state, self.KEY, "node state"), "node")
+        return {m: d for m, d in deltas.items() if isinstance(d, LoRAFactors)}
+
+    def save(self, factors: dict[str, LoRAFactors]) -> None:
+        self.context.state[self.KEY] = factors_record(factors)
 
 
 def _config(context: Context) -> RunConfig:

@@ -3,6 +3,7 @@
 from fedlora.strategies import (
     fedex,
     fedit,
+    fedsa,
     ffa,
     flexlora,
     flora,
@@ -35,6 +36,7 @@ __all__ = [
     "fedex",
     "fedit",
     "fedit_aggregation_error",
+    "fedsa",
     "ffa",
     "flexlora",
     "flora",
