@@ -11,7 +11,7 @@ import pytest
 from fedlora.config import load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
-from fedlora.simulation import benchmark_of
+from fedlora.federation import benchmark_of
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 MMLU = ["eval.benchmark=mmlu", "eval.benchmark_examples=12"]

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from conftest import exact_delta
-from fedlora import simulation
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, dense_delta
-from fedlora.rounds import ClientInfo, Failure, LocalPlan, Task
+from fedlora.rounds import ClientInfo, Failure, LocalPlan, Task, Workbench
 from fedlora.simulation import Runner, injected_fault
 from fedlora.strategies import GlobalState
 from fedlora.strategies.flora import FLoRA
@@ -132,14 +131,15 @@ def test_a_round_without_enough_clients_in_any_try_is_skipped_and_changes_nothin
 
 
 def test_stragglers_deliver_partial_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedlora.rounds import Workbench
 
     steps: list[int] = []
     train = Workbench.train
 
-    def spy(self: Workbench, client: Any, plan: Any, t: int, local: Any = None) -> Any:
+    def spy(
+        self: Workbench, client: Any, plan: Any, t: int, local: Any = None, state: Any = None
+    ) -> Any:
         steps.append((local or self.cfg.train).steps)
-        return train(self, client, plan, t, local)
+        return train(self, client, plan, t, local, state)
 
     monkeypatch.setattr(Workbench, "train", spy)
     cfg = tiny(rounds=1, **{"faults.straggler": 1.0, "faults.straggler_work": 0.34})
@@ -168,13 +168,13 @@ def test_a_client_that_times_out_trains_but_its_update_never_arrives(
     # every client times out in every try: the round trains three clients twice, then skips
     cfg = tiny(**{"faults.timeout": 1.0, "clients.retries": 1, "rounds": 1})
     trained: list[str] = []
-    train = simulation.Workbench.train
+    train = Workbench.train
 
-    def training(self: Any, client: Any, *args: Any) -> Any:
+    def training(self: Any, client: Any, *args: Any, **kwargs: Any) -> Any:
         trained.append(client.cid)
-        return train(self, client, *args)
+        return train(self, client, *args, **kwargs)
 
-    monkeypatch.setattr(simulation.Workbench, "train", training)
+    monkeypatch.setattr(Workbench, "train", training)
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
 
     last = rows(tmp_path / "run")[-1]

@@ -12,8 +12,8 @@ from conftest import MODULES, exact_delta, make_updates, rel_err
 from fedlora.config import load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
+from fedlora.federation import strategy_of
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.simulation import strategy_of
 from fedlora.strategies import GlobalState, get_strategy
 from fedlora.strategies.florist import FloristOptions, energy_rank
 from fedlora.weighting import client_weights

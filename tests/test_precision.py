@@ -13,10 +13,12 @@ from fedlora import adapters, precision
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
+from fedlora.federation import build_federation
 from fedlora.lora import BaseDelta, LoRAFactors
 from fedlora.models import build_tiny, load_model
 from fedlora.precision import MergedBase, resolve_dtype
-from fedlora.simulation import Runner, RunOutcome, build_federation
+from fedlora.rounds import RunOutcome
+from fedlora.simulation import Runner
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

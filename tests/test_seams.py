@@ -27,6 +27,7 @@ from fedlora.strategies import REGISTRY
 PACKAGE = Path(__file__).parents[1] / "src" / "fedlora"
 RUNNERS = ["rounds.py", "simulation.py", "experiment.py", "train.py", "flower/apps.py"]
 RUNNERS += ["flower/records.py", "flower/launch.py", "checkpoint.py", "privacy.py"]
+RUNNERS += ["federation.py"]
 METHOD_MODULES = {p.stem for p in (PACKAGE / "strategies").glob("*.py")} - {"__init__", "base"}
 METHOD_MODULES |= {p.stem for p in (PACKAGE / "clients").glob("*.py")} - {"__init__", "base"}
 
@@ -115,6 +116,21 @@ def test_the_package_has_no_module_level_import_cycle() -> None:
         if m not in state:
             visit(m)
     assert "fedlora.rounds" in graph and "fedlora.privacy" in graph
+
+
+def test_one_driver_serves_both_engines_and_flower_never_loads_the_inprocess_one() -> None:
+    # both engines build the server side with federation.server_rounds and run it with
+    # FederatedRounds.drive; neither writes its own round loop
+    for rel in ("simulation.py", "flower/apps.py"):
+        text = (PACKAGE / rel).read_text()
+        assert "server_rounds(" in text and ".drive(" in text, rel
+        assert ".run_round(" not in text and "FederatedRounds(" not in text, rel
+    code = (
+        "import sys, fedlora.flower.apps, fedlora.experiment; "
+        "print('fedlora.simulation' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_reading_a_config_registers_the_method_options_without_loading_peft() -> None:

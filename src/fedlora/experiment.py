@@ -17,11 +17,11 @@ from fedlora import adapters
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.errors import ConfigError
+from fedlora.federation import build_federation
 from fedlora.precision import dtype_name
 from fedlora.privacy import privacy_summary
 from fedlora.report import RunWriter, comparison, headline_metric, summarize
-from fedlora.rounds import RoundRecord, Workbench
-from fedlora.simulation import OnRound, Runner, RunOutcome, Snapshot, build_federation
+from fedlora.rounds import OnRound, RoundRecord, RunOutcome, Snapshot, Workbench
 
 
 def run_experiment(
@@ -29,6 +29,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run ``cfg.strategy`` on its federation; write the run folder ``out`` (with a checkpoint
     after every round); return the summary. ``resume``: continue ``out`` from its checkpoint."""
+    from fedlora.simulation import Runner  # the in-process engine; Flower's serve() is the other
+
     start = time.perf_counter()
     snapshot = resume_point(cfg, out) if resume else None
     fed = build_federation(cfg)

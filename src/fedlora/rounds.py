@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, TypeVar
 
@@ -141,9 +141,31 @@ class RoundRecord:
         return out
 
 
+@dataclass
+class RunOutcome:
+    """The final global result of a run (None: standalone has none)."""
+
+    export: dict[str, LoRAFactors] | None
+    export_error: float | None = None
+    unmerged: dict[str, LoRAFactors] | None = None
+    """What of ``export`` the server's base weights do not hold yet (None: all of it)."""
+
+
+Snapshot: TypeAlias = tuple[dict[str, torch.Tensor], dict[str, Any]]
+"""A run's state after a round: tensors, and metadata that JSON can hold."""
+
+OnRound: TypeAlias = Callable[[RoundRecord, Snapshot], None]
+"""Called after every round (round 0: the base model) with its record and the run's state."""
+
+
 log = logging.getLogger("fedlora")
 
 C = TypeVar("C", bound=ClientInfo)
+
+
+def eval_due(cfg: RunConfig, t: int) -> bool:
+    """Whether round ``t`` is evaluated: every ``eval.every`` rounds and the last."""
+    return t == cfg.rounds or t % cfg.eval.every == 0
 
 
 def sample_clients(clients: Sequence[C], fraction: float, generator: torch.Generator) -> list[C]:
@@ -414,8 +436,7 @@ class FederatedRounds:
         return result, update
 
     def due(self, t: int) -> bool:
-        """Whether round ``t`` is evaluated: every ``eval.every`` rounds and the last."""
-        return t == self.cfg.rounds or t % self.cfg.eval.every == 0
+        return eval_due(self.cfg, t)
 
     def _metrics(self, t: int) -> dict[str, float]:
         """The global model's held-out metrics when round ``t`` is due for evaluation."""
@@ -490,6 +511,37 @@ class FederatedRounds:
         record.seconds = time.perf_counter() - self._started
         self.done = t
         return record
+
+    def drive(
+        self,
+        execute: Execute,
+        on_round: OnRound,
+        resume: Snapshot | None = None,
+        *,
+        clients_hold_nothing: bool = False,
+        rounds: Callable[[int], Iterable[int]] | None = None,
+        after: Callable[[RoundRecord], None] | None = None,
+    ) -> RunOutcome:
+        """The whole run, on any engine: round 0 (or the state of ``resume``), every round
+        through ``execute`` with ``on_round`` after each (the run folder's row and checkpoint),
+        then the export. ``clients_hold_nothing``: the clients of a resumed run start without
+        the merged updates they had received (a new Flower run's nodes), so each is sent all of
+        them. ``rounds(first)``: the rounds to run from ``first`` (a progress bar); ``after``:
+        called with each round's record once it is checkpointed."""
+        if resume is None:
+            on_round(self.start(), self.snapshot())
+        else:
+            self.restore(*resume)
+            if clients_hold_nothing:
+                self.received = dict.fromkeys(self.received, 0)
+        first = self.done + 1
+        for t in rounds(first) if rounds else range(first, self.cfg.rounds + 1):
+            record = self.run_round(t, execute)
+            on_round(record, self.snapshot())
+            if after is not None:
+                after(record)
+        factors, err = self.export()
+        return RunOutcome(factors, err, self.unmerged())
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything needed to go on after the last finished round (:mod:`fedlora.checkpoint`)."""

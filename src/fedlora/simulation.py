@@ -10,138 +10,34 @@ on disk as safetensors, so memory does not grow with the number of registered cl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from fedlora import adapters, seeds
+from fedlora import seeds
 from fedlora.checkpoint import put_deltas, take_factors
-from fedlora.config import RunConfig, check, options_of
-from fedlora.data import Example, load_examples, partition, split_heldout
+from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.federation import Federation, server_bench, server_rounds
 from fedlora.lora import LoRAFactors
-from fedlora.models import LoadedModel, load_model
-from fedlora.ranks import client_ranks
 from fedlora.rounds import (
-    Benchmark,
     Client,
-    ClientInfo,
     Failure,
-    FederatedRounds,
     LocalPlan,
     LocalResult,
+    OnRound,
     RoundRecord,
+    RunOutcome,
+    Snapshot,
     Task,
-    Workbench,
+    eval_due,
     sample_clients,
 )
-from fedlora.strategies import REGISTRY, Strategy, get_strategy
 from fedlora.train import num_steps
-from fedlora.weighting import client_id, configured_weighting
-
-
-@dataclass
-class Federation:
-    """Everything a run needs, built once from the config."""
-
-    cfg: RunConfig
-    loaded: LoadedModel
-    kind: str
-    clients: list[Client]
-    heldout: list[Example]
-    shapes: dict[str, tuple[int, int]]
-    model_params: int
-
-
-@dataclass
-class RunOutcome:
-    """The final global result of a run (None: standalone has none)."""
-
-    export: dict[str, LoRAFactors] | None
-    export_error: float | None = None
-    unmerged: dict[str, LoRAFactors] | None = None
-    """What of ``export`` the server's base weights do not hold yet (None: all of it)."""
-
-
-def build_federation(cfg: RunConfig) -> Federation:
-    """Load model and data, split held-out data, partition clients and assign ranks."""
-    check(cfg)
-    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
-    parts, heldout, kind = federation_data(cfg)
-    ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
-    clients = [
-        Client(client_id(k), k, r, cfg.clients.alpha_for(r), list(part))
-        for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
-    ]
-    shapes = adapters.target_shapes(loaded.model, cfg.model.targets)
-    check_client_ranks(clients, shapes)
-    params = sum(p.numel() for p in loaded.model.parameters())
-    return Federation(cfg, loaded, kind, clients, heldout, shapes, params)
-
-
-def federation_data(cfg: RunConfig) -> tuple[list[list[Example]], list[Example], str]:
-    """Every client's training examples, the held-out examples and the data kind; the same on
-    every party for the same config and seed."""
-    examples, kind = load_examples(
-        cfg.data.source,
-        kind=cfg.data.kind,  # type: ignore[arg-type]
-        columns=cfg.data.columns,
-        limit=cfg.data.limit,
-        seed=cfg.seed,
-    )
-    train, heldout = split_heldout(examples, cfg.data.heldout, seed=cfg.seed)
-    parts = partition(
-        train,
-        cfg.clients.num_clients,
-        cfg.data.partition,
-        alpha=cfg.data.dirichlet_alpha,
-        classes_per_client=cfg.data.classes_per_client,
-        seed=cfg.seed,
-    )
-    return [list(p) for p in parts], heldout, kind
-
-
-def strategy_of(cfg: RunConfig) -> Strategy:
-    """``cfg.strategy`` with the client weights ``cfg`` asks for, on either engine."""
-    c = cfg.clients
-    weighting = configured_weighting(cfg.weighting, c.weights, c.num_clients)
-    options = REGISTRY[cfg.strategy].Options
-    if options is None:
-        return get_strategy(cfg.strategy, weighting=weighting)
-    return get_strategy(cfg.strategy, weighting=weighting, options=options_of(cfg, options))
-
-
-def benchmark_of(cfg: RunConfig) -> Benchmark | None:
-    """The ``eval.benchmark`` examples: one fixed sample (seed 0), whatever the run's seed."""
-    source = cfg.eval.benchmark
-    if source is None:
-        return None
-    examples, kind = load_examples(source, limit=cfg.eval.benchmark_examples, seed=0)
-    name = Path(source).stem.replace("-", "_") if "." in source else source.replace("-", "_")
-    return Benchmark(name, examples, kind)
-
-
-def check_client_ranks(clients: Sequence[ClientInfo], shapes: dict[str, tuple[int, int]]) -> None:
-    """Every client's rank fits every target module, or a ConfigError naming both."""
-    for c in clients:
-        for name, shape in shapes.items():
-            if c.rank > min(shape):
-                raise ConfigError(
-                    f"client {c.cid!r}: rank {c.rank} is larger than module {name!r} "
-                    f"(shape {shape}) allows; lower clients.ranks"
-                )
-
-
-Snapshot: TypeAlias = tuple[dict[str, torch.Tensor], dict[str, Any]]
-"""A run's state after a round: tensors, and metadata that JSON can hold."""
-
-OnRound: TypeAlias = Callable[[RoundRecord, Snapshot], None]
-"""Called after every round (round 0: the base model) with its record and the run's state."""
 
 
 class Runner:
@@ -157,15 +53,7 @@ class Runner:
         self.cfg = fed.cfg
         self.workdir = workdir
         self.progress = progress
-        self.bench = Workbench(
-            fed.loaded.model,
-            fed.loaded.tokenizer,
-            fed.cfg,
-            fed.kind,
-            fed.heldout,
-            progress,
-            benchmark_of(fed.cfg),
-        )
+        self.bench = server_bench(fed.cfg, fed.loaded, fed.heldout, fed.kind, progress)
         self.states: AdapterStore | None = None
         """Each client's own state across rounds, for a hook that keeps one."""
 
@@ -187,7 +75,7 @@ class Runner:
         )
 
     def due(self, t: int) -> bool:
-        return t == self.cfg.rounds or t % self.cfg.eval.every == 0
+        return eval_due(self.cfg, t)
 
     def run(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
         if resume is not None and resume[1].get("mode") != self.cfg.strategy:
@@ -198,30 +86,22 @@ class Runner:
             return self.run_centralized(on_round, resume)
         if self.cfg.strategy == "standalone":
             return self.run_standalone(on_round, resume)
-        return self.run_federated(strategy_of(self.cfg), on_round, resume)
+        return self.run_federated(on_round, resume)
 
-    def run_federated(
-        self, strategy: Strategy, on_round: OnRound, resume: Snapshot | None = None
-    ) -> RunOutcome:
-        """The rounds of :class:`FederatedRounds`, each client trained here in turn on the
-        shared model (so merged base updates are already in it)."""
+    def run_federated(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
+        """The rounds of :class:`fedlora.rounds.FederatedRounds`, each client trained here in
+        turn on the shared model (so merged base updates are already in it)."""
         fed = self.fed
-        server = FederatedRounds(
-            self.cfg, strategy, fed.clients, fed.shapes, fed.model_params, self.bench
-        )
-        if resume is None:
-            on_round(server.start(), server.snapshot())
-        else:
-            server.restore(*resume)
-        if server.hook.keeps_state:
-            self.states = AdapterStore(self.workdir / "clients")
-            self.states.forget_after(server.done)
-        for t in self.rounds(server.done + 1):
-            on_round(server.run_round(t, self.execute), server.snapshot())
-            if self.states is not None:
-                self.states.prune(t)
-        factors, err = server.export()
-        return RunOutcome(factors, err, server.unmerged())
+        server = server_rounds(self.cfg, fed.clients, self.bench, fed.model_params)
+        after = None
+        if server.hook.keeps_state:  # each client's own state, as of the checkpoint's round
+            states = self.states = AdapterStore(self.workdir / "clients")
+            states.forget_after(int(resume[1]["round"]) if resume else 0)
+
+            def after(record: RoundRecord) -> None:
+                states.prune(record.round)
+
+        return server.drive(self.execute, on_round, resume, rounds=self.rounds, after=after)
 
     def execute(self, tasks: list[Task]) -> list[LocalResult | Failure]:
         """Train each task's client here in turn, with the faults of ``[faults]`` injected."""
@@ -240,7 +120,7 @@ class Runner:
             state = None
             if self.states is not None:
                 state = StoredState(self.states, client.cid, task.round)
-            result = self.bench.train(client, task.plan, task.round, local, state)
+            result = self.bench.train(client, task.plan, task.round, local, state=state)
             if fault == "crash_after":
                 out.append(Failure("injected fault: crashed after training, before replying"))
             elif fault == "timeout":

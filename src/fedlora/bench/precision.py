@@ -197,7 +197,8 @@ def flora_merge_errors(cfg: RunConfig, workdir: Path) -> dict[str, float]:
     against ``Σ_t ΔW_t`` in float64, of the update the server's model holds (``held``) and of
     merging every round into the weights in their own dtype (``merged_in_dtype``)."""
     from fedlora.checkpoint import take_deltas
-    from fedlora.simulation import Runner, build_federation
+    from fedlora.federation import build_federation
+    from fedlora.simulation import Runner
 
     fed = build_federation(cfg)
     model = fed.loaded.model

@@ -29,6 +29,7 @@ from fedlora.clients import hook_for
 from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
+from fedlora.federation import federation_data, server_bench, server_rounds
 from fedlora.flower.records import (
     array_part,
     config_part,
@@ -48,17 +49,10 @@ from fedlora.rounds import (
     Client,
     ClientInfo,
     Failure,
-    FederatedRounds,
     LocalResult,
+    RoundRecord,
     Task,
     Workbench,
-)
-from fedlora.simulation import (
-    RunOutcome,
-    benchmark_of,
-    check_client_ranks,
-    federation_data,
-    strategy_of,
 )
 from fedlora.weighting import client_id
 
@@ -111,30 +105,29 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
     _, heldout, kind = _federation_data(json.dumps(to_dict(cfg)))
-    bench = Workbench(loaded.model, loaded.tokenizer, cfg, kind, heldout, False, benchmark_of(cfg))
-    check_client_ranks(clients, bench.shapes)
+    bench = server_bench(cfg, loaded, heldout, kind, progress=False)
     params = sum(p.numel() for p in loaded.model.parameters())
-    strategy = strategy_of(cfg)
-    rounds = FederatedRounds(cfg, strategy, clients, bench.shapes, params, bench)
+    rounds = server_rounds(cfg, clients, bench, params)
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
-    on_round = checkpointing(writer, cfg)
-    if snapshot is None:
-        on_round(rounds.start(), rounds.snapshot())
-    else:
-        rounds.restore(*snapshot)
-        rounds.received = dict.fromkeys(rounds.received, 0)
-        print(f"fedlora: resuming after round {rounds.done}", flush=True)
-    for t in range(rounds.done + 1, cfg.rounds + 1):
-        record = rounds.run_round(t, lambda tasks: _exchange(grid, tasks, node_of, timeout_s))
-        on_round(record, rounds.snapshot())
+    if snapshot is not None:
+        print(f"fedlora: resuming after round {snapshot[1]['round']}", flush=True)
+
+    def echo(record: RoundRecord) -> None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
         failed = f", {len(record.failed)} failed" if record.failed else ""
         print(
-            f"fedlora: round {t}/{cfg.rounds} done ({len(record.clients)} clients{failed}) "
-            f"{metrics}",
+            f"fedlora: round {record.round}/{cfg.rounds} done ({len(record.clients)} clients"
+            f"{failed}) {metrics}",
             flush=True,
         )
-    factors, err = rounds.export()
+
+    outcome = rounds.drive(
+        lambda tasks: _exchange(grid, tasks, node_of, timeout_s),
+        checkpointing(writer, cfg),
+        snapshot,
+        clients_hold_nothing=True,  # the nodes of a new Flower run hold no merged updates
+        after=echo,
+    )
     info = [
         {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": examples[c.cid]}
         for c in clients
@@ -145,9 +138,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
     }
-    summary = finish_run(
-        cfg, writer, RunOutcome(factors, err, rounds.unmerged()), bench, info, facts, start
-    )
+    summary = finish_run(cfg, writer, outcome, bench, info, facts, start)
     print(f"fedlora: run folder {out}", flush=True)
     return summary
 
