@@ -34,7 +34,7 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["rounds=0"], "rounds must be >= 1"),
-        (["strategy=fedavg"], "choose one of fedex, fedit, ffa, flexlora"),
+        (["strategy=fedavg"], "choose one of fedex, fedit, fedsa, ffa, flexlora"),
         (["clients.rankz=[4]"], "unknown config key 'clients.rankz'.*allowed in clients: alpha"),
         (["nosuch=1"], "unknown config key 'nosuch'; allowed in the top level"),
         (["rounds=two"], "rounds: expected int, got 'two'"),
