@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -25,6 +26,15 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
         patch.setenv(var, str(root / var.lower()))
     yield
     patch.undo()
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples for a property: ``n``, or at most 10 under ``make mutation``.
+
+    A mutant is killed by the first failing example, and one that makes a property slow would
+    otherwise cost ``n`` slow examples before mutmut's time-out; ``make test`` runs all ``n``.
+    """
+    return min(n, 10) if os.environ.get("FEDLORA_MUTATION") else n
 
 
 def random_factors(

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_updates, rel_err
+from conftest import examples, make_updates, rel_err
 from fedlora.lora import ClientUpdate, LoRAFactors
 from fedlora.strategies import GlobalState, fedit_aggregation_error, get_strategy
 
@@ -78,7 +78,7 @@ def test_fedit_refuses_to_hand_a_global_adapter_to_another_rank() -> None:
         strategy.redistribute(state, [8])
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(rank=st.integers(1, 6), clients=st.integers(1, 5), seed=st.integers(0, 1000))
 def test_zeropad_equals_fedit_at_equal_ranks(rank: int, clients: int, seed: int) -> None:
     updates = make_updates([rank] * clients, seed=seed)

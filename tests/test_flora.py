@@ -11,13 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import exact_delta, make_updates, rel_err
+from conftest import exact_delta, examples, make_updates, rel_err
 from fedlora.lora import LoRAFactors
 from fedlora.strategies import GlobalState, get_strategy
 from fedlora.weighting import client_weights
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     ranks=st.lists(st.integers(1, 9), min_size=1, max_size=7),
     alphas=st.lists(st.floats(0.25, 128.0), min_size=7, max_size=7),

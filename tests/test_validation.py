@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import MODULES, random_factors
+from conftest import MODULES, examples, random_factors
 from fedlora.config import load_config
 from fedlora.errors import UpdateError
 from fedlora.lora import (
@@ -87,7 +87,7 @@ def corrupt(
 EXPECTED = Expected(MODULES, rank=4, max_norm=1e3, max_examples=10_000)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(
     kind=st.sampled_from(CORRUPTIONS),
     module=st.sampled_from(sorted(MODULES)),
@@ -146,7 +146,7 @@ def results_for(tasks: list[Task], seed: int) -> list[LocalResult | Failure]:
     ]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     strategy=st.sampled_from(["flora", "flexlora", "zeropad", "hafl"]),
     kind=st.sampled_from(CORRUPTIONS),
