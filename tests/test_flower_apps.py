@@ -1,13 +1,18 @@
 """The Flower apps' error paths, without Flower processes: a node's config, the server's node
-query, its wait for nodes, a rejected reply and a gap in a node's merged updates."""
+query, its wait for nodes, a rejected reply and a gap in a node's merged updates; and the
+launcher stopping every process of a run."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -15,6 +20,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.flower import apps
+from fedlora.flower.launch import Processes, flower_env, run_processes
 from fedlora.flower.records import factors_record
 from fedlora.lora import LoRAFactors
 from fedlora.rounds import ClientInfo, Failure, LocalPlan, Task
@@ -184,3 +190,44 @@ def test_a_nodes_merged_updates_come_back_in_order() -> None:
     got = apps._received_base(SimpleNamespace(state=state))  # type: ignore[arg-type]
 
     assert isinstance(got[0]["m"], LoRAFactors) and torch.equal(got[1]["m"], second["m"])  # type: ignore[arg-type]
+
+
+# --- the launcher stops every process of a run ------------------------------------------------
+
+
+def test_stopping_the_processes_also_stops_a_run_process_whose_parent_died(
+    tmp_path: Path,
+) -> None:
+    """A stand-in SuperLink starts a "run" process in a session of its own (as Flower's SuperExec
+    starts the simulation or ServerApp process) and dies on its own; ``Processes.stop`` still
+    stops the orphan, found by its ``FLWR_HOME``, and leaves another run's process alone."""
+    home, other = tmp_path / "run" / "flower", tmp_path / "other" / "flower"
+    pid_file = tmp_path / "orphan.pid"
+    spawn = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+        "start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))"
+    )
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], env=flower_env(other)
+    )
+    try:
+        with Processes(home, home / "logs") as procs:
+            link = procs.start("superlink", [sys.executable, "-c", spawn])
+            assert link.wait(timeout=60) == 0  # the "SuperLink" is gone, its child is not
+            deadline = time.monotonic() + 60
+            while not pid_file.exists() or not pid_file.read_text():
+                assert time.monotonic() < deadline, "the orphan never started"
+                time.sleep(0.05)
+            orphan = psutil.Process(int(pid_file.read_text()))
+            assert orphan.ppid() != link.pid
+            assert [p.pid for p in run_processes(home)] == [orphan.pid]
+        assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+        assert run_processes(home) == []
+        assert bystander.poll() is None, "another run's process was stopped"
+    finally:
+        for proc in run_processes(home):  # only if the test failed
+            proc.kill()
+        bystander.kill()
+        bystander.wait()

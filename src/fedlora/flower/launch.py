@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
+import psutil
+
 from fedlora import __version__
 from fedlora.config import RunConfig, to_dict
 from fedlora.errors import FedloraError
@@ -136,7 +138,10 @@ def free_ports(count: int) -> list[int]:
 @dataclass
 class Processes:
     """SuperLinks and SuperNodes started as separate processes, each in its own process group,
-    all stopped by their process ids on exit (with everything they started)."""
+    all stopped on exit with everything they started: their process groups, then every other
+    process of the run (:func:`run_processes`; Flower's SuperExec starts a run's simulation or
+    ServerApp process outside the SuperLink's group, and if the SuperLink dies first that
+    process is nobody's child and would go on writing the run folder)."""
 
     home: Path
     logs: Path
@@ -225,6 +230,7 @@ class Processes:
         for proc in reversed(self.started):
             _stop_group(proc)
         self.started.clear()
+        _stop_all(run_processes(self.home))
         for f in self._files:
             f.close()
         self._files.clear()
@@ -242,6 +248,35 @@ def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def run_processes(home: Path) -> list[psutil.Process]:
+    """The running processes whose ``FLWR_HOME`` is ``home`` (every process of this run's
+    Flower, wherever it is in the process tree: :func:`flower_env` gives each its run's home),
+    this process excepted."""
+    want = str(home.resolve())
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:  # another user's process, or one that ended since the listing
+            if proc.environ().get("FLWR_HOME") == want:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _stop_all(procs: Sequence[psutil.Process], grace_s: float = 10.0) -> None:
+    """SIGTERM to each of ``procs``, SIGKILL to those alive after ``grace_s``."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def node_config_arg(values: Mapping[str, Any]) -> str:
