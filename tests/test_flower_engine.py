@@ -205,11 +205,20 @@ def test_bench_flower_prints_and_writes_its_figures(
     assert main([*argv, "--json", str(path)]) == 0
 
     figures = json.loads(path.read_text())
-    assert figures["inprocess_s_per_round"] > 0 and figures["flower_s_per_round"] > 0
-    ratio = figures["flower_s_per_round"] / figures["inprocess_s_per_round"]
-    assert figures["ratio"] == pytest.approx(ratio)
-    assert figures["same_result"] is True and figures["rounds"] == 1
-    assert "| Flower simulation |" in capsys.readouterr().out
+    inprocess = figures["inprocess_s_per_round"]
+    assert inprocess > 0 and figures["flower_s_per_round"] > 0
+    assert figures["ratio"] == pytest.approx(figures["flower_s_per_round"] / inprocess)
+    assert figures["deployment_ratio"] == pytest.approx(
+        figures["deployment_s_per_round"] / inprocess
+    )
+    assert figures["same_result"] is True and figures["deployment_same_result"] is True
+    assert figures["rounds"] == 1
+    start = figures["clientapp_start"]
+    assert start["process_s"] > start["import_s"] + start["data_s"] + start["model_s"]
+    assert min(start["import_s"], start["data_s"], start["model_s"]) > 0
+    printed = capsys.readouterr().out
+    assert "| Flower simulation |" in printed and "| Flower deployment (local) |" in printed
+    assert our_processes(tmp_path / "w") == []
 
 
 def test_a_supernode_that_dies_mid_run_fails_its_client_and_the_run_completes(

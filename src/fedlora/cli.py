@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
 
     flower_bench = benches.add_parser(
-        "flower", help="seconds per round: Flower's simulation engine vs in-process, same config"
+        "flower",
+        help="seconds per round in-process, on Flower's simulation engine and on a local "
+        "deployment, same config; a ClientApp process's start",
     )
     _config_argument(flower_bench, Path("configs/tiny.toml"))
     _set_option(flower_bench, ["rounds=4"], "override a config key (default: rounds=4)")
@@ -419,7 +421,10 @@ def _bench_flower(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries(True)
     workdir = args.workdir or _timestamped("bench-flower")
-    _progress(f"{cfg.strategy}, {cfg.rounds} rounds: in-process, then Flower simulation")
+    _progress(
+        f"{cfg.strategy}, {cfg.rounds} rounds: in-process, then Flower's simulation engine, "
+        "then a local Flower deployment"
+    )
     result = run_flower_bench(cfg, workdir)
     return _report(format_flower(result), result.to_json(), args.json)
 

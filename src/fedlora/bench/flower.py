@@ -1,24 +1,67 @@
-"""Benchmark: wall time per round through Flower's simulation engine versus the in-process
-runner, on the same config, side by side in one command.
+"""Benchmark: wall time per round in-process, on Flower's simulation engine and on a local Flower
+deployment, on the same config, side by side in one command; and what one ClientApp process
+costs before it trains.
 
-Both run the same federation (same config and seed, so the same clients, ranks and math); a
-round's time is from planning to the evaluated result (``seconds`` in ``metrics.jsonl``), and
+All three run the same federation (same config and seed, so the same clients, ranks and math);
+a round's time is from planning to the evaluated result (``seconds`` in ``metrics.jsonl``), and
 the median over rounds is kept, so the one-time start of Flower's processes (SuperLink, Ray,
-the first ClientApp loading the model) shows in the totals, not in the per-round figure.
+SuperNodes) shows in the totals, not in the per-round figure.
+
+The three differ in where a client's work runs. In-process, one Python process trains the
+clients one after another on one loaded model. Flower's simulation engine keeps its workers for
+the run, so a worker loads the model once (``fedlora.flower.apps`` caches it per process). A
+deployment (Flower 1.4x, ``subprocess`` isolation, the default) starts a new ClientApp process
+for every message it handles, which imports torch, transformers and PEFT, builds the node's data
+and loads the model before it trains: :func:`clientapp_start` measures those steps in a fresh
+process, as a ClientApp runs them. The local deployment runs its SuperNodes on this one
+machine, so their ClientApps train at the same time on the same cores.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, to_dict
+from fedlora.errors import FedloraError
 from fedlora.experiment import run_experiment
-from fedlora.flower.launch import run_simulation
+from fedlora.flower.launch import run_deployment, run_simulation
+
+# Run in a fresh interpreter: the steps a ClientApp process takes before it trains, timed.
+_CLIENTAPP_START = """
+import json, sys, time
+t0 = time.perf_counter()
+from fedlora.config import config_from_json
+from fedlora.flower.apps import node_workbench
+t1 = time.perf_counter()
+from fedlora.flower.apps import node_client
+cfg = config_from_json(open(sys.argv[1]).read(), sys.argv[1])
+node_client(cfg, {"partition-id": 0})
+t2 = time.perf_counter()
+node_workbench(cfg, {"partition-id": 0})
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "data_s": t2 - t1, "model_s": t3 - t2}))
+"""
+
+
+@dataclass
+class ClientAppStart:
+    """What a new ClientApp process costs before it trains (seconds, measured in one)."""
+
+    process_s: float
+    """The whole process: interpreter start, imports, data, model."""
+    import_s: float
+    """Importing fedlora's ClientApp (torch, transformers, PEFT, Flower)."""
+    data_s: float
+    """Building the node's client: its partition of the data."""
+    model_s: float
+    """Loading the model and wrapping it for training."""
 
 
 @dataclass
@@ -29,13 +72,22 @@ class FlowerBench:
     rounds: int
     inprocess_s_per_round: float
     flower_s_per_round: float
+    """Flower's simulation engine."""
+    deployment_s_per_round: float
+    """A local deployment: a SuperLink and a SuperNode per client, as processes."""
     ratio: float
-    """flower / in-process, per round."""
+    """simulation / in-process, per round."""
+    deployment_ratio: float
+    """deployment / in-process, per round."""
     inprocess_total_s: float
     flower_total_s: float
+    deployment_total_s: float
     """Whole runs, including model loading and (for Flower) starting its processes."""
     same_result: bool
-    """The final held-out loss agrees to 1e-5 relative."""
+    """The simulation's final held-out loss agrees with in-process to 1e-5 relative."""
+    deployment_same_result: bool
+    """The same for the deployment."""
+    clientapp_start: ClientAppStart
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,16 +98,44 @@ def _round_seconds(out: Path) -> list[float]:
     return [float(r["seconds"]) for r in rows if r["round"] > 0]
 
 
-def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
-    """Run ``cfg`` in-process, then on Flower's simulation engine, in ``workdir``."""
+def clientapp_start(cfg: RunConfig, workdir: Path) -> ClientAppStart:
+    """Time, in a fresh Python process, what a ClientApp process does before it trains: import
+    fedlora's ClientApp, build node 0's client, load the model (``node_workbench``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "clientapp-config.json"
+    config.write_text(json.dumps(to_dict(cfg)))
     start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _CLIENTAPP_START, str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    process_s = time.perf_counter() - start
+    if done.returncode != 0:
+        raise FedloraError(f"the ClientApp start measurement failed:\n{done.stderr[-2000:]}")
+    steps = json.loads(done.stdout.strip().splitlines()[-1])
+    return ClientAppStart(process_s=process_s, **steps)
+
+
+def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
+    """Run ``cfg`` in-process, on Flower's simulation engine and on a local deployment, one after
+    another in ``workdir``, then time a ClientApp process's start."""
+    marks = [time.perf_counter()]
     inproc = run_experiment(cfg, workdir / "inprocess", progress=False)
-    middle = time.perf_counter()
+    marks.append(time.perf_counter())
     flower = run_simulation(cfg, workdir / "flower", echo=False)
-    end = time.perf_counter()
+    marks.append(time.perf_counter())
+    deployed = run_deployment(cfg, workdir / "deployment", echo=False)
+    marks.append(time.perf_counter())
+    start = clientapp_start(cfg, workdir / "clientapp")
     a = statistics.median(_round_seconds(workdir / "inprocess"))
     b = statistics.median(_round_seconds(workdir / "flower"))
-    same = abs(flower["final"] - inproc["final"]) <= 1e-5 * abs(inproc["final"])
+    c = statistics.median(_round_seconds(workdir / "deployment"))
+
+    def same(summary: dict[str, Any]) -> bool:
+        return bool(abs(summary["final"] - inproc["final"]) <= 1e-5 * abs(inproc["final"]))
+
     return FlowerBench(
         strategy=cfg.strategy,
         model=cfg.model.name,
@@ -63,26 +143,38 @@ def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
         rounds=cfg.rounds,
         inprocess_s_per_round=a,
         flower_s_per_round=b,
+        deployment_s_per_round=c,
         ratio=b / a,
-        inprocess_total_s=middle - start,
-        flower_total_s=end - middle,
-        same_result=same,
+        deployment_ratio=c / a,
+        inprocess_total_s=marks[1] - marks[0],
+        flower_total_s=marks[2] - marks[1],
+        deployment_total_s=marks[3] - marks[2],
+        same_result=same(flower),
+        deployment_same_result=same(deployed),
+        clientapp_start=start,
     )
 
 
 def format_flower(result: FlowerBench) -> str:
+    s = result.clientapp_start
     return "\n".join(
         [
             f"{result.strategy} on {result.model}, {result.clients} clients, "
             f"{result.rounds} rounds (median seconds per round; whole run in brackets)",
             "",
-            "| engine | s / round | whole run (s) |",
-            "|---|---|---|",
-            f"| in-process | {result.inprocess_s_per_round:.2f} | {result.inprocess_total_s:.1f} |",
+            "| engine | s / round | whole run (s) | final loss as in-process |",
+            "|---|---|---|---|",
+            f"| in-process | {result.inprocess_s_per_round:.2f} | {result.inprocess_total_s:.1f} "
+            "| - |",
             f"| Flower simulation | {result.flower_s_per_round:.2f} | "
-            f"{result.flower_total_s:.1f} |",
+            f"{result.flower_total_s:.1f} | {result.same_result} |",
+            f"| Flower deployment (local) | {result.deployment_s_per_round:.2f} | "
+            f"{result.deployment_total_s:.1f} | {result.deployment_same_result} |",
             "",
-            f"ratio Flower / in-process per round: {result.ratio:.2f}; "
-            f"same final loss: {result.same_result}",
+            f"per round, simulation / in-process {result.ratio:.2f}, deployment / in-process "
+            f"{result.deployment_ratio:.2f}",
+            f"a new ClientApp process before it trains (deployment: every message): "
+            f"{s.process_s:.2f} s (imports {s.import_s:.2f}, data {s.data_s:.2f}, "
+            f"model {s.model_s:.2f})",
         ]
     )

@@ -270,12 +270,10 @@ def _client_query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def _client_train(msg: Message, context: Context) -> Message:
-    cfg = _config(context)
-    client, kind = node_client(cfg, context.node_config)
+    client, bench = node_workbench(_config(context), context.node_config)
     plan, t, base = content_plan(msg.content)
     for i, delta in base.items():  # keep every merged update this node has received
         context.state[f"base.{i}"] = factors_record(delta)
-    bench = _workbench(cfg, kind)
     _restore_base(bench, _received_base(context))
     result = bench.train(client, plan, t, state=NodeState(context))
     return Message(result_content(result), reply_to=msg)
@@ -354,9 +352,13 @@ def _loaded(name: str, device: str, dtype: str, seed: int) -> tuple[LoadedModel,
     return loaded, MergedBase(loaded.model)
 
 
-def _workbench(cfg: RunConfig, kind: str) -> Workbench:
+def node_workbench(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, Workbench]:
+    """What a ClientApp process sets up before it trains: the node's client (its data) and a
+    workbench on the model (loaded once per process; Flower's deployment starts a new process
+    for every message, its simulation engine keeps them)."""
+    client, kind = node_client(cfg, node_config)
     loaded, base = _loaded(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.seed)
-    return Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
+    return client, Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
 
 
 def _received_base(context: Context) -> list[dict[str, BaseDelta]]:

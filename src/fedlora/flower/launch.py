@@ -6,7 +6,9 @@
 mode on a free local port, submits the app with ``flwr run`` and stops the SuperLink by its
 process id. Flower's own files go under ``FLWR_HOME`` inside the run folder, never the home
 directory; runtime dependency installation is disabled, so Flower never replaces torch.
-:class:`Processes` starts and stops SuperLinks and SuperNodes (the deployment test uses it).
+:class:`Processes` starts and stops SuperLinks and SuperNodes; ``run_deployment`` runs a whole
+local deployment with them (a SuperLink and a SuperNode per client, as ``fedlora bench flower``
+measures it).
 """
 
 from __future__ import annotations
@@ -393,6 +395,21 @@ def submit(
         )
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary
+
+
+def run_deployment(cfg: RunConfig, out: Path, echo: bool = True) -> dict[str, Any]:
+    """Run ``cfg`` on a local deployment: an insecure SuperLink and one SuperNode per client
+    (``partition-id`` k, its rank from ``cfg``), each a separate process on this machine, every
+    message handled by a new ClientApp process (Flower's ``subprocess`` isolation); all stopped
+    afterwards. The summary."""
+    home = out.resolve() / "flower"
+    n = cfg.clients.num_clients
+    with Processes(home, home / "logs") as procs:
+        link, *ports = free_ports(1 + n)
+        address = procs.superlink(link)
+        for k in range(n):
+            procs.supernode(k, address, {"partition-id": k}, ports[k])
+        return submit(cfg, out, address, echo=echo)
 
 
 def run_simulation(
