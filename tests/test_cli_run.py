@@ -49,6 +49,25 @@ def test_compare_validates_every_strategy_before_running(
     assert not list(tmp_path.iterdir())
 
 
+def test_flower_refusals_come_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A single-party reference point on Flower is refused by ``run`` and by ``compare`` before
+    a SuperLink starts or a folder is written."""
+    out = tmp_path / "out"
+    argv = ["compare", TINY, "--engine", "flower", "--strategies", "flora,centralized"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "'centralized' is a single-party reference point" in capsys.readouterr().err
+    argv = ["run", TINY, "--engine", "flower", "--set", "strategy=standalone"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "'standalone' is a single-party reference point" in capsys.readouterr().err
+    assert not out.exists()
+    argv = ["compare", TINY, "--strategies", "flora", "--superlink", "127.0.0.1:9093"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "need --engine flower" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_bench_overhead_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
 

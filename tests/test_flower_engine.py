@@ -321,6 +321,25 @@ def test_a_flower_run_whose_superlink_is_killed_resumes_to_the_same_result(
     assert our_processes(out) == []
 
 
+def test_compare_on_flower_equals_compare_in_process(tmp_path: Path) -> None:
+    """``fedlora compare --engine flower`` runs each strategy on Flower's simulation engine and
+    writes the same comparison as in-process: the newer methods, one with equal ranks (FedEx-
+    LoRA) and one with a server option (FLoRIST)."""
+    argv = ["compare", str(TINY), "--strategies", "fedex,florist", "--quiet"]
+    argv += ["--set", "clients.ranks=[4]"]
+    assert main([*argv, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "inprocess")]) == 0
+    for name in ("fedex", "florist"):
+        assert_same_run(tmp_path / "flower" / name, tmp_path / "inprocess" / name)
+    flower = json.loads((tmp_path / "flower" / "compare.json").read_text())
+    inprocess = json.loads((tmp_path / "inprocess" / "compare.json").read_text())
+    assert [flower[n]["engine"] for n in ("fedex", "florist")] == ["flower", "flower"]
+    assert [flower[n]["final"] for n in flower] == pytest.approx(
+        [inprocess[n]["final"] for n in inprocess], rel=1e-5
+    )
+    assert our_processes(tmp_path / "flower") == []
+
+
 @pytest.mark.parametrize("strategy", ["centralized", "standalone"])
 def test_flower_refuses_single_party_references(strategy: str, tmp_path: Path) -> None:
     from fedlora.errors import ConfigError

@@ -74,35 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue RUN_DIR from its last checkpoint, with its own config.json (on either "
         "engine: add --engine flower [--superlink ...] to go on on Flower)",
     )
-    run.add_argument(
-        "--engine",
-        choices=["inprocess", "flower"],
-        default="inprocess",
-        help="inprocess (default) or flower: Flower's simulation engine, or the SuperLink given "
-        "by --superlink",
-    )
-    run.add_argument(
-        "--superlink",
-        metavar="HOST:PORT",
-        default=None,
-        help="with --engine flower: a running SuperLink to submit to (default: start a local "
-        "simulation SuperLink)",
-    )
-    run.add_argument(
-        "--root-certificates",
-        type=Path,
-        default=None,
-        help="with --superlink: the CA certificate for TLS (default: insecure)",
-    )
-    run.add_argument(
-        "--supernodes",
-        type=_positive_int,
-        default=None,
-        help="with the local simulation: simulated SuperNodes (default: clients.num_clients)",
-    )
+    _engine_arguments(run)
 
     compare = commands.add_parser("compare", help="run several strategies on identical federations")
     _run_arguments(compare)
+    _engine_arguments(compare)
     compare.add_argument(
         "--strategies",
         required=True,
@@ -269,6 +245,36 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a run goes: in-process, or Flower (local simulation or a SuperLink)."""
+    parser.add_argument(
+        "--engine",
+        choices=["inprocess", "flower"],
+        default="inprocess",
+        help="inprocess (default) or flower: Flower's simulation engine, or the SuperLink given "
+        "by --superlink",
+    )
+    parser.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        default=None,
+        help="with --engine flower: a running SuperLink to submit to (default: start a local "
+        "simulation SuperLink)",
+    )
+    parser.add_argument(
+        "--root-certificates",
+        type=Path,
+        default=None,
+        help="with --superlink: the CA certificate for TLS (default: insecure)",
+    )
+    parser.add_argument(
+        "--supernodes",
+        type=_positive_int,
+        default=None,
+        help="with the local simulation: simulated SuperNodes (default: clients.num_clients)",
+    )
+
+
 def _timestamped(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -361,9 +367,21 @@ def _compare(args: argparse.Namespace) -> int:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for name in names:  # validate every name before any run starts
         check(dataclasses.replace(cfg, strategy=name))
+        if args.engine == "flower":
+            from fedlora.flower.apps import check_flower
+
+            check_flower(dataclasses.replace(cfg, strategy=name))
     _quiet_libraries(args.quiet)
     out = args.out or _timestamped("compare")
-    _, table = compare_strategies(cfg, names, out, progress=not args.quiet)
+    if args.engine == "flower":
+
+        def on_flower(run_cfg: Any, folder: Path) -> dict[str, Any]:
+            return _run_flower(args, run_cfg, folder, resume=False)
+
+        _, table = compare_strategies(cfg, names, out, run=on_flower)
+    else:
+        _inprocess_only(args)
+        _, table = compare_strategies(cfg, names, out, progress=not args.quiet)
     print(table)
     print(f"comparison folder: {out}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +142,21 @@ def save_merged(bench: Workbench, unmerged: Any, folder: Path) -> Path:
 
 
 def compare_strategies(
-    cfg: RunConfig, strategies: list[str], out: Path, progress: bool = True
+    cfg: RunConfig,
+    strategies: list[str],
+    out: Path,
+    progress: bool = True,
+    run: Callable[[RunConfig, Path], dict[str, Any]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """Run every strategy on the same config and seed (so identical partitions, ranks and client
-    samples), each in ``out/NAME``; write ``compare.md/json/png`` in ``out``."""
+    samples), each in ``out/NAME``; write ``compare.md/json/png`` in ``out``. ``run`` runs one
+    config into one folder and returns its summary (default: in-process; the CLI passes Flower's
+    for ``--engine flower``)."""
     summaries = {}
     for name in strategies:
         run_cfg = dataclasses.replace(cfg, strategy=name)
-        summaries[name] = run_experiment(run_cfg, out / name, progress=progress)
+        if run is None:
+            summaries[name] = run_experiment(run_cfg, out / name, progress=progress)
+        else:
+            summaries[name] = run(run_cfg, out / name)
     return summaries, comparison(summaries, out)

@@ -80,6 +80,22 @@ def _server_main(grid: Grid, context: Context) -> None:
     serve(grid, cfg, Path(str(_run_value(context, OUT_KEY))), resume)
 
 
+def check_flower(cfg: RunConfig, resume: bool = False) -> None:
+    """Refuse what cannot run on Flower, before any process starts: the single-party reference
+    points, and resuming a method whose clients keep state on the nodes."""
+    if resume and hook_for(cfg.strategy).keeps_state:
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} keeps client state on the nodes, which a new Flower run "
+            "starts without; a resumed run would not continue the same clients (run it again, "
+            "or in-process, where each client's state is a file of the run folder)"
+        )
+    if cfg.strategy in ("centralized", "standalone"):
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} is a single-party reference point; run it in-process "
+            "(fedlora run without --engine flower)"
+        )
+
+
 def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` over the nodes of ``grid``; write the run folder ``out`` as ``fedlora run``
     does; return the summary. ``resume``: go on from ``out``'s checkpoint (written by either
@@ -88,18 +104,8 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     from fedlora.experiment import checkpointing, finish_run, resume_point
 
     start = time.perf_counter()
-    if resume and hook_for(cfg.strategy).keeps_state:
-        raise ConfigError(
-            f"strategy {cfg.strategy!r} keeps client state on the nodes, which a new Flower run "
-            "starts without; a resumed run would not continue the same clients (run it again, "
-            "or in-process, where each client's state is a file of the run folder)"
-        )
+    check_flower(cfg, resume)
     snapshot = resume_point(cfg, out) if resume else None
-    if cfg.strategy in ("centralized", "standalone"):
-        raise ConfigError(
-            f"strategy {cfg.strategy!r} is a single-party reference point; run it in-process "
-            "(fedlora run without --engine flower)"
-        )
     wait_s, timeout_s = cfg.flower.wait_nodes_s, cfg.flower.round_timeout_s
     nodes = _wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
     clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)

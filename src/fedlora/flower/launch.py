@@ -33,7 +33,7 @@ import psutil
 from fedlora import __version__
 from fedlora.config import RunConfig, to_dict
 from fedlora.errors import FedloraError
-from fedlora.flower.apps import CONFIG_KEY, OUT_KEY, RESUME_KEY
+from fedlora.flower.apps import CONFIG_KEY, OUT_KEY, RESUME_KEY, check_flower
 
 CONNECTION = "fedlora"
 """The name of the SuperLink connection fedlora writes into ``FLWR_HOME/config.toml``."""
@@ -375,6 +375,7 @@ def submit(
     ``root_certificates``, else insecure) and wait for it; the ServerApp writes the run folder
     ``out`` on the SuperLink's host (Flower's files here go to ``out/flower``), continuing its
     checkpoint if ``resume``. The summary."""
+    check_flower(cfg, resume)
     out = out.resolve()
     home = out / "flower"
     app = write_app(cfg, home / "app", out, resume)
@@ -402,6 +403,7 @@ def run_deployment(cfg: RunConfig, out: Path, echo: bool = True) -> dict[str, An
     (``partition-id`` k, its rank from ``cfg``), each a separate process on this machine, every
     message handled by a new ClientApp process (Flower's ``subprocess`` isolation); all stopped
     afterwards. The summary."""
+    check_flower(cfg)
     home = out.resolve() / "flower"
     n = cfg.clients.num_clients
     with Processes(home, home / "logs") as procs:
@@ -422,6 +424,7 @@ def run_simulation(
     """Run ``cfg`` on Flower's simulation engine with one SuperNode per client (a SuperLink in
     simulation mode on a free local port, stopped afterwards); the summary. ``resume``: continue
     ``out`` from its checkpoint."""
+    check_flower(cfg, resume)
     home = out.resolve() / "flower"
     with Processes(home, home / "logs") as procs:
         address = procs.superlink(free_port(), simulation=True)
