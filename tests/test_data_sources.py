@@ -34,6 +34,31 @@ def test_builtin_sources_load_what_their_packages_ship(
     assert all(e.prompt and e.response for e in examples)
 
 
+def test_chatterbot_reads_the_same_with_and_without_libyaml(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The corpus is read with libyaml's safe loader when PyYAML has it; the pure-Python safe
+    loader gives the same examples."""
+    import yaml
+
+    assert hasattr(yaml, "CSafeLoader"), "PyYAML without libyaml: the fast path is not tested"
+    loaders: list[type] = []
+    load = yaml.load
+
+    def spy(stream: str, Loader: type) -> object:
+        loaders.append(Loader)
+        return load(stream, Loader=Loader)
+
+    monkeypatch.setattr(yaml, "load", spy)
+    fast, _ = load_examples("chatterbot")
+    c_loader = yaml.CSafeLoader
+    assert set(loaders) == {c_loader}
+    monkeypatch.delattr(yaml, "CSafeLoader")
+    slow, _ = load_examples("chatterbot")
+    assert set(loaders) == {c_loader, yaml.SafeLoader}
+    assert fast == slow and len(fast) == 2_306
+
+
 def test_mmlu_prompt_lists_the_options_and_the_response_is_the_letter() -> None:
     examples, _ = load_examples("mmlu")
 

@@ -186,10 +186,14 @@ def _load_chatterbot() -> tuple[list[Example], TaskKind]:
     """
     import yaml
 
+    # libyaml's safe loader where PyYAML has it (its wheels do): the same documents, 25x faster
+    # than the pure-Python one (0.03 s against 0.65 s for the corpus), which every run and every
+    # Flower ClientApp process pays
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     folder = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
     examples = []
     for file in sorted(folder.glob("*.yml")):
-        doc: Any = yaml.safe_load(file.read_text(encoding="utf-8"))
+        doc: Any = yaml.load(file.read_text(encoding="utf-8"), Loader=loader)
         category = str(doc["categories"][0])
         for turns in doc["conversations"]:
             if not isinstance(turns, list):  # a mis-indented entry (trivia.yml) parses as text
