@@ -4,7 +4,10 @@ launcher stopping every process of a run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError, FedloraError, UpdateError
@@ -231,3 +234,63 @@ def test_stopping_the_processes_also_stops_a_run_process_whose_parent_died(
             proc.kill()
         bystander.kill()
         bystander.wait()
+
+
+# --- a node's model keeper ----------------------------------------------------------------------
+
+
+def _keeper_pid(where: Path) -> int:
+    for line in (where / "log").read_text().splitlines():
+        if line.startswith("keeper ") and " listening" in line:
+            return int(line.split()[1])
+    raise AssertionError(f"no keeper in {where / 'log'}")
+
+
+def test_a_keeper_answers_as_the_node_would_refuses_a_wrong_key_and_stops_with_its_supernode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``keep-model=true``: the ClientApp hands its message to the node's keeper, started on the
+    first message; the reply equals the node's own; a second message reuses the keeper; a
+    connection with another key is refused; a failing message names its error; when the
+    SuperNode (a stand-in process here) is gone, the keeper stops."""
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    from fedlora.config import to_dict
+    from fedlora.flower import node
+
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    monkeypatch.setattr(node.os, "getppid", lambda: supernode.pid)
+    run_id = int.from_bytes(os.urandom(4), "big")
+    run_config = {"fedlora-config": json.dumps(to_dict(tiny())), "out": str(tmp_path)}
+
+    def context(keep: bool) -> Context:
+        node_config = {"partition-id": 1, "keep-model": keep}
+        return Context(run_id, 7, node_config, RecordDict(), run_config)  # type: ignore[arg-type]
+
+    where = node.folder(run_id, supernode.pid)
+    try:
+        got = node.relay("query", RecordDict(), context(True))
+        want = apps.node_query(context(False))
+        assert dict(got["client"]) == dict(want["client"]) and want["client"]["index"] == 1
+        keeper = psutil.Process(_keeper_pid(where))
+        assert os.getsid(keeper.pid) == keeper.pid  # in a session of its own: outlives the app
+
+        with pytest.raises(AuthenticationError):
+            Client(str(where / "socket"), family="AF_UNIX", authkey=b"not the key")
+        with pytest.raises(FedloraError, match=r"^the node's model keeper failed: \w+Error: "):
+            node.relay("train", RecordDict(), context(True))  # no plan in it
+        again = node.relay("query", RecordDict(), context(True))
+        assert dict(again["client"]) == dict(want["client"])
+        assert _keeper_pid(where) == keeper.pid  # the same keeper answered all three
+
+        supernode.kill()
+        supernode.wait()
+        keeper.wait(timeout=30)  # raises if it is still running
+        assert not (where / "socket").exists() and not (where / "key").exists()
+        assert "keeper stops: SuperNode gone" in (where / "log").read_text()
+    finally:
+        supernode.kill()
+        with contextlib.suppress(psutil.Error, NameError):
+            keeper.kill()
+        shutil.rmtree(where, ignore_errors=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -146,7 +148,7 @@ def test_flower_options_need_the_flower_engine(capsys: pytest.CaptureFixture[str
     assert "--root-certificates needs --superlink" in capsys.readouterr().err
 
 
-def _deploy(out: Path, strategy: str, tls: bool) -> dict[str, object]:
+def _deploy(out: Path, strategy: str, tls: bool, keep_model: bool = False) -> dict[str, object]:
     home = out.resolve() / "flower"
     with Processes(home, home / "logs") as procs:
         creds = make_certificates(out / "certs") if tls else None
@@ -164,14 +166,40 @@ def _deploy(out: Path, strategy: str, tls: bool) -> dict[str, object]:
                     capture_output=True,
                 )
             root = creds[0] if creds else None
-            node_config = {"partition-id": k, "rank": rank}
+            node_config: dict[str, object] = {"partition-id": k, "rank": rank}
+            if keep_model:
+                node_config["keep-model"] = True
             procs.supernode(k, address, node_config, ports[k], root, keys)
+        before = set(KEEPERS.glob("node-*")) if KEEPERS.exists() else set()
         summary = submit(tiny(strategy), out, address, creds[0] if creds else None, echo=False)
         pids = [p.pid for p in procs.started]
     for pid in pids:  # stopped by their process ids
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    if keep_model:
+        _check_keepers(set(KEEPERS.glob("node-*")) - before, rounds=tiny(strategy).rounds)
     return summary
+
+
+KEEPERS = Path(tempfile.gettempdir()) / f"fedlora-{os.getuid()}"
+"""Where the nodes' model keepers live (``fedlora.flower.node.folder``)."""
+
+
+def _check_keepers(folders: set[Path], rounds: int) -> None:
+    """One model keeper per node, all of the same run; each answered the query and every round,
+    loaded the model once, and stopped with the run, taking its socket and key; their folders
+    are removed."""
+    assert len(folders) == len(RANKS), folders
+    assert len({f.name.split("-run-")[1] for f in folders}) == 1, folders
+    for where in folders:
+        log = (where / "log").read_text().splitlines()
+        answers = [line.split()[0] for line in log if " answered in " in line]
+        loads = [int(line.rsplit(" ", 1)[1]) for line in log if " answered in " in line]
+        assert answers == ["query"] + ["train"] * rounds, log
+        assert loads == [0] + [1] * rounds, log  # the query loads no model, the first train does
+        assert log[-1].startswith("keeper stops: "), log
+        assert not (where / "socket").exists() and not (where / "key").exists()
+        shutil.rmtree(where)
 
 
 def test_deployment_superlink_and_three_supernodes(
@@ -185,6 +213,17 @@ def test_deployment_superlink_and_three_supernodes(
     assert our_processes(out) == []
     log = (out / "flower" / "logs" / "superlink.log").read_text()
     assert "running on http://" in log.lower()  # the contrast to the TLS run below
+
+
+def test_deployment_whose_nodes_keep_the_model_gives_the_same_run(
+    inprocess: dict[str, Path], tmp_path: Path
+) -> None:
+    """``keep-model=true`` on every SuperNode: each node's ClientApps hand their messages to one
+    keeper that loads the model once (``_check_keepers``), and the run is the in-process one."""
+    out = tmp_path / "run"
+    _deploy(out, "flora", tls=False, keep_model=True)
+    assert_same_run(out, inprocess["flora"])
+    assert our_processes(out) == []
 
 
 def test_deployment_with_tls_and_node_authentication(
@@ -211,13 +250,16 @@ def test_bench_flower_prints_and_writes_its_figures(
     assert figures["deployment_ratio"] == pytest.approx(
         figures["deployment_s_per_round"] / inprocess
     )
+    assert figures["kept_ratio"] == pytest.approx(figures["kept_s_per_round"] / inprocess)
     assert figures["same_result"] is True and figures["deployment_same_result"] is True
+    assert figures["kept_same_result"] is True
     assert figures["rounds"] == 1
     start = figures["clientapp_start"]
     assert start["process_s"] > start["import_s"] + start["data_s"] + start["model_s"]
     assert min(start["import_s"], start["data_s"], start["model_s"]) > 0
     printed = capsys.readouterr().out
     assert "| Flower simulation |" in printed and "| Flower deployment (local) |" in printed
+    assert "| Flower deployment, nodes keep the model |" in printed
     assert our_processes(tmp_path / "w") == []
 
 

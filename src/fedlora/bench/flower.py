@@ -13,8 +13,10 @@ the run, so a worker loads the model once (``fedlora.flower.apps`` caches it per
 deployment (Flower 1.4x, ``subprocess`` isolation, the default) starts a new ClientApp process
 for every message it handles, which imports torch, transformers and PEFT, builds the node's data
 and loads the model before it trains: :func:`clientapp_start` measures those steps in a fresh
-process, as a ClientApp runs them. The local deployment runs its SuperNodes on this one
-machine, so their ClientApps train at the same time on the same cores.
+process, as a ClientApp runs them. With ``keep-model=true`` in the node config, a node's
+ClientApps hand their messages to one model keeper per node (:mod:`fedlora.flower.node`), which
+loads the model once; the fourth leg measures that. The local deployment runs its SuperNodes on
+this one machine, so their clients train at the same time on the same cores.
 """
 
 from __future__ import annotations
@@ -75,18 +77,24 @@ class FlowerBench:
     """Flower's simulation engine."""
     deployment_s_per_round: float
     """A local deployment: a SuperLink and a SuperNode per client, as processes."""
+    kept_s_per_round: float
+    """The same deployment, each node keeping its model (``keep-model=true``)."""
     ratio: float
     """simulation / in-process, per round."""
     deployment_ratio: float
     """deployment / in-process, per round."""
+    kept_ratio: float
+    """deployment with ``keep-model`` / in-process, per round."""
     inprocess_total_s: float
     flower_total_s: float
     deployment_total_s: float
+    kept_total_s: float
     """Whole runs, including model loading and (for Flower) starting its processes."""
     same_result: bool
     """The simulation's final held-out loss agrees with in-process to 1e-5 relative."""
     deployment_same_result: bool
-    """The same for the deployment."""
+    kept_same_result: bool
+    """The same for the two deployments."""
     clientapp_start: ClientAppStart
 
     def to_json(self) -> dict[str, Any]:
@@ -119,8 +127,9 @@ def clientapp_start(cfg: RunConfig, workdir: Path) -> ClientAppStart:
 
 
 def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
-    """Run ``cfg`` in-process, on Flower's simulation engine and on a local deployment, one after
-    another in ``workdir``, then time a ClientApp process's start."""
+    """Run ``cfg`` in-process, on Flower's simulation engine and on a local deployment without
+    and with ``keep-model``, one after another in ``workdir``, then time a ClientApp process's
+    start."""
     marks = [time.perf_counter()]
     inproc = run_experiment(cfg, workdir / "inprocess", progress=False)
     marks.append(time.perf_counter())
@@ -128,10 +137,13 @@ def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
     marks.append(time.perf_counter())
     deployed = run_deployment(cfg, workdir / "deployment", echo=False)
     marks.append(time.perf_counter())
+    kept = run_deployment(cfg, workdir / "kept", echo=False, keep_model=True)
+    marks.append(time.perf_counter())
     start = clientapp_start(cfg, workdir / "clientapp")
     a = statistics.median(_round_seconds(workdir / "inprocess"))
     b = statistics.median(_round_seconds(workdir / "flower"))
     c = statistics.median(_round_seconds(workdir / "deployment"))
+    d = statistics.median(_round_seconds(workdir / "kept"))
 
     def same(summary: dict[str, Any]) -> bool:
         return bool(abs(summary["final"] - inproc["final"]) <= 1e-5 * abs(inproc["final"]))
@@ -144,13 +156,17 @@ def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
         inprocess_s_per_round=a,
         flower_s_per_round=b,
         deployment_s_per_round=c,
+        kept_s_per_round=d,
         ratio=b / a,
         deployment_ratio=c / a,
+        kept_ratio=d / a,
         inprocess_total_s=marks[1] - marks[0],
         flower_total_s=marks[2] - marks[1],
         deployment_total_s=marks[3] - marks[2],
+        kept_total_s=marks[4] - marks[3],
         same_result=same(flower),
         deployment_same_result=same(deployed),
+        kept_same_result=same(kept),
         clientapp_start=start,
     )
 
@@ -170,9 +186,11 @@ def format_flower(result: FlowerBench) -> str:
             f"{result.flower_total_s:.1f} | {result.same_result} |",
             f"| Flower deployment (local) | {result.deployment_s_per_round:.2f} | "
             f"{result.deployment_total_s:.1f} | {result.deployment_same_result} |",
+            f"| Flower deployment, nodes keep the model | {result.kept_s_per_round:.2f} | "
+            f"{result.kept_total_s:.1f} | {result.kept_same_result} |",
             "",
-            f"per round, simulation / in-process {result.ratio:.2f}, deployment / in-process "
-            f"{result.deployment_ratio:.2f}",
+            f"per round / in-process: simulation {result.ratio:.2f}, deployment "
+            f"{result.deployment_ratio:.2f}, deployment keeping the model {result.kept_ratio:.2f}",
             f"a new ClientApp process before it trains (deployment: every message): "
             f"{s.process_s:.2f} s (imports {s.import_s:.2f}, data {s.data_s:.2f}, "
             f"model {s.model_s:.2f})",

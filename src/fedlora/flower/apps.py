@@ -1,15 +1,19 @@
-"""fedlora's Flower ``ServerApp`` and ``ClientApp`` (Flower's Message API).
+"""fedlora's Flower ``ServerApp`` and what its ``ClientApp`` runs (Flower's Message API).
 
 The server side is :class:`fedlora.rounds.FederatedRounds`, the client side
 :meth:`fedlora.rounds.Workbench.train`, exactly as in the in-process runner; this module only
 turns their plans and results into Flower messages and back (:mod:`fedlora.flower.records`).
+The ``ClientApp`` itself is :mod:`fedlora.flower.client`, light to import: it runs
+:func:`node_handle` here, or hands the message to the node's model keeper
+(:mod:`fedlora.flower.node`), which runs the same function.
 
 Both apps read the run's configuration from the Flower run config: ``fedlora-config`` (the
 resolved fedlora config as JSON; its ``[flower]`` section says how long the server waits for
 nodes and for a round's replies) and ``out`` (the run folder on the server's host). A node says
 who it is in its node
-config: ``partition-id`` (required: which client it is), and optionally ``rank``, ``alpha`` and
-``data`` (a data file of its own, used whole, instead of its partition of ``data.source``).
+config: ``partition-id`` (required: which client it is), and optionally ``rank``, ``alpha``,
+``data`` (a data file of its own, used whole, instead of its partition of ``data.source``) and
+``keep-model`` (true: keep the loaded model between messages, :mod:`fedlora.flower.node`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.clients import hook_for
@@ -57,7 +60,6 @@ from fedlora.rounds import (
 from fedlora.weighting import client_id
 
 server_app = ServerApp()
-client_app = ClientApp()
 
 CONFIG_KEY = "fedlora-config"
 OUT_KEY = "out"
@@ -259,8 +261,18 @@ def _send(
 # --- client ---------------------------------------------------------------------------------
 
 
-@client_app.query()
-def _client_query(msg: Message, context: Context) -> Message:
+def node_handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """A node's reply content to a ``query`` or ``train`` message (what the ClientApp, or the
+    node's model keeper, runs)."""
+    if kind == "query":
+        return node_query(context)
+    if kind == "train":
+        return node_train(content, context)
+    raise ConfigError(f"unknown message kind {kind!r}: expected 'query' or 'train'")
+
+
+def node_query(context: Context) -> RecordDict:
+    """Who this node is: its client id, partition, rank, α and example count."""
     client, _ = node_client(_config(context), context.node_config)
     record = ConfigRecord(
         {
@@ -271,18 +283,18 @@ def _client_query(msg: Message, context: Context) -> Message:
             "examples": len(client.examples),
         }
     )
-    return Message(RecordDict({"client": record}), reply_to=msg)
+    return RecordDict({"client": record})
 
 
-@client_app.train()
-def _client_train(msg: Message, context: Context) -> Message:
+def node_train(content: RecordDict, context: Context) -> RecordDict:
+    """Train this node's client on the plan in ``content``, on the base as merged so far."""
     client, bench = node_workbench(_config(context), context.node_config)
-    plan, t, base = content_plan(msg.content)
+    plan, t, base = content_plan(content)
     for i, delta in base.items():  # keep every merged update this node has received
         context.state[f"base.{i}"] = factors_record(delta)
     _restore_base(bench, _received_base(context))
     result = bench.train(client, plan, t, state=NodeState(context))
-    return Message(result_content(result), reply_to=msg)
+    return result_content(result)
 
 
 class NodeState:
@@ -356,6 +368,11 @@ def _loaded(name: str, device: str, dtype: str, seed: int) -> tuple[LoadedModel,
     """The model, once per process, with its merged base (which keeps the pristine weights)."""
     loaded = load_model(name, device, dtype, seed=seed)
     return loaded, MergedBase(loaded.model)
+
+
+def model_loads() -> int:
+    """How many times this process has loaded a model (``node_workbench`` keeps it)."""
+    return _loaded.cache_info().misses
 
 
 def node_workbench(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, Workbench]:

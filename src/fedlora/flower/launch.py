@@ -69,7 +69,7 @@ publisher = "fedlora"
 
 [tool.flwr.app.components]
 serverapp = "fedlora.flower.apps:server_app"
-clientapp = "fedlora.flower.apps:client_app"
+clientapp = "fedlora.flower.client:client_app"
 
 [tool.flwr.app.config]
 {CONFIG_KEY} = {_toml_string(config)}
@@ -398,11 +398,14 @@ def submit(
     return summary
 
 
-def run_deployment(cfg: RunConfig, out: Path, echo: bool = True) -> dict[str, Any]:
+def run_deployment(
+    cfg: RunConfig, out: Path, echo: bool = True, keep_model: bool = False
+) -> dict[str, Any]:
     """Run ``cfg`` on a local deployment: an insecure SuperLink and one SuperNode per client
     (``partition-id`` k, its rank from ``cfg``), each a separate process on this machine, every
-    message handled by a new ClientApp process (Flower's ``subprocess`` isolation); all stopped
-    afterwards. The summary."""
+    message handled by a new ClientApp process (Flower's ``subprocess`` isolation); with
+    ``keep_model`` each node's ClientApps hand their messages to the node's model keeper
+    (:mod:`fedlora.flower.node`). All stopped afterwards. The summary."""
     check_flower(cfg)
     home = out.resolve() / "flower"
     n = cfg.clients.num_clients
@@ -410,7 +413,10 @@ def run_deployment(cfg: RunConfig, out: Path, echo: bool = True) -> dict[str, An
         link, *ports = free_ports(1 + n)
         address = procs.superlink(link)
         for k in range(n):
-            procs.supernode(k, address, {"partition-id": k}, ports[k])
+            node: dict[str, Any] = {"partition-id": k}
+            if keep_model:
+                node["keep-model"] = True
+            procs.supernode(k, address, node, ports[k])
         return submit(cfg, out, address, echo=echo)
 
 

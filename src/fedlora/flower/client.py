@@ -1,0 +1,35 @@
+"""fedlora's Flower ``ClientApp``.
+
+It imports only Flower and :mod:`fedlora.flower.node`, so a ClientApp process that hands its
+message to the node's model keeper (node config ``keep-model=true``) never imports torch; one
+without a keeper imports :mod:`fedlora.flower.apps` and does the work itself. Both run
+:func:`fedlora.flower.apps.node_handle`.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora.flower import node
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def _query(msg: Message, context: Context) -> Message:
+    return Message(_reply("query", msg, context), reply_to=msg)
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    return Message(_reply("train", msg, context), reply_to=msg)
+
+
+def _reply(kind: str, msg: Message, context: Context) -> RecordDict:
+    content = msg.content if msg.has_content() else RecordDict()
+    if node.keeps_model(context.node_config):
+        return node.relay(kind, content, context)
+    from fedlora.flower import apps
+
+    return apps.node_handle(kind, content, context)
