@@ -294,3 +294,14 @@ def test_a_keeper_answers_as_the_node_would_refuses_a_wrong_key_and_stops_with_i
         with contextlib.suppress(psutil.Error, NameError):
             keeper.kill()
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_the_clientapp_imports_no_torch_until_it_does_the_work_itself() -> None:
+    """A ClientApp process that hands its messages to a keeper pays for Flower only: the module
+    Flower loads (``fedlora.flower.client``) imports none of torch, transformers or PEFT."""
+    code = (
+        "import sys, fedlora.flower.client; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
