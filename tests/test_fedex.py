@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import MODULES, exact_delta, rel_err, setup_round
@@ -34,6 +35,7 @@ def test_the_adapter_is_fedit_and_the_residual_makes_the_sum_exact() -> None:
         assert float(residual.norm()) > 1e-3  # FedIT's error is real, and it is what is merged
 
 
+@pytest.mark.runner
 def test_the_saved_merged_model_equals_the_base_with_the_exported_adapter(tmp_path: Path) -> None:
     """Residuals in the base plus ``B̄ Ā`` on top: the exported adapter (both rounds' residuals
     stacked with the global adapter) applied to the pristine base is the merged model."""

@@ -104,6 +104,7 @@ def test_only_a_comes_down_and_both_go_up() -> None:
     assert hook.received({}) == ("A",) and hook.sent({}) == ("A", "B") and hook.keeps_state
 
 
+@pytest.mark.runner
 def test_a_tiny_run_keeps_each_clients_b_on_disk_and_scores_it(tmp_path: Path) -> None:
     cfg = load_config(TINY, ["strategy=fedsa", "rounds=3", "clients.ranks=[4]"])
     run_experiment(cfg, tmp_path / "run", progress=False)

@@ -90,6 +90,7 @@ def test_base_delta_is_dense_when_factors_would_be_larger() -> None:
     assert isinstance(large, torch.Tensor) and large.shape == (6, 5)
 
 
+@pytest.mark.runner
 def test_a_dense_merged_update_is_merged_sent_counted_and_resumed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -133,6 +133,7 @@ def _traffic(tmp_path: Path, strategy: str, *extra: str) -> list[dict[str, int]]
     return [t for r in rows if r["round"] > 0 for t in r["traffic"]]
 
 
+@pytest.mark.runner
 def test_a_tiny_run_downloads_less_than_flora(tmp_path: Path) -> None:
     florist = _traffic(tmp_path, "florist", "florist.tau=0.5")
     flora = _traffic(tmp_path, "flora")

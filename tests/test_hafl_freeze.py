@@ -89,6 +89,7 @@ def test_frozen_components_are_bit_identical_and_have_no_gradient() -> None:
     assert not adapters.lora_layers_present(plain)
 
 
+@pytest.mark.runner
 def test_runner_uploads_only_the_trained_components(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

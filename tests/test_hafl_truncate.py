@@ -65,6 +65,7 @@ def test_updates_are_mapped_back_to_their_component_indices() -> None:
     assert new.importance["m"].tolist() == [1.0, 7.0, 8.0, 0.0]
 
 
+@pytest.mark.runner
 def test_runner_sends_importance_and_indices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

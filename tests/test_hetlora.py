@@ -87,6 +87,7 @@ def test_the_penalty_is_the_tail_norm_of_the_adapter() -> None:
     adapters.detach(peft_model)
 
 
+@pytest.mark.runner
 def test_a_strong_tail_penalty_prunes_ranks_that_stay_pruned(tmp_path: Path) -> None:
     # round 1 starts from B = 0 (tail norm 0): nothing can shrink. From round 2 a client whose
     # tail shrank below the one it received keeps ⌊0.9 r⌋ components, in later rounds too.
@@ -106,6 +107,7 @@ def test_a_strong_tail_penalty_prunes_ranks_that_stay_pruned(tmp_path: Path) -> 
         assert sent in (round_2["rank"], pruned_rank(round_2["rank"], 0.9))
 
 
+@pytest.mark.runner
 def test_without_pruning_ranks_never_change(tmp_path: Path) -> None:
     cfg = load_config(
         TINY, ["strategy=hetlora", "rounds=3", "hetlora.reg=50.0", "hetlora.prune=false"]

@@ -75,6 +75,7 @@ def test_the_hook_trains_and_sends_the_planned_factor_only() -> None:
         hook.sent({"train": "C"})
 
 
+@pytest.mark.runner
 def test_a_tiny_run_alternates_and_counts_only_the_trained_factor(tmp_path: Path) -> None:
     cfg = load_config(TINY, ["strategy=rolora", "rounds=2", "clients.ranks=[4]"])
     run_experiment(cfg, tmp_path / "run", progress=False)

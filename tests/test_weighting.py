@@ -63,6 +63,7 @@ def test_custom_weighting_needs_positive_weights(overrides: list[str]) -> None:
         load_config(TINY, overrides)
 
 
+@pytest.mark.runner
 def test_a_run_with_custom_weights_aggregates_with_them(tmp_path: Path) -> None:
     """Equal custom weights are uniform weighting, exactly; unequal ones change the result."""
 
