@@ -50,6 +50,20 @@ def test_a_client_trains_its_top_components_and_holds_the_rest_frozen() -> None:
     assert strategy.frozen_components(GlobalState(), 2) is None
 
 
+def test_per_module_ranks_freeze_each_modules_own_rest() -> None:
+    """A rank per module: ``m`` at rank 1 holds all but its top component frozen, ``n`` at its
+    full rank 4 freezes nothing (and is absent from the frozen set)."""
+    strategy = get_strategy("hafl-freeze")
+    state = global_state([1.0, 5.0, 3.0, 0.0])
+    state.factors["n"] = state.factors["m"]
+    state.importance["n"] = torch.tensor([4.0, 0.0, 2.0, 9.0])
+
+    frozen = strategy.frozen_components(state, {"m": 1, "n": 4})
+
+    assert frozen is not None and sorted(frozen) == ["m"]
+    assert frozen["m"].A[:, 0].tolist() == [0.0, 2.0, 3.0]
+
+
 def test_frozen_components_are_bit_identical_and_have_no_gradient() -> None:
     # Prepare: a rank-4 global adapter; the client trains components {1, 3}, holds {0, 2}
     model, tokenizer = build_tiny(seed=0)

@@ -95,3 +95,32 @@ def test_runner_sends_importance_and_indices(
         for name, f in u.factors.items():
             assert u.component_index[name].numel() == f.rank
             assert u.importance[name].shape == (f.rank,)
+
+
+def test_per_module_ranks_give_each_module_its_own_components() -> None:
+    """A rank per module (``{"m": 1, "n": 3}``): each module's start and indices use its own."""
+    strategy = get_strategy("hafl-truncate")
+    state = global_state([1.0, 5.0, 3.0, 0.0])
+    state.factors["n"] = state.factors["m"]
+    state.importance["n"] = torch.tensor([4.0, 0.0, 2.0, 9.0])
+    spec = {"m": 1, "n": 3}
+
+    (start,) = strategy.redistribute(state, [spec])
+    index = strategy.component_indices(state, spec)
+
+    assert index is not None and index["m"].tolist() == [1] and index["n"].tolist() == [0, 2, 3]
+    assert start is not None and start["m"].A[:, 0].tolist() == [1.0]
+    assert start["n"].A[:, 0].tolist() == [0.0, 2.0, 3.0]
+
+
+def test_equal_importance_goes_to_the_lower_index() -> None:
+    """Ties (here 40 components, every other one scored 1, the rest 0) keep the lower indices,
+    whatever the sort's internals do with equal keys."""
+    strategy = get_strategy("hafl-truncate")
+    A, B = torch.randn(40, 3), torch.randn(2, 40)
+    scores = torch.tensor([float(i % 2) for i in range(40)])
+    state = GlobalState(factors={"m": LoRAFactors(A=A, B=B)}, importance={"m": scores})
+
+    index = strategy.component_indices(state, 5)
+
+    assert index is not None and index["m"].tolist() == [1, 3, 5, 7, 9]

@@ -14,7 +14,7 @@ from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, LoRAFactors
 from fedlora.models import build_tiny
 from fedlora.strategies import GlobalState, get_strategy
-from fedlora.strategies.hetlora import pruned_rank, self_prune, tail_norm
+from fedlora.strategies.hetlora import norm_weights, pruned_rank, self_prune, tail_norm
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 
@@ -31,6 +31,7 @@ def test_weights_are_proportional_to_the_update_norm() -> None:
     # Assert: B̄ = 1/4 · 1 + 3/4 · 3 = 2.5, Ā = 1
     assert state.factors["m"].B.item() == pytest.approx(2.5)
     assert state.factors["m"].A.item() == pytest.approx(1.0)
+    assert norm_weights(updates, "m", [0.5, 0.5]) == pytest.approx([0.25, 0.75])
 
 
 def test_all_zero_updates_fall_back_to_the_configured_weights() -> None:
@@ -70,6 +71,7 @@ def test_a_client_prunes_when_its_tail_shrank_and_only_then() -> None:
     assert shrank is not None and shrank["m"].rank == 2
     assert torch.equal(shrank["m"].B, factors_with_tail(4, 0.1)["m"].B[:, :2])
     assert grew is None and fresh is None
+    assert self_prune(start, factors_with_tail(4, 1.0), 0.5) is None  # unchanged: not shrunk
     assert self_prune(factors_with_tail(1, 1.0), factors_with_tail(1, 0.1), 0.5) is None
 
 

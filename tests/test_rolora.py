@@ -28,8 +28,8 @@ def _round(strategy, state, ranks, seed, frozen):  # type: ignore[no-untyped-def
         factors = {}
         for m, f in u.factors.items():
             g = state.factors[m]
-            A = g.A[: f.rank].clone() if frozen == "A" else f.A
-            B = g.B[:, : f.rank].clone() if frozen == "B" else f.B
+            A = g.A[: f.rank].clone() if frozen == "A" else f.A.to(g.A.dtype)
+            B = g.B[:, : f.rank].clone() if frozen == "B" else f.B.to(g.B.dtype)
             factors[m] = LoRAFactors(A=A, B=B)
         out.append(ClientUpdate(u.client_id, factors, u.num_examples))
     return out
@@ -66,6 +66,91 @@ def test_an_update_whose_frozen_factor_moved_is_rejected() -> None:
         UpdateError, match="A differs from the global A; this RoLoRA round trains B"
     ):
         strategy.aggregate(state, moved)
+
+
+def test_an_a_round_rejects_an_update_whose_b_moved() -> None:
+    strategy = get_strategy("rolora")
+    state = strategy.init_state(MODULES, 4, torch.Generator().manual_seed(0))
+    after_b = strategy.aggregate(state, _round(strategy, state, [4, 4], 1, frozen="A"))
+    moved = _round(strategy, after_b, [4, 4], 2, frozen="A")  # B random: not the global B
+
+    with pytest.raises(UpdateError) as err:
+        strategy.aggregate(after_b, moved)
+
+    assert (err.value.client, err.value.module) == ("c0", "q_proj")
+    assert str(err.value) == (
+        "client 'c0', module 'q_proj': B differs from the global B; this RoLoRA round trains A "
+        "only (B frozen)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ranks", "other", "message"),
+    [
+        (
+            [8],
+            False,
+            "rank 8 and shape (12, 10) do not fit the global adapter of rank 4 and shape (12, 10)",
+        ),
+        ([4], True, "rank 4 and shape (12, 10) do not fit the global adapter"),
+    ],
+)
+def test_an_update_that_does_not_fit_is_rejected_with_its_client_and_module(
+    ranks: list[int], other: bool, message: str
+) -> None:
+    """A rank above the global one, or a module the global adapter lacks: the message names
+    the client and module, and says what the global adapter holds where it has the module."""
+    strategy = get_strategy("rolora")
+    state = strategy.init_state(MODULES, 4, torch.Generator().manual_seed(0))
+    module = "o_proj" if other else "q_proj"
+    modules = {"o_proj": MODULES["q_proj"]} if other else MODULES
+    updates = make_updates(ranks, 5, modules=modules)
+
+    with pytest.raises(UpdateError) as err:
+        strategy.aggregate(state, updates)
+
+    assert (err.value.client, err.value.module) == ("c0", module)
+    assert str(err.value) == f"client 'c0', module '{module}': {message}"
+
+
+@pytest.mark.parametrize(
+    ("where", "eps", "accepted"),
+    [("largest", 6, True), ("largest", 20, False), ("smallest", 3, True)],
+)
+def test_a_frozen_a_is_the_global_a_to_within_its_rounding_and_no_further(
+    where: str, eps: int, accepted: bool
+) -> None:
+    """The tolerance is 4 eps (|A| + max |A|): 8 eps of max |A| at the largest element, still
+    4 at the smallest (a kernel's rounding is relative to the row's scale, not to the element);
+    20 eps at the largest is a moved A."""
+    strategy = get_strategy("rolora")
+    state = strategy.init_state(MODULES, 4, torch.Generator().manual_seed(0))
+    (update,) = _round(strategy, state, [4], 1, frozen="A")
+    f = update.factors["v_proj"]
+    A = f.A.clone()
+    flat = A.abs().view(-1)
+    i = int(flat.argmax() if where == "largest" else flat.argmin())
+    A.view(-1)[i] += eps * torch.finfo(A.dtype).eps * float(A.abs().max())
+    factors = {**update.factors, "v_proj": LoRAFactors(A, f.B)}
+
+    if accepted:
+        new = strategy.aggregate(state, [ClientUpdate("c0", factors, 3)])
+        assert torch.equal(new.factors["v_proj"].A, state.factors["v_proj"].A)
+    else:
+        with pytest.raises(UpdateError, match="A differs from the global A"):
+            strategy.aggregate(state, [ClientUpdate("c0", factors, 3)])
+
+
+def test_float64_updates_give_a_float64_global_adapter_in_both_phases() -> None:
+    strategy = get_strategy("rolora")
+    state = strategy.init_state(MODULES, 4, torch.Generator().manual_seed(0))
+    for frozen in ("A", "B"):
+        updates = [
+            ClientUpdate(u.client_id, {n: f.to(torch.float64) for n, f in u.factors.items()}, 5)
+            for u in _round(strategy, state, [4, 2], 3, frozen=frozen)
+        ]
+        state = strategy.aggregate(state, updates)
+        assert all(f.A.dtype == f.B.dtype == torch.float64 for f in state.factors.values())
 
 
 def test_the_hook_trains_and_sends_the_planned_factor_only() -> None:

@@ -63,6 +63,15 @@ def test_custom_weighting_needs_positive_weights(overrides: list[str]) -> None:
         load_config(TINY, overrides)
 
 
+@pytest.mark.parametrize("weights", [None, []])
+def test_custom_weighting_without_weights_says_which_key_is_missing(
+    weights: list[float] | None,
+) -> None:
+    with pytest.raises(UpdateError) as err:
+        configured_weighting("custom", weights, 3)
+    assert str(err.value) == 'weighting = "custom" needs clients.weights'
+
+
 @pytest.mark.runner
 def test_a_run_with_custom_weights_aggregates_with_them(tmp_path: Path) -> None:
     """Equal custom weights are uniform weighting, exactly; unequal ones change the result."""
