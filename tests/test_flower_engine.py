@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -380,6 +381,27 @@ def test_compare_on_flower_equals_compare_in_process(tmp_path: Path) -> None:
         [inprocess[n]["final"] for n in inprocess], rel=1e-5
     )
     assert our_processes(tmp_path / "flower") == []
+
+
+def test_a_terminated_flower_run_stops_every_process_it_started(tmp_path: Path) -> None:
+    """SIGTERM to ``fedlora run --engine flower`` (as ``timeout`` or a scheduler sends it) once
+    round 1 is recorded: the command exits with 143 and leaves no Flower process running."""
+    out = tmp_path / "run"
+    argv = ["run", str(TINY), "--engine", "flower", "--out", str(out), "--quiet"]
+    argv += ["--set", "rounds=50", "--set", "train.steps=10"]
+    code = f"import sys; from fedlora.cli import entry; sys.argv = {['fedlora', *argv]!r}; entry()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "round 1 never recorded"
+        time.sleep(0.05)
+    proc.terminate()
+    assert proc.wait(timeout=60) == 143
+    assert not (out / "summary.json").exists()
+    assert our_processes(out) == []
 
 
 @pytest.mark.parametrize("strategy", ["centralized", "standalone"])

@@ -141,16 +141,22 @@ def test_a_frozen_a_is_the_global_a_to_within_its_rounding_and_no_further(
             strategy.aggregate(state, [ClientUpdate("c0", factors, 3)])
 
 
-def test_float64_updates_give_a_float64_global_adapter_in_both_phases() -> None:
+@pytest.mark.parametrize("frozen", ["A", "B"])
+def test_float64_updates_give_a_float64_global_adapter(frozen: str) -> None:
+    """From a float32 global adapter, in a B round (A frozen) and in an A round (B frozen)."""
     strategy = get_strategy("rolora")
     state = strategy.init_state(MODULES, 4, torch.Generator().manual_seed(0))
-    for frozen in ("A", "B"):
-        updates = [
-            ClientUpdate(u.client_id, {n: f.to(torch.float64) for n, f in u.factors.items()}, 5)
-            for u in _round(strategy, state, [4, 2], 3, frozen=frozen)
-        ]
-        state = strategy.aggregate(state, updates)
-        assert all(f.A.dtype == f.B.dtype == torch.float64 for f in state.factors.values())
+    if frozen == "B":  # an A round follows a B round, all in float32
+        state = strategy.aggregate(state, _round(strategy, state, [4, 2], 2, frozen="A"))
+    assert all(f.A.dtype == torch.float32 for f in state.factors.values())
+    updates = [
+        ClientUpdate(u.client_id, {n: f.to(torch.float64) for n, f in u.factors.items()}, 5)
+        for u in _round(strategy, state, [4, 2], 3, frozen=frozen)
+    ]
+
+    new = strategy.aggregate(state, updates)
+
+    assert all(f.A.dtype == f.B.dtype == torch.float64 for f in new.factors.values())
 
 
 def test_the_hook_trains_and_sends_the_planned_factor_only() -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 from fedlora import __version__
 from fedlora.errors import ConfigError, FedloraError
@@ -505,6 +507,18 @@ def _write_json(path: Path, payload: object) -> None:
         path.write_text(json.dumps(payload, indent=2) + "\n")
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def entry() -> None:
+    """The ``fedlora`` command: :func:`main`, with SIGTERM turned into an ordinary exit, so the
+    processes a run started (a local SuperLink, SuperNodes, their runs) are stopped on the way
+    out instead of outliving it."""
+    signal.signal(signal.SIGTERM, _terminated)
+    sys.exit(main())
+
+
+def _terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
