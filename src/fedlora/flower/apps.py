@@ -33,6 +33,7 @@ from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.federation import federation_data, server_bench, server_rounds
+from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
 from fedlora.flower.records import (
     array_part,
     config_part,
@@ -60,10 +61,6 @@ from fedlora.rounds import (
 from fedlora.weighting import client_id
 
 server_app = ServerApp()
-
-CONFIG_KEY = "fedlora-config"
-OUT_KEY = "out"
-RESUME_KEY = "resume"
 
 
 def _run_value(context: Context, key: str) -> Any:

@@ -33,7 +33,8 @@ import psutil
 from fedlora import __version__
 from fedlora.config import RunConfig, to_dict
 from fedlora.errors import FedloraError
-from fedlora.flower.apps import CONFIG_KEY, OUT_KEY, RESUME_KEY, check_flower
+from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
+from fedlora.flower.apps import check_flower
 
 CONNECTION = "fedlora"
 """The name of the SuperLink connection fedlora writes into ``FLWR_HOME/config.toml``."""

@@ -49,7 +49,9 @@ from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedlora.config import FlowerConfig
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.flower import CONFIG_KEY
 
 KEEP_MODEL = "keep-model"
 """The node-config key that turns the keeper on."""
@@ -164,13 +166,13 @@ def _try_connect(where: Path) -> Connection | None:
 
 
 def _idle_s(context: Context) -> float:
-    """The run's round time-out plus a minute: no round waits longer for a node."""
-    text = context.run_config.get("fedlora-config")
-    try:
-        flower = json.loads(str(text)).get("flower", {})
-        return float(flower.get("round_timeout_s", 3600)) + 60
-    except (ValueError, AttributeError):
-        return 3660.0
+    """The run's round time-out plus a minute: no round waits longer for a node. Read from the
+    config's JSON by hand: building the config imports the strategies, and so torch."""
+    timeout = FlowerConfig.round_timeout_s
+    with contextlib.suppress(ValueError, AttributeError):
+        flower = json.loads(str(context.run_config.get(CONFIG_KEY))).get("flower", {})
+        timeout = float(flower.get("round_timeout_s", timeout))
+    return timeout + 60
 
 
 # --- the keeper ---------------------------------------------------------------------------------
