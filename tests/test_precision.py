@@ -252,7 +252,9 @@ def test_the_evaluated_model_is_the_exported_adapter_on_the_base_to_bfloat16_rou
     runner, outcome, w0 = _flora_bf16(tmp_path)
     assert outcome.export is not None
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    with_adapter = adapters.attach_factors(_bf16_tiny(), ["q_proj", "v_proj"], outcome.export)
+    same_attention = _bf16_tiny()  # and the attention implementation the run resolved
+    same_attention.set_attn_implementation(runner.model.config._attn_implementation)
+    with_adapter = adapters.attach_factors(same_attention, ["q_proj", "v_proj"], outcome.export)
     exact = build_tiny(seed=0)[0]  # float32, W₀ and the update merged in float32
     for name, factors in outcome.export.items():
         exact.get_submodule(name).weight.data = w0[name].float() + factors.delta()

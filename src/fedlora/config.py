@@ -33,6 +33,10 @@ class ModelConfig:
     """The compute dtype of the base model: ``auto`` (bfloat16 on CUDA and on CPUs with native
     bfloat16, float32 elsewhere), ``float32``, ``bfloat16`` or ``float16`` (refused on a CPU
     without native float16). LoRA factors, optimizer state and merged updates stay float32."""
+    attention: str = "auto"
+    """transformers' attention implementation: ``auto`` (eager on a CPU in bfloat16 or float16
+    up to 512 tokens, where it is 2-3x faster than the fused kernel; ``sdpa`` elsewhere),
+    ``sdpa`` or ``eager``."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """LoRA target modules (last part of the module name)."""
     max_length: int = 128
@@ -390,12 +394,13 @@ def _describe(hint: Any) -> str:
 def check(config: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     from fedlora.models import resolve_device
-    from fedlora.precision import resolve_dtype
+    from fedlora.precision import resolve_attention, resolve_dtype
     from fedlora.strategies import REGISTRY
 
     modes = [*sorted(REGISTRY), "centralized", "standalone"]
     _allowed("strategy", config.strategy, modes)
-    resolve_dtype(config.model.dtype, resolve_device(config.model.device))
+    device = resolve_device(config.model.device)
+    resolve_attention(config.model.attention, device, resolve_dtype(config.model.dtype, device), 0)
     _allowed("weighting", config.weighting, ["examples", "uniform", "custom"])
     weights = config.clients.weights
     if (config.weighting == "custom") != (weights is not None):

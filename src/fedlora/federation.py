@@ -17,7 +17,7 @@ from fedlora import adapters
 from fedlora.config import RunConfig, check, options_of
 from fedlora.data import Example, load_examples, partition, split_heldout
 from fedlora.errors import ConfigError
-from fedlora.models import LoadedModel, load_model
+from fedlora.models import LoadedModel, load_configured
 from fedlora.ranks import client_ranks
 from fedlora.rounds import Benchmark, Client, ClientInfo, FederatedRounds, Workbench
 from fedlora.strategies import REGISTRY, Strategy, get_strategy
@@ -40,7 +40,7 @@ class Federation:
 def build_federation(cfg: RunConfig) -> Federation:
     """Load model and data, split held-out data, partition clients and assign ranks."""
     check(cfg)
-    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
+    loaded = load_configured(cfg.model, cfg.seed)
     parts, heldout, kind = federation_data(cfg)
     ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
     clients = [

@@ -17,12 +17,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.precision import resolve_dtype
+from fedlora.precision import resolve_attention, resolve_dtype
+
+if TYPE_CHECKING:
+    from fedlora.config import ModelConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
@@ -64,23 +67,37 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int = 0
+    name: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    attention: str = "auto",
+    max_length: int = 128,
 ) -> LoadedModel:
     """Load ``name`` (see the module docstring) onto ``device`` in eval mode, its weights in the
     compute dtype ``dtype`` resolves to (:func:`fedlora.precision.resolve_dtype`); a saved model
-    is read straight into that dtype, never through a float32 copy."""
+    is read straight into that dtype, never through a float32 copy. ``attention``: the attention
+    implementation, resolved for sequences of up to ``max_length`` tokens
+    (:func:`fedlora.precision.resolve_attention`)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    attn = resolve_attention(attention, dev, dt, max_length)
     if name == TINY_MODEL:
         model, tokenizer = build_tiny(seed)
+        model.set_attn_implementation(attn)
     else:
         folder = embedded_folder() if name == DEFAULT_MODEL else _local_or_hub(name)
-        model, tokenizer = _from_pretrained(str(folder), dtype=dt)
+        model, tokenizer = _from_pretrained(str(folder), dtype=dt, attn_implementation=attn)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=dev, dtype=dt)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt)
+
+
+def load_configured(m: ModelConfig, seed: int) -> LoadedModel:
+    """:func:`load_model` with a run's ``[model]`` settings."""
+    return load_model(m.name, m.device, m.dtype, seed, m.attention, m.max_length)
 
 
 def _local_or_hub(name: str) -> str | Path:

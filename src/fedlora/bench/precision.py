@@ -33,7 +33,7 @@ from fedlora.bench.overhead import (
 )
 from fedlora.config import RunConfig, TrainConfig, load_config
 from fedlora.lora import dense_delta
-from fedlora.models import load_model, resolve_device
+from fedlora.models import load_configured, load_model, resolve_device
 from fedlora.precision import dtype_name, resolve_dtype
 
 
@@ -164,7 +164,7 @@ def time_steps(
     the GFLOP per step of the default side; both models are freed on return."""
     m = default.model
     fp32 = load_model(m.name, device=m.device, dtype="float32")
-    fast = load_model(m.name, device=m.device, dtype=m.dtype)
+    fast = load_configured(m, 0)
     pad_id = int(fp32.tokenizer.pad_token_id)
     data = synthetic_data(fp32.model.config.vocab_size, steps * batch_size, seq_len, seed=0)
     cfg = TrainConfig(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)

@@ -18,6 +18,7 @@ config: ``partition-id`` (required: which client it is), and optionally ``rank``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -29,7 +30,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.clients import hook_for
-from fedlora.config import RunConfig, config_from_json, to_dict
+from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.federation import federation_data, server_bench, server_rounds
@@ -45,7 +46,7 @@ from fedlora.flower.records import (
     task_content,
 )
 from fedlora.lora import BaseDelta, LoRAFactors
-from fedlora.models import LoadedModel, load_model
+from fedlora.models import LoadedModel, load_configured
 from fedlora.precision import MergedBase
 from fedlora.ranks import client_ranks
 from fedlora.report import RunWriter
@@ -108,7 +109,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     wait_s, timeout_s = cfg.flower.wait_nodes_s, cfg.flower.round_timeout_s
     nodes = _wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
     clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)
-    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
+    loaded = load_configured(cfg.model, cfg.seed)
     _, heldout, kind = _federation_data(json.dumps(to_dict(cfg)))
     bench = server_bench(cfg, loaded, heldout, kind, progress=False)
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -361,9 +362,10 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded(name: str, device: str, dtype: str, seed: int) -> tuple[LoadedModel, MergedBase]:
-    """The model, once per process, with its merged base (which keeps the pristine weights)."""
-    loaded = load_model(name, device, dtype, seed=seed)
+def _loaded(cfg_model: str, seed: int) -> tuple[LoadedModel, MergedBase]:
+    """The model of ``cfg_model`` (a run's ``[model]`` settings as JSON), once per process, with
+    its merged base (which keeps the pristine weights)."""
+    loaded = load_configured(ModelConfig(**json.loads(cfg_model)), seed)
     return loaded, MergedBase(loaded.model)
 
 
@@ -377,7 +379,8 @@ def node_workbench(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Clie
     workbench on the model (loaded once per process; Flower's deployment starts a new process
     for every message, its simulation engine keeps them)."""
     client, kind = node_client(cfg, node_config)
-    loaded, base = _loaded(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.seed)
+    settings = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
+    loaded, base = _loaded(settings, cfg.seed)
     return client, Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
 
 
