@@ -28,6 +28,19 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     patch.undo()
 
 
+if os.environ.get("FEDLORA_MUTATION"):
+    # Under `make mutation` a failing example is a killed mutant: stop at it. Shrinking it (the
+    # default) re-runs the property hundreds of times, which turned detections into mutmut
+    # time-outs; the example database is left alone so every mutant starts from nothing.
+    from hypothesis import Phase
+    from hypothesis import settings as _settings
+
+    _settings.register_profile(
+        "mutation", phases=[Phase.explicit, Phase.generate], database=None, deadline=None
+    )
+    _settings.load_profile("mutation")
+
+
 def examples(n: int) -> int:
     """Hypothesis examples for a property: ``n``, or at most 10 under ``make mutation``.
 

@@ -17,6 +17,7 @@ from fedlora.bench.study import (
     beyond_spread,
     load_study,
     ranges_disjoint,
+    run_study,
     spread,
 )
 from fedlora.cli import main
@@ -175,3 +176,100 @@ def test_the_shipped_study_files_load_and_build_every_config(name: str) -> None:
         for strategy in variant.strategies:
             cfg = study.run_config(variant, strategy, study.seeds[0])
             assert cfg.strategy == strategy
+
+
+# --- learning-rate tuning ---------------------------------------------------------------------
+
+
+def tune_file(tmp_path: Path, tune: str, data: str = '"data.validation=12", ') -> Path:
+    path = tmp_path / "tuned.toml"
+    path.write_text(
+        f"""name = "tuned"
+config = "{TINY}"
+set = [{data}"rounds=1", "train.steps=3"]
+seeds = [0, 1]
+metrics = ["loss"]
+reference = "flora"
+
+[tune]
+{tune}
+
+[[variant]]
+name = "het"
+set = ["clients.ranks=[8,4,2]"]
+strategies = ["flora", "zeropad"]
+"""
+    )
+    return path
+
+
+def test_each_strategy_runs_its_best_validation_lr_on_every_seed_beside_the_fixed_lr(
+    tmp_path: Path,
+) -> None:
+    # tiny.toml trains at lr 3e-3: the grid holds it, so a tuned cell may be a fixed one reused
+    path = tune_file(tmp_path, "lrs = [3e-3, 0.5]\nseed = 1")
+    out, work = tmp_path / "results", tmp_path / "runs"
+    argv = ["bench", "study", str(path), "--out", str(out), "--workdir", str(work)]
+    assert main(argv) == 0
+    payload = json.loads((out / "tuned.json").read_text())
+
+    assert list(payload["variants"]) == ["het", "het-tuned"]
+    for strategy in ("flora", "zeropad"):
+        scores = {}
+        for lr in ("0.003", "0.5"):  # the tuning runs: seed 1, scored on the validation split
+            run = work / "tune" / "het" / strategy / f"lr-{lr}"
+            summary = json.loads((run / "summary.json").read_text())
+            config = json.loads((run / "config.json").read_text())
+            assert summary["eval_split"] == "validation" and summary["heldout_examples"] == 12
+            assert config["seed"] == 1 and config["train"]["lr"] == float(lr)
+            scores[lr] = summary["final"]
+        entry = payload["tuning"]["het"][strategy]
+        assert entry["scores"] == scores
+        best = min(scores, key=lambda lr: scores[lr])  # loss: lower is better
+        assert entry["best"] == best
+        for seed in (0, 1):
+            tuned = payload["configs"][f"het-tuned/{strategy}/seed-{seed}"]
+            fixed = payload["configs"][f"het/{strategy}/seed-{seed}"]
+            assert tuned["train"]["lr"] == float(best) and fixed["train"]["lr"] == 3e-3
+            assert tuned["eval"]["split"] == fixed["eval"]["split"] == "heldout"
+    cells = {(c["variant"], c["strategy"], c["seed"]): c for c in payload["cells"]}
+    for strategy in ("flora", "zeropad"):  # a tuned lr equal to the config's: the same run
+        if payload["tuning"]["het"][strategy]["best"] == "0.003":
+            for seed in (0, 1):
+                assert cells[("het-tuned", strategy, seed)]["reused"]
+                assert (
+                    cells[("het-tuned", strategy, seed)]["final"]
+                    == (cells[("het", strategy, seed)]["final"])
+                )
+    table = (out / "tuned.md").read_text()
+    assert "## Learning-rate tuning" in table and "| strategy | lr 0.003 | lr 0.5 |" in table
+    assert "## het-tuned" in table
+
+
+def test_best_lr_follows_the_metric_s_direction_and_skips_diverged_runs() -> None:
+    from fedlora.bench.study import best_lr
+
+    assert best_lr({"0.001": 2.0, "0.01": 1.5, "0.1": float("nan")}, "loss") == "0.01"
+    assert best_lr({"0.001": 0.4, "0.01": 0.3}, "accuracy") == "0.001"
+    assert best_lr({"0.01": 1.0, "0.001": 1.0}, "loss") == "0.001"  # a tie: the smaller lr
+    assert best_lr({"0.01": None, "0.001": float("inf")}, "loss") == "0.001"
+
+
+@pytest.mark.parametrize(
+    ("tune", "data", "message"),
+    [
+        ("lrs = [1e-3]", '"data.validation=12", ', "at least two distinct lrs"),
+        ("lrs = [1e-3, -1.0]", '"data.validation=12", ', "at least two distinct lrs"),
+        ('lrs = [1e-3, 1e-2]\nmetric = "accuracy"', '"data.validation=12", ', "not one of"),
+        ("lrs = [1e-3, 1e-2]\nstep = 1", '"data.validation=12", ', "unknown key 'step'"),
+        ("lrs = [1e-3, 1e-2]", "", "needs a validation split"),
+    ],
+)
+def test_a_bad_tune_section_fails_before_any_run(
+    tmp_path: Path, tune: str, data: str, message: str
+) -> None:
+    path = tune_file(tmp_path, tune, data)
+    with pytest.raises(ConfigError, match=message):
+        study = load_study(path)
+        run_study(study, tmp_path / "w")
+    assert not (tmp_path / "w").exists()

@@ -189,3 +189,39 @@ def test_split_heldout_is_seeded() -> None:
 def test_split_heldout_refuses_an_empty_side(size: int | float, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         split_heldout(make_examples(), size)
+
+
+def test_the_validation_split_is_apart_from_the_test_split_and_from_every_client() -> None:
+    from pathlib import Path
+
+    from fedlora.config import load_config
+    from fedlora.federation import federation_data
+
+    tiny = Path(__file__).parent.parent / "configs" / "tiny.toml"
+    plain_parts, test, _ = federation_data(load_config(tiny, []))
+    parts, scored, _ = federation_data(load_config(tiny, ["data.validation=10"]))
+    tuned_parts, validation, _ = federation_data(
+        load_config(tiny, ["data.validation=10", "eval.split=validation"])
+    )
+
+    assert scored == test  # the test split does not move when a validation split is taken
+    assert parts == tuned_parts  # tuning and final runs train on the same data
+    assert len(validation) == 10
+    # the data has repeated examples, so count them: the training pool without a validation
+    # split (all but the test split) is exactly the clients' examples plus the validation ones
+    pool = Counter(repr(e) for p in plain_parts for e in p)
+    assert Counter(repr(e) for p in parts for e in p) + Counter(map(repr, validation)) == pool
+
+
+def test_scoring_the_validation_split_needs_one() -> None:
+    from pathlib import Path
+
+    from fedlora.config import load_config
+
+    tiny = Path(__file__).parent.parent / "configs" / "tiny.toml"
+    with pytest.raises(ConfigError, match=r"needs a validation split: set data\.validation"):
+        load_config(tiny, ["eval.split=validation"])
+    with pytest.raises(ConfigError, match=r"eval\.split"):
+        load_config(tiny, ["eval.split=test", "data.validation=4"])
+    with pytest.raises(ConfigError, match=r"data\.validation must be >= 0"):
+        load_config(tiny, ["data.validation=-1"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.config import load_config
+from fedlora.data import load_examples
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.federation import benchmark_of
@@ -40,3 +41,47 @@ def test_the_benchmark_sample_is_the_same_for_every_seed() -> None:
 def test_the_training_source_is_not_a_benchmark() -> None:
     with pytest.raises(ConfigError, match=r"data\.heldout already scores"):
         load_config(TINY, ["eval.benchmark=chatterbot"])
+
+
+# --- held-out categories: FlexLoRA's unseen tasks ---------------------------------------------
+
+UNSEEN = ["data.heldout_categories=2", "data.limit=400"]
+
+
+def test_held_out_categories_are_whole_and_no_client_trains_on_them() -> None:
+    from fedlora.federation import federation_data, unseen_of
+
+    cfg = load_config(TINY, UNSEEN)
+    parts, heldout, _ = federation_data(cfg)
+    unseen = unseen_of(cfg)
+    assert unseen is not None and unseen.name == "unseen" and unseen.rouge
+    names = {e.category for e in unseen.examples}
+    assert len(names) == 2
+    seen = {e.category for p in parts for e in p} | {e.category for e in heldout}
+    assert not names & seen  # neither trained on nor in the test split
+    source, _ = load_examples("chatterbot", limit=400, seed=0)
+    held_back = [e for e in source if e.category in names]
+    assert len(held_back) >= len(unseen.examples)  # whole categories of the data, held back
+    assert set(map(repr, unseen.examples)) <= set(map(repr, held_back))
+    assert len(unseen.examples) <= cfg.data.heldout
+    other = unseen_of(load_config(TINY, [*UNSEEN, "seed=3"]))
+    assert other is not None  # another seed may hold back other categories; the same seed never
+    again = unseen_of(load_config(TINY, UNSEEN))
+    assert again is not None and again.examples == unseen.examples
+    assert unseen_of(load_config(TINY)) is None
+
+
+def test_a_run_scores_the_held_out_categories_as_their_own_set(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [*UNSEEN, "rounds=1", "eval.rouge_samples=2"])
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["eval_unseen_loss"] > 0 and 0.0 <= row["eval_unseen_rougeL"] <= 1.0
+        assert row["eval_unseen_loss"] != row["eval_loss"]
+
+
+def test_holding_back_every_category_is_refused() -> None:
+    from fedlora.federation import federation_data
+
+    with pytest.raises(ConfigError, match=r"data\.heldout_categories = 500, but the data has"):
+        federation_data(load_config(TINY, ["data.heldout_categories=500"]))

@@ -19,15 +19,40 @@ def test_rank_and_shape_are_read_from_the_tensors() -> None:
 @pytest.mark.parametrize(
     ("A", "B", "message"),
     [
-        (torch.zeros(3, 7), torch.zeros(5, 2), "rank mismatch"),
-        (torch.zeros(3), torch.zeros(5, 3), "must be matrices"),
-        (torch.zeros(3, 7, dtype=torch.long), torch.zeros(5, 3, dtype=torch.long), "floating"),
-        (torch.zeros(3, 7), torch.zeros(5, 3, dtype=torch.float64), "share dtype"),
+        (
+            torch.zeros(3, 7),
+            torch.zeros(5, 2),
+            "rank mismatch: A(3, 7) has 3 rows but B(5, 2) has 2 columns (expected A: (r, d_in), "
+            "B: (d_out, r))",
+        ),
+        (torch.zeros(3), torch.zeros(5, 3), "LoRA factors must be matrices, got A(3,) and B(5, 3)"),
+        (
+            torch.zeros(3, 7),
+            torch.zeros(5, 3, 1),
+            "LoRA factors must be matrices, got A(3, 7) and B(5, 3, 1)",
+        ),
+        (
+            torch.zeros(3, 7, dtype=torch.long),
+            torch.zeros(5, 3, dtype=torch.long),
+            "LoRA factors must be floating point, got torch.int64/torch.int64",
+        ),
+        (
+            torch.zeros(3, 7),
+            torch.zeros(5, 3, dtype=torch.long),
+            "LoRA factors must be floating point, got torch.float32/torch.int64",
+        ),
+        (
+            torch.zeros(3, 7),
+            torch.zeros(5, 3, dtype=torch.float64),
+            "A and B must share dtype and device, got torch.float32@cpu and torch.float64@cpu",
+        ),
     ],
 )
 def test_malformed_factors_are_rejected(A: torch.Tensor, B: torch.Tensor, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    # the whole message: what was wrong and what was expected
+    with pytest.raises(ValueError) as err:
         LoRAFactors(A=A, B=B)
+    assert str(err.value) == message
 
 
 def test_scaling_is_folded_into_b_and_unfolds_exactly() -> None:

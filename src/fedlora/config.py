@@ -58,7 +58,15 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 2
     heldout: int = 64
-    """Examples held out for evaluation; no client trains on them."""
+    """Examples held out for evaluation (the test split); no client trains on them."""
+    heldout_categories: int = 0
+    """Whole categories no client trains on (0: none), chosen by the seed and scored as their
+    own set, ``unseen_*`` metrics (up to ``heldout`` of their examples): FlexLoRA's evaluation on
+    tasks no client has seen. With ``partition = "task"`` they are held-out clients."""
+    validation: int = 0
+    """Examples split off the training pool after the held-out ones, before partitioning (0:
+    none); no client trains on them. ``eval.split = "validation"`` scores runs on them instead of
+    the test split: what a study's learning-rate tuning uses (``[tune]``)."""
 
 
 @dataclass
@@ -107,6 +115,9 @@ class EvalConfig:
     max_new_tokens: int = 32
     every: int = 1
     """Evaluate every this many rounds (the last round always)."""
+    split: str = "heldout"
+    """What a run is scored on: ``heldout`` (the test split, ``data.heldout``) or ``validation``
+    (``data.validation``; the test split is then never scored)."""
     benchmark: str | None = None
     """Also score the global model on a builtin source or data file other than ``data.source``
     (e.g. ``mmlu``, as FLoRA scores instruction tuning); its metrics are prefixed
@@ -435,6 +446,18 @@ def check(config: RunConfig) -> None:
     if config.eval.benchmark_examples < 1:
         raise ConfigError(
             f"eval.benchmark_examples must be >= 1, got {config.eval.benchmark_examples}"
+        )
+    _allowed("eval.split", config.eval.split, ["heldout", "validation"])
+    if config.data.heldout_categories < 0:
+        raise ConfigError(
+            f"data.heldout_categories must be >= 0, got {config.data.heldout_categories}"
+        )
+    if config.data.validation < 0:
+        raise ConfigError(f"data.validation must be >= 0, got {config.data.validation}")
+    if config.eval.split == "validation" and config.data.validation == 0:
+        raise ConfigError(
+            'eval.split = "validation" needs a validation split: set data.validation to the '
+            "number of examples to split off the training pool"
         )
     if not 0 < config.clients.fraction <= 1:
         raise ConfigError(f"clients.fraction must be in (0, 1], got {config.clients.fraction}")

@@ -104,6 +104,7 @@ def finish_run(
         **facts,
         "model": cfg.model.name,
         "dtype": dtype_name(bench.model.dtype),
+        "eval_split": cfg.eval.split,
     }
     if outcome.export:
         folder = adapters.export_adapter(

@@ -9,6 +9,7 @@ only in how a round's plans reach the clients (``execute``).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +55,21 @@ def build_federation(cfg: RunConfig) -> Federation:
 
 
 def federation_data(cfg: RunConfig) -> tuple[list[list[Example]], list[Example], str]:
-    """Every client's training examples, the held-out examples and the data kind; the same on
-    every party for the same config and seed."""
-    examples, kind = load_examples(
-        cfg.data.source,
-        kind=cfg.data.kind,  # type: ignore[arg-type]
-        columns=cfg.data.columns,
-        limit=cfg.data.limit,
-        seed=cfg.seed,
-    )
+    """Every client's training examples, the examples runs are scored on and the data kind; the
+    same on every party for the same config and seed.
+
+    The held-out categories (``data.heldout_categories``) leave first, whole; then the test split
+    (``data.heldout``) comes off, then the validation split
+    (``data.validation``) off the rest; clients train on neither. The scored examples are the
+    test split, or the validation split with ``eval.split = "validation"``.
+    """
+    examples, kind = _source_examples(cfg)
+    examples, _ = split_categories(examples, cfg.data.heldout_categories, cfg.seed)
     train, heldout = split_heldout(examples, cfg.data.heldout, seed=cfg.seed)
+    if cfg.data.validation:
+        train, validation = split_heldout(train, cfg.data.validation, seed=cfg.seed + 1)
+        if cfg.eval.split == "validation":
+            heldout = validation
     parts = partition(
         train,
         cfg.clients.num_clients,
@@ -73,6 +79,51 @@ def federation_data(cfg: RunConfig) -> tuple[list[list[Example]], list[Example],
         seed=cfg.seed,
     )
     return [list(p) for p in parts], heldout, kind
+
+
+def _source_examples(cfg: RunConfig) -> tuple[list[Example], str]:
+    examples, kind = load_examples(
+        cfg.data.source,
+        kind=cfg.data.kind,  # type: ignore[arg-type]
+        columns=cfg.data.columns,
+        limit=cfg.data.limit,
+        seed=cfg.seed,
+    )
+    return list(examples), kind
+
+
+def split_categories(
+    examples: Sequence[Example], count: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """``(kept, unseen)``: the examples of ``count`` whole categories (a seeded choice among the
+    sorted categories) apart from the rest; both keep the input order."""
+    if count == 0:
+        return list(examples), []
+    categories = sorted({e.category for e in examples})
+    if count >= len(categories):
+        shown = ", ".join(repr(c) for c in categories[:6]) + (", …" if len(categories) > 6 else "")
+        raise ConfigError(
+            f"data.heldout_categories = {count}, but the data has {len(categories)} categories "
+            f"({shown}): at least one must be left for the clients to train on"
+        )
+    unseen = set(random.Random(seed).sample(categories, count))
+    return (
+        [e for e in examples if e.category not in unseen],
+        [e for e in examples if e.category in unseen],
+    )
+
+
+def unseen_of(cfg: RunConfig) -> Benchmark | None:
+    """The ``data.heldout_categories`` set (``unseen_*`` metrics, Rouge-L included when
+    ``eval.rouge_samples`` asks for it): up to ``data.heldout`` of their examples, seeded."""
+    if not cfg.data.heldout_categories:
+        return None
+    examples, kind = _source_examples(cfg)
+    _, unseen = split_categories(examples, cfg.data.heldout_categories, cfg.seed)
+    if len(unseen) > cfg.data.heldout:
+        picked = sorted(random.Random(cfg.seed).sample(range(len(unseen)), cfg.data.heldout))
+        unseen = [unseen[i] for i in picked]
+    return Benchmark("unseen", unseen, kind, rouge=True)
 
 
 def strategy_of(cfg: RunConfig) -> Strategy:
@@ -109,9 +160,11 @@ def check_client_ranks(clients: Sequence[ClientInfo], shapes: dict[str, tuple[in
 def server_bench(
     cfg: RunConfig, loaded: LoadedModel, heldout: Sequence[Example], kind: str, progress: bool
 ) -> Workbench:
-    """The server's model: merged into, and evaluated on the held-out and benchmark sets."""
+    """The server's model: merged into, and evaluated on the held-out set, the benchmark and the
+    held-out categories."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    return Workbench(model, tokenizer, cfg, kind, heldout, progress, benchmark_of(cfg))
+    sets = [b for b in (benchmark_of(cfg), unseen_of(cfg)) if b is not None]
+    return Workbench(model, tokenizer, cfg, kind, heldout, progress, sets)
 
 
 def server_rounds(

@@ -177,11 +177,13 @@ def sample_clients(clients: Sequence[C], fraction: float, generator: torch.Gener
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A second evaluation set (``eval.benchmark``): its metric prefix, examples and kind."""
+    """Another evaluation set (``eval.benchmark``, ``data.heldout_categories``): its metric
+    prefix, examples and kind; ``rouge``: also Rouge-L on ``eval.rouge_samples`` of them."""
 
     name: str
     examples: list[Example]
     kind: str
+    rouge: bool = False
 
 
 class Workbench:
@@ -196,7 +198,7 @@ class Workbench:
         kind: str,
         heldout: Sequence[Example] = (),
         progress: bool = True,
-        benchmark: Benchmark | None = None,
+        benchmarks: Sequence[Benchmark] = (),
         base: MergedBase | None = None,
     ) -> None:
         self.model = model
@@ -207,13 +209,13 @@ class Workbench:
         self.cfg = cfg
         self.kind = kind
         self.heldout = list(heldout)
-        self.benchmark = benchmark
+        self.benchmarks = list(benchmarks)
         self.progress = progress
         self.pad_id = int(tokenizer.pad_token_id)
         self.shapes = adapters.target_shapes(model, cfg.model.targets)
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics, then the benchmark's with its name as prefix."""
+        """Held-out metrics, then each benchmark's with its name as prefix."""
         e = self.cfg.eval
         metrics = evaluate(
             self.model,
@@ -225,16 +227,18 @@ class Workbench:
             rouge_samples=e.rouge_samples,
             max_new_tokens=e.max_new_tokens,
         )
-        if self.benchmark is not None:
+        for bench in self.benchmarks:
             scores = evaluate(
                 self.model,
                 self.tokenizer,
-                self.benchmark.examples,
-                self.benchmark.kind,  # type: ignore[arg-type]
+                bench.examples,
+                bench.kind,  # type: ignore[arg-type]
                 batch_size=e.batch_size,
                 max_length=self.cfg.model.max_length,
+                rouge_samples=e.rouge_samples if bench.rouge else 0,
+                max_new_tokens=e.max_new_tokens,
             )
-            metrics.update({f"{self.benchmark.name}_{k}": v for k, v in scores.items()})
+            metrics.update({f"{bench.name}_{k}": v for k, v in scores.items()})
         return metrics
 
     def evaluate_with(self, factors: dict[str, LoRAFactors] | None) -> dict[str, float]:

@@ -18,6 +18,21 @@ A study file (TOML) names a base config and what varies::
     set = ["clients.ranks=flora"]
     strategies = ["flora", "zeropad"]
 
+An optional ``[tune]`` section tunes each strategy's learning rate by one rule::
+
+    [tune]
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3]   # the grid
+    seed = 0                          # one seed (default: the first of ``seeds``)
+    metric = "loss"                   # scored on the validation split (default: the headline)
+    fixed = true                      # also keep the config's own lr (the fixed-lr table)
+
+Every variant × strategy runs every lr of the grid on that seed, scored on the validation split
+(``eval.split = "validation"``, so the study's ``set`` must give ``data.validation``; the test
+split is never looked at), and its best lr then runs on every seed as the variant ``NAME-tuned``,
+beside the fixed-lr variant ``NAME``, with the same tables, differences and curves. A cell whose
+config equals one already run in the study (a tuned lr that is the config's own) is not run
+twice.
+
 Every run is ``fedlora run`` (:func:`fedlora.experiment.run_experiment`) in
 ``WORKDIR/VARIANT/STRATEGY/seed-S``; a run whose folder already holds a summary of the same
 config is reused, so a stopped study continues where it stopped. The results go to
@@ -64,6 +79,23 @@ class Variant:
     name: str
     overrides: list[str]
     strategies: list[str]
+    strategy_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Settings of one strategy only, after ``overrides`` (a tuned variant's learning rates)."""
+
+
+@dataclass(frozen=True)
+class Tune:
+    """A study's ``[tune]`` section: each strategy's lr chosen from ``lrs`` on one seed by the
+    final ``metric`` on the validation split."""
+
+    lrs: list[float]
+    seed: int
+    metric: str
+    fixed: bool = True
+    """Also run every variant at the config's own lr (the fixed-lr table)."""
+
+
+TUNED_SUFFIX = "-tuned"
 
 
 @dataclass(frozen=True)
@@ -80,17 +112,28 @@ class Study:
     reference_variant: str | None = None
     notes: str = ""
     source: Path | None = None
+    tune: Tune | None = None
 
     def run_config(
         self, variant: Variant, strategy: str, seed: int, extra: Sequence[str] = ()
     ) -> RunConfig:
-        """The config of one cell: base config, study and variant overrides, GPU overrides when
-        a GPU is present, ``extra`` (the command line's), then strategy and seed."""
-        sets = [*self.overrides, *variant.overrides]
+        """The config of one cell: base config, study and variant overrides (and the variant's
+        for this strategy), GPU overrides when a GPU is present, ``extra`` (the command line's),
+        then strategy and seed."""
+        sets = [*self.overrides, *variant.overrides, *variant.strategy_overrides.get(strategy, [])]
         if _has_gpu():
             sets += self.gpu_overrides
         sets += [*extra, f"strategy={strategy}", f"seed={seed}"]
         return load_config(self.config, sets)
+
+    def tune_config(
+        self, variant: Variant, strategy: str, lr: float, extra: Sequence[str] = ()
+    ) -> RunConfig:
+        """The config of one tuning run: the cell's on the tuning seed, at ``lr``, scored on the
+        validation split."""
+        assert self.tune is not None
+        sets = [*extra, f"train.lr={lr!r}", "eval.split=validation"]
+        return self.run_config(variant, strategy, self.tune.seed, sets)
 
 
 def _has_gpu() -> bool:
@@ -112,7 +155,7 @@ def load_study(path: Path) -> Study:
     raw = read_toml(path)
     where = str(path)
     known = {"name", "title", "config", "set", "gpu_set", "seeds", "metrics", "reference",
-             "reference_variant", "variant", "notes"}  # fmt: skip
+             "reference_variant", "variant", "notes", "tune"}  # fmt: skip
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {sorted(known)}")
@@ -143,6 +186,8 @@ def load_study(path: Path) -> Study:
             f"{where}: reference_variant {raw['reference_variant']!r} is not a variant ({names})"
         )
     config = raw.get("config")
+    metrics = _strings(raw, "metrics", where) or ["loss"]
+    tune = _tune(raw["tune"], seeds, metrics, where) if "tune" in raw else None
     study = Study(
         name=raw["name"],
         title=str(raw.get("title", raw["name"])),
@@ -150,14 +195,41 @@ def load_study(path: Path) -> Study:
         overrides=_strings(raw, "set", where),
         gpu_overrides=_strings(raw, "gpu_set", where),
         seeds=seeds,
-        metrics=_strings(raw, "metrics", where) or ["loss"],
+        metrics=metrics,
         reference=raw.get("reference"),
         reference_variant=raw.get("reference_variant"),
         variants=variants,
         notes=str(raw.get("notes", "")),
         source=path,
+        tune=tune,
     )
     return study
+
+
+def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str) -> Tune:
+    where = f"{where}: [tune]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    extra = sorted(set(raw) - {"lrs", "seed", "metric", "fixed"})
+    if extra:
+        raise ConfigError(f"{where}: unknown key {extra[0]!r}; expected lrs, seed, metric, fixed")
+    lrs = raw.get("lrs")
+    if (
+        not isinstance(lrs, list)
+        or len(set(lrs)) < 2
+        or not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in lrs)
+    ):
+        raise ConfigError(f"{where}: lrs must list at least two distinct lrs > 0, got {lrs!r}")
+    seed = raw.get("seed", seeds[0])
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
+    metric = raw.get("metric", metrics[0])
+    if metric not in metrics:
+        raise ConfigError(f"{where}: metric {metric!r} is not one of the study's metrics {metrics}")
+    fixed = raw.get("fixed", True)
+    if not isinstance(fixed, bool):
+        raise ConfigError(f"{where}: fixed must be true or false, got {fixed!r}")
+    return Tune([float(x) for x in dict.fromkeys(lrs)], seed, metric, fixed)
 
 
 def with_seeds(study: Study, seeds: Sequence[int] | None) -> Study:
@@ -177,19 +249,20 @@ class Cell:
     model carries (for FLoRA every merged update), None without an adapter (standalone)."""
 
     def final(self, metric: str) -> float | None:
-        points = self.summary.get("per_round", {}).get(metric, {})
-        if not points:
-            return None
-        last = max(points, key=int)
-        return float(points[last])
+        return _final(self.summary, metric)
 
 
 @dataclass
 class StudyResult:
     study: Study
+    """As run: with a ``[tune]`` section, its variants are the fixed-lr ones (``fixed``) and the
+    tuned ones (``NAME-tuned``)."""
     cells: list[Cell] = field(default_factory=list)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    tuning: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Per variant, per strategy: ``scores`` (lr → final validation metric, None if it had
+    none), ``best`` (the lr kept) and ``metric``."""
 
 
 def run_study(
@@ -198,35 +271,120 @@ def run_study(
     extra: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> StudyResult:
-    """Run every cell of ``study`` not already done in ``workdir``; the cells' summaries."""
-    from fedlora.experiment import run_experiment
-
+    """Run every cell of ``study`` not already done in ``workdir`` (after its lr tuning, if it
+    has a ``[tune]`` section); the cells' summaries. Every config, tuning runs included, is
+    built before the first run starts, so a bad setting stops the study at once."""
     start = time.perf_counter()
+    runs = _Runs(workdir, progress)
+    tuning: dict[str, dict[str, dict[str, Any]]] = {}
+    if study.tune is not None:
+        tune = study.tune
+        grid = [
+            (v, s, lr, study.tune_config(v, s, lr, extra))
+            for v in study.variants
+            for s in v.strategies
+            for lr in tune.lrs
+        ]
+        for v in study.variants:  # the fixed-lr cells' configs, built (checked) before any run
+            for s in v.strategies:
+                for seed in study.seeds:
+                    study.run_config(v, s, seed, extra)
+        runs.total = len(grid)
+        for variant, strategy, lr, cfg in grid:
+            label = f"tune/{variant.name}/{strategy}/lr-{lr!r}"
+            summary, _ = runs.run(label, cfg)
+            entry = tuning.setdefault(variant.name, {}).setdefault(
+                strategy, {"metric": tune.metric, "scores": {}}
+            )
+            entry["scores"][repr(lr)] = _final(summary, tune.metric)
+        study = _with_tuned_variants(study, tuning)
     plan = [
         (v, s, seed, study.run_config(v, s, seed, extra))
         for v in study.variants
         for s in v.strategies
         for seed in study.seeds
     ]
-    result = StudyResult(study)
-    for i, (variant, strategy, seed, cfg) in enumerate(plan, 1):
-        out = workdir / variant.name / strategy / f"seed-{seed}"
+    result = StudyResult(study, tuning=tuning)
+    runs.done, runs.total = 0, len(plan)
+    for variant, strategy, seed, cfg in plan:
         label = f"{variant.name}/{strategy}/seed-{seed}"
         result.configs[label] = to_dict(cfg)
-        summary = _done(out, cfg)
         t0 = time.perf_counter()
-        if summary is None:
-            if progress:
-                progress(f"[{i}/{len(plan)}] {label}")
-            summary = run_experiment(cfg, out, progress=False)
-            reused = False
-        else:
-            reused = True
+        summary, (out, reused) = runs.run(label, cfg)
         seconds = float(summary.get("seconds", time.perf_counter() - t0))
         norm = adapter_update_norm(out / "adapter")
         result.cells.append(Cell(variant.name, strategy, seed, summary, seconds, reused, norm))
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _Runs:
+    """Runs configs in ``workdir/LABEL``, reusing a finished run there and, within one study,
+    an earlier run of an identical config."""
+
+    def __init__(self, workdir: Path, progress: Callable[[str], None] | None) -> None:
+        self.workdir, self.progress = workdir, progress
+        self.by_config: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self.done, self.total = 0, 0
+
+    def run(self, label: str, cfg: RunConfig) -> tuple[dict[str, Any], tuple[Path, bool]]:
+        """The run's summary, its folder and whether it was reused rather than run."""
+        from fedlora.experiment import run_experiment
+
+        self.done += 1
+        key = json.dumps(to_dict(cfg), sort_keys=True)
+        if key in self.by_config:
+            out, summary = self.by_config[key]
+            return summary, (out, True)
+        out = self.workdir / label
+        finished = _done(out, cfg)
+        if finished is None:
+            if self.progress:
+                self.progress(f"[{self.done}/{self.total}] {label}")
+            summary = run_experiment(cfg, out, progress=False)
+        else:
+            summary = finished
+        self.by_config[key] = (out, summary)
+        return summary, (out, finished is not None)
+
+
+def _final(summary: dict[str, Any], metric: str) -> float | None:
+    points = summary.get("per_round", {}).get(metric, {})
+    return float(points[max(points, key=int)]) if points else None
+
+
+def best_lr(scores: dict[str, float | None], metric: str) -> str:
+    """The lr (as written in ``scores``) with the best score; a tie goes to the smaller lr, a
+    run without a score (diverged: NaN, or none) never wins unless none has one."""
+    higher = higher_is_better(metric)
+    ranked = [
+        (-(v if higher else -v), float(lr), lr)
+        for lr, v in scores.items()
+        if v is not None and math.isfinite(v)
+    ]
+    if not ranked:
+        return min(scores, key=float)
+    return min(ranked)[2]
+
+
+def _with_tuned_variants(study: Study, tuning: dict[str, dict[str, dict[str, Any]]]) -> Study:
+    """``study`` with, after each variant (kept if ``tune.fixed``), its ``NAME-tuned`` twin
+    whose strategies run at their best lr."""
+    assert study.tune is not None
+    variants = []
+    for v in study.variants:
+        if study.tune.fixed:
+            variants.append(v)
+        lrs = {}
+        for s in v.strategies:
+            entry = tuning[v.name][s]
+            entry["best"] = best_lr(entry["scores"], entry["metric"])
+            lrs[s] = [f"train.lr={entry['best']}"]
+        variants.append(Variant(v.name + TUNED_SUFFIX, v.overrides, v.strategies, lrs))
+    reference_variant = study.reference_variant
+    if reference_variant is not None and not study.tune.fixed:
+        reference_variant += TUNED_SUFFIX
+    return dataclasses.replace(study, variants=variants, reference_variant=reference_variant)
 
 
 def _done(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
@@ -404,6 +562,10 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
             f"## {variant.name}",
             "",
             f"Settings: `{' '.join(variant.overrides) or '(base)'}`",
+            *[
+                f"{strategy}: `{' '.join(sets)}`"
+                for strategy, sets in variant.strategy_overrides.items()
+            ],
             "",
             "| strategy | "
             + " | ".join(heads)
@@ -427,8 +589,38 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
             if diffs:
                 lines += ["", *_difference_table(diffs, what, list(per))]
         lines.append("")
+    if result.tuning and study.tune is not None:
+        lines += _tuning_table(result.tuning, study.tune)
     lines += [f"![per-round curves]({png})", ""]
     return "\n".join(lines)
+
+
+def _tuning_table(tuning: dict[str, dict[str, dict[str, Any]]], tune: Tune) -> list[str]:
+    lrs = [repr(lr) for lr in tune.lrs]
+    lines = [
+        "## Learning-rate tuning",
+        "",
+        f"Every strategy ran each lr on seed {tune.seed}, scored by its final {tune.metric} on "
+        "the validation split (not the test split the tables above report); the best lr "
+        f"(**bold**) ran on every seed as the `{TUNED_SUFFIX.lstrip('-')}` variant.",
+        "",
+    ]
+    for variant, per in tuning.items():
+        lines += [
+            f"{variant}:",
+            "",
+            "| strategy | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+            "|---" * (len(lrs) + 1) + "|",
+        ]
+        for strategy, entry in per.items():
+            cells = []
+            for lr in lrs:
+                v = entry["scores"].get(lr)
+                text = "—" if v is None else f"{v:.4f}"
+                cells.append(f"**{text}**" if lr == entry.get("best") else text)
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[str]) -> list[str]:
@@ -518,9 +710,16 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
         "run_seconds": sum(c.seconds for c in result.cells),
         "gpu": _has_gpu(),
         "variants": {
-            v.name: {"set": v.overrides, "strategies": v.strategies, **stats[v.name]}
+            v.name: {
+                "set": v.overrides,
+                "strategies": v.strategies,
+                "strategy_set": v.strategy_overrides,
+                **stats[v.name],
+            }
             for v in study.variants
         },
+        "tune": dataclasses.asdict(study.tune) if study.tune is not None else None,
+        "tuning": result.tuning,
         "cells": [
             {
                 "variant": c.variant,
