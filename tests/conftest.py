@@ -29,14 +29,13 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
 
 
 if os.environ.get("FEDLORA_MUTATION"):
-    # Under `make mutation` a failing example is a killed mutant: stop at it. Shrinking it (the
-    # default) re-runs the property hundreds of times, which turned detections into mutmut
-    # time-outs; the example database is left alone so every mutant starts from nothing.
+    # Under `make mutation` a failing example is a killed mutant: stop at it rather than shrink
+    # it (shrinking re-runs the property many times, for a report nobody reads there).
     from hypothesis import Phase
     from hypothesis import settings as _settings
 
     _settings.register_profile(
-        "mutation", phases=[Phase.explicit, Phase.generate], database=None, deadline=None
+        "mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], deadline=None
     )
     _settings.load_profile("mutation")
 

@@ -176,6 +176,9 @@ def test_the_shipped_study_files_load_and_build_every_config(name: str) -> None:
         for strategy in variant.strategies:
             cfg = study.run_config(variant, strategy, study.seeds[0])
             assert cfg.strategy == strategy
+            for lr in study.tune.lrs if study.tune is not None else []:
+                tuning = study.tune_config(variant, strategy, lr)
+                assert tuning.train.lr == lr and tuning.eval.split == "validation"
 
 
 # --- learning-rate tuning ---------------------------------------------------------------------
@@ -273,3 +276,63 @@ def test_a_bad_tune_section_fails_before_any_run(
         study = load_study(path)
         run_study(study, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_study_plots_its_metrics_against_the_bytes_each_run_exchanged(tmp_path: Path) -> None:
+    path = tmp_path / "bytes.toml"
+    path.write_text(
+        f"""name = "bytes"
+config = "{TINY}"
+set = ["rounds=2", "train.steps=1"]
+seeds = [0]
+against_bytes = true
+
+[[variant]]
+name = "het"
+set = ["clients.ranks=[8,4,2]"]
+strategies = ["flora", "hafl-freeze"]
+"""
+    )
+    out, work = tmp_path / "results", tmp_path / "runs"
+    assert main(["bench", "study", str(path), "--out", str(out), "--workdir", str(work)]) == 0
+    payload = json.loads((out / "bytes.json").read_text())
+    for cell in payload["cells"]:
+        run = work / "het" / cell["strategy"] / "seed-0"
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        total, expected = 0.0, {}
+        for row in rows:  # by hand from every client's recorded traffic
+            total += sum(t["up_bytes"] + t["down_bytes"] for t in row["traffic"])
+            expected[str(row["round"])] = total
+        assert cell["cumulative_bytes"] == expected and total > 0
+        curve = payload["variants"]["het"]["strategies"][cell["strategy"]]["curves"]
+        assert curve["cumulative_mb"]["2"]["mean"] == pytest.approx(total / 1e6)
+    assert (out / "bytes-bytes.png").read_bytes()[:4] == b"\x89PNG"
+    assert "bytes-bytes.png" in (out / "bytes.md").read_text()
+
+
+def test_a_tuning_study_and_a_seeds_study_that_takes_its_lrs_split_the_work(
+    tmp_path: Path,
+) -> None:
+    tuning = tune_file(tmp_path, "lrs = [3e-3, 0.5]\nonly = true")
+    out, work = tmp_path / "results", tmp_path / "runs"
+    assert main(["bench", "study", str(tuning), "--out", str(out), "--workdir", str(work)]) == 0
+    tuned = json.loads((out / "tuned.json").read_text())
+    assert not (work / "het").exists()  # only the grid ran
+    assert "## Learning-rate tuning" in (out / "tuned.md").read_text()
+    best = {s: tuned["tuning"]["het"][s]["best"] for s in ("flora", "zeropad")}
+
+    seeds = tune_file(tmp_path, f'results = "{out / "tuned.json"}"\nfixed = false')
+    seeds.write_text(seeds.read_text().replace('name = "tuned"', 'name = "seeds"'))
+    assert main(["bench", "study", str(seeds), "--out", str(out), "--workdir", str(work)]) == 0
+    payload = json.loads((out / "seeds.json").read_text())
+    assert list(payload["variants"]) == ["het-tuned"]
+    for strategy, lr in best.items():
+        for seed in (0, 1):
+            config = payload["configs"][f"het-tuned/{strategy}/seed-{seed}"]
+            assert config["train"]["lr"] == float(lr)
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    seeds.write_text(seeds.read_text().replace(str(out / "tuned.json"), str(empty)))
+    with pytest.raises(ConfigError, match="holds no lr tuning"):
+        run_study(load_study(seeds), tmp_path / "w")

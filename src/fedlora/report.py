@@ -92,8 +92,19 @@ def summarize(
         "rounds": int(rows[-1]["round"]),
         "per_round": {m: dict(curve(rows, m)) for m in metric_names(rows)},
         "communication": communication_summary(traffic),
+        "cumulative_bytes": cumulative_bytes(rows),
         **extra,
     }
+
+
+def cumulative_bytes(rows: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Per round ``t``: bytes up and down over every client of rounds ``1 … t`` (round 0, the
+    base model, has 0): the x axis of a metric against its communication."""
+    total, out = 0.0, {}
+    for r in rows:
+        total += sum(t["up_bytes"] + t["down_bytes"] for t in r.get("traffic", []))
+        out[int(r["round"])] = total
+    return out
 
 
 def communication_summary(traffic: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -12,6 +12,7 @@ A study file (TOML) names a base config and what varies::
     metrics = ["accuracy", "loss"]        # the first is the headline
     reference = "flora"                   # others are compared with it, seed by seed
     reference_variant = "het"             # or: each variant's strategies against this one's
+    against_bytes = true                  # also NAME-bytes.png: metrics against cumulative bytes
 
     [[variant]]
     name = "heterogeneous"
@@ -25,13 +26,16 @@ An optional ``[tune]`` section tunes each strategy's learning rate by one rule::
     seed = 0                          # one seed (default: the first of ``seeds``)
     metric = "loss"                   # scored on the validation split (default: the headline)
     fixed = true                      # also keep the config's own lr (the fixed-lr table)
+    only = false                      # true: run the grid, report it, stop (a tuning study)
+    # results = "../benchmarks/results/T/T.json"   # instead of lrs: a tuning study's best lrs
 
 Every variant × strategy runs every lr of the grid on that seed, scored on the validation split
 (``eval.split = "validation"``, so the study's ``set`` must give ``data.validation``; the test
 split is never looked at), and its best lr then runs on every seed as the variant ``NAME-tuned``,
 beside the fixed-lr variant ``NAME``, with the same tables, differences and curves. A cell whose
 config equals one already run in the study (a tuned lr that is the config's own) is not run
-twice.
+twice. A budget that does not fit one study splits in two: a tuning study (``only = true``), and
+a seeds study whose ``results`` names the tuning study's JSON.
 
 Every run is ``fedlora run`` (:func:`fedlora.experiment.run_experiment`) in
 ``WORKDIR/VARIANT/STRATEGY/seed-S``; a run whose folder already holds a summary of the same
@@ -93,6 +97,10 @@ class Tune:
     metric: str
     fixed: bool = True
     """Also run every variant at the config's own lr (the fixed-lr table)."""
+    only: bool = False
+    """Run the grid and report it, nothing else (a tuning study of its own)."""
+    results: Path | None = None
+    """Take the best lrs from this tuning study's JSON instead of running a grid."""
 
 
 TUNED_SUFFIX = "-tuned"
@@ -113,6 +121,8 @@ class Study:
     notes: str = ""
     source: Path | None = None
     tune: Tune | None = None
+    against_bytes: bool = False
+    """Also plot each metric against the cumulative bytes up and down (``NAME-bytes.png``)."""
 
     def run_config(
         self, variant: Variant, strategy: str, seed: int, extra: Sequence[str] = ()
@@ -155,7 +165,7 @@ def load_study(path: Path) -> Study:
     raw = read_toml(path)
     where = str(path)
     known = {"name", "title", "config", "set", "gpu_set", "seeds", "metrics", "reference",
-             "reference_variant", "variant", "notes", "tune"}  # fmt: skip
+             "reference_variant", "variant", "notes", "tune", "against_bytes"}  # fmt: skip
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {sorted(known)}")
@@ -187,7 +197,7 @@ def load_study(path: Path) -> Study:
         )
     config = raw.get("config")
     metrics = _strings(raw, "metrics", where) or ["loss"]
-    tune = _tune(raw["tune"], seeds, metrics, where) if "tune" in raw else None
+    tune = _tune(raw["tune"], seeds, metrics, where, path.parent) if "tune" in raw else None
     study = Study(
         name=raw["name"],
         title=str(raw.get("title", raw["name"])),
@@ -202,17 +212,42 @@ def load_study(path: Path) -> Study:
         notes=str(raw.get("notes", "")),
         source=path,
         tune=tune,
+        against_bytes=_flag(raw, "against_bytes", where),
     )
     return study
 
 
-def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str) -> Tune:
+def _flag(raw: dict[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str, folder: Path) -> Tune:
     where = f"{where}: [tune]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    extra = sorted(set(raw) - {"lrs", "seed", "metric", "fixed"})
+    keys = ["lrs", "seed", "metric", "fixed", "only", "results"]
+    extra = sorted(set(raw) - set(keys))
     if extra:
-        raise ConfigError(f"{where}: unknown key {extra[0]!r}; expected lrs, seed, metric, fixed")
+        raise ConfigError(f"{where}: unknown key {extra[0]!r}; expected {', '.join(keys)}")
+    seed = raw.get("seed", seeds[0])
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
+    metric = raw.get("metric", metrics[0])
+    if metric not in metrics:
+        raise ConfigError(f"{where}: metric {metric!r} is not one of the study's metrics {metrics}")
+    fixed = _flag({"fixed": raw.get("fixed", True)}, "fixed", where)
+    only = _flag({"only": raw.get("only", False)}, "only", where)
+    if "results" in raw:
+        if not isinstance(raw["results"], str) or only or "lrs" in raw:
+            raise ConfigError(
+                f"{where}: results names a tuning study's JSON (a path), and goes without lrs "
+                "and only"
+            )
+        results = (folder / raw["results"]).resolve()
+        return Tune([], seed, metric, fixed, only, results)
     lrs = raw.get("lrs")
     if (
         not isinstance(lrs, list)
@@ -220,16 +255,26 @@ def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str) -> Tune:
         or not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in lrs)
     ):
         raise ConfigError(f"{where}: lrs must list at least two distinct lrs > 0, got {lrs!r}")
-    seed = raw.get("seed", seeds[0])
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
-    metric = raw.get("metric", metrics[0])
-    if metric not in metrics:
-        raise ConfigError(f"{where}: metric {metric!r} is not one of the study's metrics {metrics}")
-    fixed = raw.get("fixed", True)
-    if not isinstance(fixed, bool):
-        raise ConfigError(f"{where}: fixed must be true or false, got {fixed!r}")
-    return Tune([float(x) for x in dict.fromkeys(lrs)], seed, metric, fixed)
+    return Tune([float(x) for x in dict.fromkeys(lrs)], seed, metric, fixed, only)
+
+
+def tuning_from(study: Study, path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The lr tuning a tuning study wrote to its JSON ``path``, for every variant and strategy of
+    ``study`` (a ConfigError names the file and what it lacks)."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"[tune] results {path}: cannot read a study's JSON: {exc}") from exc
+    tuning = payload.get("tuning") if isinstance(payload, dict) else None
+    if not isinstance(tuning, dict) or not tuning:
+        raise ConfigError(f"[tune] results {path}: holds no lr tuning (run its study first)")
+    for v in study.variants:
+        for s in v.strategies:
+            if "best" not in tuning.get(v.name, {}).get(s, {}):
+                raise ConfigError(
+                    f"[tune] results {path}: no tuned lr for variant {v.name!r}, strategy {s!r}"
+                )
+    return {v.name: {s: tuning[v.name][s] for s in v.strategies} for v in study.variants}
 
 
 def with_seeds(study: Study, seeds: Sequence[int] | None) -> Study:
@@ -277,7 +322,10 @@ def run_study(
     start = time.perf_counter()
     runs = _Runs(workdir, progress)
     tuning: dict[str, dict[str, dict[str, Any]]] = {}
-    if study.tune is not None:
+    if study.tune is not None and study.tune.results is not None:
+        tuning = tuning_from(study, study.tune.results)
+        study = _with_tuned_variants(study, tuning)
+    elif study.tune is not None:
         tune = study.tune
         grid = [
             (v, s, lr, study.tune_config(v, s, lr, extra))
@@ -297,6 +345,11 @@ def run_study(
                 strategy, {"metric": tune.metric, "scores": {}}
             )
             entry["scores"][repr(lr)] = _final(summary, tune.metric)
+        for per in tuning.values():
+            for entry in per.values():
+                entry["best"] = best_lr(entry["scores"], entry["metric"])
+        if tune.only:
+            return StudyResult(study, tuning=tuning, seconds=time.perf_counter() - start)
         study = _with_tuned_variants(study, tuning)
     plan = [
         (v, s, seed, study.run_config(v, s, seed, extra))
@@ -377,9 +430,7 @@ def _with_tuned_variants(study: Study, tuning: dict[str, dict[str, dict[str, Any
             variants.append(v)
         lrs = {}
         for s in v.strategies:
-            entry = tuning[v.name][s]
-            entry["best"] = best_lr(entry["scores"], entry["metric"])
-            lrs[s] = [f"train.lr={entry['best']}"]
+            lrs[s] = [f"train.lr={tuning[v.name][s]['best']}"]
         variants.append(Variant(v.name + TUNED_SUFFIX, v.overrides, v.strategies, lrs))
     reference_variant = study.reference_variant
     if reference_variant is not None and not study.tune.fixed:
@@ -498,6 +549,15 @@ def _mean_curves(
                 r: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
                 for r, v in sorted(by_round.items())
             }
+    mb: dict[int, list[float]] = {}
+    for c in cells:
+        for r, v in c.summary.get("cumulative_bytes", {}).items():
+            mb.setdefault(int(r), []).append(float(v) / 1e6)
+    if mb:
+        curves["cumulative_mb"] = {
+            r: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
+            for r, v in sorted(mb.items())
+        }
     return curves
 
 
@@ -592,17 +652,27 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
     if result.tuning and study.tune is not None:
         lines += _tuning_table(result.tuning, study.tune)
     lines += [f"![per-round curves]({png})", ""]
+    if study.against_bytes:
+        lines += [f"![against cumulative bytes]({Path(png).stem}-bytes.png)", ""]
     return "\n".join(lines)
 
 
 def _tuning_table(tuning: dict[str, dict[str, dict[str, Any]]], tune: Tune) -> list[str]:
-    lrs = [repr(lr) for lr in tune.lrs]
+    lrs = list(
+        dict.fromkeys(lr for per in tuning.values() for e in per.values() for lr in e["scores"])
+    )
+    source = f" (from `{tune.results.name}`)" if tune.results is not None else ""
+    then = (
+        "."
+        if tune.only
+        else f"; the best lr (**bold**) ran on every seed as the `NAME{TUNED_SUFFIX}` variant."
+    )
     lines = [
         "## Learning-rate tuning",
         "",
-        f"Every strategy ran each lr on seed {tune.seed}, scored by its final {tune.metric} on "
-        "the validation split (not the test split the tables above report); the best lr "
-        f"(**bold**) ran on every seed as the `{TUNED_SUFFIX.lstrip('-')}` variant.",
+        f"Every strategy ran each lr on one seed{source}, scored by its final value on the "
+        "validation split, not the test split the other tables report; **bold**: the best lr"
+        + then,
         "",
     ]
     for variant, per in tuning.items():
@@ -646,9 +716,12 @@ def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[s
     return lines
 
 
-def plot_study(result: StudyResult, stats: dict[str, Any], path: Path) -> Path:
-    """A panel per variant (row) and metric (column): the metric per round, mean over seeds,
-    min–max band; one colour per strategy across all panels."""
+def plot_study(
+    result: StudyResult, stats: dict[str, Any], path: Path, against_bytes: bool = False
+) -> Path:
+    """A panel per variant (row) and metric (column): the metric per round (or, with
+    ``against_bytes``, against the cumulative MB up and down over all clients, both means over
+    seeds), mean over seeds, min–max band; one colour per strategy across all panels."""
     import textwrap
 
     import matplotlib
@@ -671,14 +744,22 @@ def plot_study(result: StudyResult, stats: dict[str, Any], path: Path) -> Path:
                 curve = s["curves"].get(metric)
                 if not curve:
                     continue
-                xs = sorted(curve)
+                rounds = sorted(curve)
+                mb = s["curves"].get("cumulative_mb", {})
+                if against_bytes and not all(r in mb for r in rounds):
+                    continue
+                xs = [mb[r]["mean"] for r in rounds] if against_bytes else rounds
                 c = colour[strategy]
-                ax.plot(xs, [curve[x]["mean"] for x in xs], marker="o", color=c, label=strategy)
-                lo, hi = [curve[x]["min"] for x in xs], [curve[x]["max"] for x in xs]
+                means = [curve[r]["mean"] for r in rounds]
+                ax.plot(xs, means, marker="o", color=c, label=strategy)
+                lo, hi = [curve[r]["min"] for r in rounds], [curve[r]["max"] for r in rounds]
                 ax.fill_between(xs, lo, hi, color=c, alpha=0.12)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{variant.name}: {metric}", fontsize=10)
-            ax.set_xlabel("round (0 = base model)")
+            if against_bytes:
+                ax.set_xlabel("cumulative MB, up and down, all clients")
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlabel("round (0 = base model)")
             ax.set_ylabel(f"held-out {metric}")
             ax.grid(alpha=0.3)
             if col == 0:
@@ -695,8 +776,12 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
     """``OUT/NAME.json``, ``.md`` and ``.png``; their paths."""
     study = result.study
     out.mkdir(parents=True, exist_ok=True)
+    if not result.cells:  # a tuning study ([tune] only = true): the grid and the best lrs
+        return _write_tuning(result, out)
     stats = statistics_of(result)
     paths = {k: out / f"{study.name}.{k}" for k in ("json", "md", "png")}
+    if study.against_bytes:
+        paths["bytes_png"] = out / f"{study.name}-bytes.png"
     payload = {
         "study": study.name,
         "title": study.title,
@@ -718,7 +803,8 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
             }
             for v in study.variants
         },
-        "tune": dataclasses.asdict(study.tune) if study.tune is not None else None,
+        "tune": _jsonable(dataclasses.asdict(study.tune)) if study.tune is not None else None,
+        "against_bytes": study.against_bytes,
         "tuning": result.tuning,
         "cells": [
             {
@@ -731,6 +817,7 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
                 "update_norm": c.update_norm,
                 "per_round": c.summary.get("per_round", {}),
                 "communication": c.summary.get("communication", {}),
+                "cumulative_bytes": c.summary.get("cumulative_bytes", {}),
                 **{k: c.summary[k] for k in SUMMARY_EXTRAS if k in c.summary},
             }
             for c in result.cells
@@ -739,5 +826,34 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
     }
     paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
     plot_study(result, stats, paths["png"])
+    if study.against_bytes:
+        plot_study(result, stats, paths["bytes_png"], against_bytes=True)
     paths["md"].write_text(study_markdown(result, stats, paths["png"].name))
     return paths
+
+
+def _write_tuning(result: StudyResult, out: Path) -> dict[str, Path]:
+    study = result.study
+    assert study.tune is not None
+    paths = {k: out / f"{study.name}.{k}" for k in ("json", "md")}
+    payload = {
+        "study": study.name,
+        "title": study.title,
+        "study_file": str(study.source) if study.source else None,
+        "provenance": provenance(),
+        "seconds": result.seconds,
+        "gpu": _has_gpu(),
+        "tune": _jsonable(dataclasses.asdict(study.tune)),
+        "tuning": result.tuning,
+    }
+    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    lines = [f"# {study.title}", ""]
+    if study.notes:
+        lines += [study.notes.strip(), ""]
+    lines += _tuning_table(result.tuning, study.tune)
+    paths["md"].write_text("\n".join(lines))
+    return paths
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
