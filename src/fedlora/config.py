@@ -411,7 +411,8 @@ def check(config: RunConfig) -> None:
     modes = [*sorted(REGISTRY), "centralized", "standalone"]
     _allowed("strategy", config.strategy, modes)
     device = resolve_device(config.model.device)
-    resolve_attention(config.model.attention, device, resolve_dtype(config.model.dtype, device), 0)
+    dtype = resolve_dtype(config.model.dtype, device)
+    resolve_attention(config.model.attention, device, dtype, config.model.max_length)
     _allowed("weighting", config.weighting, ["examples", "uniform", "custom"])
     weights = config.clients.weights
     if (config.weighting == "custom") != (weights is not None):

@@ -217,8 +217,8 @@ def load_study(path: Path) -> Study:
     return study
 
 
-def _flag(raw: dict[str, Any], key: str, where: str) -> bool:
-    value = raw.get(key, False)
+def _flag(raw: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     return value
@@ -238,8 +238,8 @@ def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str, folder: Pa
     metric = raw.get("metric", metrics[0])
     if metric not in metrics:
         raise ConfigError(f"{where}: metric {metric!r} is not one of the study's metrics {metrics}")
-    fixed = _flag({"fixed": raw.get("fixed", True)}, "fixed", where)
-    only = _flag({"only": raw.get("only", False)}, "only", where)
+    fixed = _flag(raw, "fixed", where, default=True)
+    only = _flag(raw, "only", where)
     if "results" in raw:
         if not isinstance(raw["results"], str) or only or "lrs" in raw:
             raise ConfigError(
@@ -333,10 +333,7 @@ def run_study(
             for s in v.strategies
             for lr in tune.lrs
         ]
-        for v in study.variants:  # the fixed-lr cells' configs, built (checked) before any run
-            for s in v.strategies:
-                for seed in study.seeds:
-                    study.run_config(v, s, seed, extra)
+        _plan(study, extra)  # the fixed-lr cells' configs, built (checked) before any run
         runs.total = len(grid)
         for variant, strategy, lr, cfg in grid:
             label = f"tune/{variant.name}/{strategy}/lr-{lr!r}"
@@ -351,12 +348,7 @@ def run_study(
         if tune.only:
             return StudyResult(study, tuning=tuning, seconds=time.perf_counter() - start)
         study = _with_tuned_variants(study, tuning)
-    plan = [
-        (v, s, seed, study.run_config(v, s, seed, extra))
-        for v in study.variants
-        for s in v.strategies
-        for seed in study.seeds
-    ]
+    plan = _plan(study, extra)
     result = StudyResult(study, tuning=tuning)
     runs.done, runs.total = 0, len(plan)
     for variant, strategy, seed, cfg in plan:
@@ -369,6 +361,16 @@ def run_study(
         result.cells.append(Cell(variant.name, strategy, seed, summary, seconds, reused, norm))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _plan(study: Study, extra: Sequence[str]) -> list[tuple[Variant, str, int, RunConfig]]:
+    """Every cell of ``study`` with its config (built, so checked)."""
+    return [
+        (v, s, seed, study.run_config(v, s, seed, extra))
+        for v in study.variants
+        for s in v.strategies
+        for seed in study.seeds
+    ]
 
 
 class _Runs:
@@ -545,20 +547,22 @@ def _mean_curves(
             for r, v in c.summary.get("per_round", {}).get(metric, {}).items():
                 by_round.setdefault(int(r), []).append(float(v))
         if by_round:
-            curves[metric] = {
-                r: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
-                for r, v in sorted(by_round.items())
-            }
+            curves[metric] = _bands(by_round)
     mb: dict[int, list[float]] = {}
     for c in cells:
         for r, v in c.summary.get("cumulative_bytes", {}).items():
             mb.setdefault(int(r), []).append(float(v) / 1e6)
     if mb:
-        curves["cumulative_mb"] = {
-            r: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
-            for r, v in sorted(mb.items())
-        }
+        curves["cumulative_mb"] = _bands(mb)
     return curves
+
+
+def _bands(by_round: dict[int, list[float]]) -> dict[int, dict[str, float]]:
+    """Per round: the mean, min and max over seeds."""
+    return {
+        r: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
+        for r, v in sorted(by_round.items())
+    }
 
 
 def _differences(
@@ -603,9 +607,7 @@ def _pm(stats: dict[str, Any] | None, digits: int = 4) -> str:
 
 def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
     study = result.study
-    lines = [f"# {study.title}", ""]
-    if study.notes:
-        lines += [study.notes.strip(), ""]
+    lines = _intro(study)
     lines += [
         f"Seeds {', '.join(map(str, study.seeds))}; each cell is mean ± sample standard "
         "deviation over the seeds of the final round's held-out value. ‖ΔW‖ is the Frobenius "
@@ -783,17 +785,12 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
     if study.against_bytes:
         paths["bytes_png"] = out / f"{study.name}-bytes.png"
     payload = {
-        "study": study.name,
-        "title": study.title,
-        "study_file": str(study.source) if study.source else None,
+        **_header(result),
         "seeds": study.seeds,
         "metrics": study.metrics,
         "reference": study.reference,
         "reference_variant": study.reference_variant,
-        "provenance": provenance(),
-        "seconds": result.seconds,
         "run_seconds": sum(c.seconds for c in result.cells),
-        "gpu": _has_gpu(),
         "variants": {
             v.name: {
                 "set": v.overrides,
@@ -803,9 +800,7 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
             }
             for v in study.variants
         },
-        "tune": _jsonable(dataclasses.asdict(study.tune)) if study.tune is not None else None,
         "against_bytes": study.against_bytes,
-        "tuning": result.tuning,
         "cells": [
             {
                 "variant": c.variant,
@@ -836,24 +831,30 @@ def _write_tuning(result: StudyResult, out: Path) -> dict[str, Path]:
     study = result.study
     assert study.tune is not None
     paths = {k: out / f"{study.name}.{k}" for k in ("json", "md")}
-    payload = {
+    paths["json"].write_text(json.dumps(_header(result), indent=1) + "\n")
+    lines = [*_intro(study), *_tuning_table(result.tuning, study.tune)]
+    paths["md"].write_text("\n".join(lines))
+    return paths
+
+
+def _header(result: StudyResult) -> dict[str, Any]:
+    """What every study JSON starts with: the study, where it came from, and its lr tuning."""
+    study = result.study
+    tune = dataclasses.asdict(study.tune) if study.tune is not None else None
+    return {
         "study": study.name,
         "title": study.title,
         "study_file": str(study.source) if study.source else None,
         "provenance": provenance(),
         "seconds": result.seconds,
         "gpu": _has_gpu(),
-        "tune": _jsonable(dataclasses.asdict(study.tune)),
+        "tune": {k: str(v) if isinstance(v, Path) else v for k, v in tune.items()}
+        if tune
+        else None,
         "tuning": result.tuning,
     }
-    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
-    lines = [f"# {study.title}", ""]
-    if study.notes:
-        lines += [study.notes.strip(), ""]
-    lines += _tuning_table(result.tuning, study.tune)
-    paths["md"].write_text("\n".join(lines))
-    return paths
 
 
-def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
+def _intro(study: Study) -> list[str]:
+    """A study's markdown title and notes."""
+    return [f"# {study.title}", "", *([study.notes.strip(), ""] if study.notes else [])]
