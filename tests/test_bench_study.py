@@ -19,8 +19,10 @@ from fedlora.bench.study import (
     ranges_disjoint,
     run_study,
     spread,
+    tuning_key,
 )
 from fedlora.cli import main
+from fedlora.config import to_dict
 from fedlora.errors import ConfigError
 from fedlora.report import higher_is_better
 
@@ -176,9 +178,14 @@ def test_the_shipped_study_files_load_and_build_every_config(name: str) -> None:
         for strategy in variant.strategies:
             cfg = study.run_config(variant, strategy, study.seeds[0])
             assert cfg.strategy == strategy
-            for lr in study.tune.lrs if study.tune is not None else []:
+            tune = study.tune
+            for lr in tune.lrs if tune is not None else []:
+                assert tune is not None
                 tuning = study.tune_config(variant, strategy, lr)
-                assert tuning.train.lr == lr and tuning.eval.split == "validation"
+                assert tuning.train.lr == lr and tuning.eval.split == "heldout"
+                assert tuning_key(tuning, tune.metric).startswith("validation_")
+                same = study.run_config(variant, strategy, tune.seed, [f"train.lr={lr!r}"])
+                assert to_dict(tuning) == to_dict(same)  # a tuned cell reuses its tuning run
 
 
 # --- learning-rate tuning ---------------------------------------------------------------------
@@ -217,17 +224,23 @@ def test_each_strategy_runs_its_best_validation_lr_on_every_seed_beside_the_fixe
     payload = json.loads((out / "tuned.json").read_text())
 
     assert list(payload["variants"]) == ["het", "het-tuned"]
+    cells = {(c["variant"], c["strategy"], c["seed"]): c for c in payload["cells"]}
     for strategy in ("flora", "zeropad"):
-        scores = {}
-        for lr in ("0.003", "0.5"):  # the tuning runs: seed 1, scored on the validation split
+        scores, tests = {}, {}
+        for lr in ("0.003", "0.5"):  # the tuning runs: seed 1, chosen by the validation split
             run = work / "tune" / "het" / strategy / f"lr-{lr}"
             summary = json.loads((run / "summary.json").read_text())
             config = json.loads((run / "config.json").read_text())
-            assert summary["eval_split"] == "validation" and summary["heldout_examples"] == 12
+            assert summary["eval_split"] == "heldout" and summary["heldout_examples"] == 16
             assert config["seed"] == 1 and config["train"]["lr"] == float(lr)
-            scores[lr] = summary["final"]
+            scores[lr] = summary["per_round"]["validation_loss"]["1"]
+            tests[lr] = summary["final"]
+            assert scores[lr] != tests[lr]  # two sets
         entry = payload["tuning"]["het"][strategy]
         assert entry["scores"] == scores
+        assert entry["runs"] == {
+            lr: str(work / "tune" / "het" / strategy / f"lr-{lr}") for lr in scores
+        }
         best = min(scores, key=lambda lr: scores[lr])  # loss: lower is better
         assert entry["best"] == best
         for seed in (0, 1):
@@ -235,7 +248,12 @@ def test_each_strategy_runs_its_best_validation_lr_on_every_seed_beside_the_fixe
             fixed = payload["configs"][f"het/{strategy}/seed-{seed}"]
             assert tuned["train"]["lr"] == float(best) and fixed["train"]["lr"] == 3e-3
             assert tuned["eval"]["split"] == fixed["eval"]["split"] == "heldout"
-    cells = {(c["variant"], c["strategy"], c["seed"]): c for c in payload["cells"]}
+        # on the tuning seed, the tuned cell is its tuning run, reported on the test split
+        assert cells[("het-tuned", strategy, 1)]["reused"]
+        assert cells[("het-tuned", strategy, 1)]["final"]["loss"] == tests[best]
+        assert not (work / "het-tuned" / strategy / "seed-1").exists()
+        assert cells[("het", strategy, 1)]["final"]["loss"] == tests["0.003"]
+        assert not cells[("het-tuned", strategy, 0)]["reused"] or best == "0.003"
     for strategy in ("flora", "zeropad"):  # a tuned lr equal to the config's: the same run
         if payload["tuning"]["het"][strategy]["best"] == "0.003":
             for seed in (0, 1):
@@ -265,7 +283,7 @@ def test_best_lr_follows_the_metric_s_direction_and_skips_diverged_runs() -> Non
         ("lrs = [1e-3, -1.0]", '"data.validation=12", ', "at least two distinct lrs"),
         ('lrs = [1e-3, 1e-2]\nmetric = "accuracy"', '"data.validation=12", ', "not one of"),
         ("lrs = [1e-3, 1e-2]\nstep = 1", '"data.validation=12", ', "unknown key 'step'"),
-        ("lrs = [1e-3, 1e-2]", "", "needs a validation split"),
+        ("lrs = [1e-3, 1e-2]", "", r"chooses by the validation split.*set data\.validation"),
     ],
 )
 def test_a_bad_tune_section_fails_before_any_run(
@@ -323,13 +341,22 @@ def test_a_tuning_study_and_a_seeds_study_that_takes_its_lrs_split_the_work(
 
     seeds = tune_file(tmp_path, f'results = "{out / "tuned.json"}"\nfixed = false')
     seeds.write_text(seeds.read_text().replace('name = "tuned"', 'name = "seeds"'))
-    assert main(["bench", "study", str(seeds), "--out", str(out), "--workdir", str(work)]) == 0
+    elsewhere = tmp_path / "seeds-runs"
+    assert main(["bench", "study", str(seeds), "--out", str(out), "--workdir", str(elsewhere)]) == 0
     payload = json.loads((out / "seeds.json").read_text())
     assert list(payload["variants"]) == ["het-tuned"]
+    cells = {(c["strategy"], c["seed"]): c for c in payload["cells"]}
     for strategy, lr in best.items():
         for seed in (0, 1):
             config = payload["configs"][f"het-tuned/{strategy}/seed-{seed}"]
             assert config["train"]["lr"] == float(lr)
+        # seed 0, the tuning seed: the tuning study's run, found in its folder, not run again
+        run = Path(tuned["tuning"]["het"][strategy]["runs"][lr])
+        assert cells[(strategy, 0)]["reused"] and not cells[(strategy, 1)]["reused"]
+        summary = json.loads((run / "summary.json").read_text())
+        assert cells[(strategy, 0)]["final"]["loss"] == summary["final"]
+        assert not (elsewhere / "het-tuned" / strategy / "seed-0").exists()
+        assert (elsewhere / "het-tuned" / strategy / "seed-1" / "summary.json").is_file()
 
     empty = tmp_path / "empty.json"
     empty.write_text("{}")

@@ -198,15 +198,18 @@ def test_the_validation_split_is_apart_from_the_test_split_and_from_every_client
     from fedlora.federation import federation_data
 
     tiny = Path(__file__).parent.parent / "configs" / "tiny.toml"
-    plain_parts, test, _ = federation_data(load_config(tiny, []))
-    parts, scored, _ = federation_data(load_config(tiny, ["data.validation=10"]))
-    tuned_parts, validation, _ = federation_data(
-        load_config(tiny, ["data.validation=10", "eval.split=validation"])
-    )
+    plain = federation_data(load_config(tiny, []))
+    both = federation_data(load_config(tiny, ["data.validation=10"]))
+    alone = federation_data(load_config(tiny, ["data.validation=10", "eval.split=validation"]))
 
-    assert scored == test  # the test split does not move when a validation split is taken
-    assert parts == tuned_parts  # tuning and final runs train on the same data
-    assert len(validation) == 10
+    assert both.heldout == plain.heldout  # the test split does not move when a validation split
+    assert plain.scored == [] and alone.scored == []  # is taken; scored beside it, by its name:
+    [beside] = both.scored
+    assert beside.name == "validation" and beside.rouge and beside.kind == both.kind
+    validation = alone.heldout  # the same examples when scored in the test split's place
+    assert beside.examples == validation and len(validation) == 10
+    assert both.parts == alone.parts  # either way the clients train on the same data
+    plain_parts, parts = plain.parts, both.parts
     # the data has repeated examples, so count them: the training pool without a validation
     # split (all but the test split) is exactly the clients' examples plus the validation ones
     pool = Counter(repr(e) for p in plain_parts for e in p)

@@ -49,35 +49,46 @@ UNSEEN = ["data.heldout_categories=2", "data.limit=400"]
 
 
 def test_held_out_categories_are_whole_and_no_client_trains_on_them() -> None:
-    from fedlora.federation import federation_data, unseen_of
+    from fedlora.federation import federation_data
 
     cfg = load_config(TINY, UNSEEN)
-    parts, heldout, _ = federation_data(cfg)
-    unseen = unseen_of(cfg)
-    assert unseen is not None and unseen.name == "unseen" and unseen.rouge
+    data = federation_data(cfg)
+    [unseen] = data.scored
+    assert unseen.name == "unseen" and unseen.rouge and unseen.kind == data.kind
     names = {e.category for e in unseen.examples}
     assert len(names) == 2
-    seen = {e.category for p in parts for e in p} | {e.category for e in heldout}
+    seen = {e.category for p in data.parts for e in p} | {e.category for e in data.heldout}
     assert not names & seen  # neither trained on nor in the test split
     source, _ = load_examples("chatterbot", limit=400, seed=0)
     held_back = [e for e in source if e.category in names]
     assert len(held_back) >= len(unseen.examples)  # whole categories of the data, held back
-    assert set(map(repr, unseen.examples)) <= set(map(repr, held_back))
     assert len(unseen.examples) <= cfg.data.heldout
-    other = unseen_of(load_config(TINY, [*UNSEEN, "seed=3"]))
-    assert other is not None  # another seed may hold back other categories; the same seed never
-    again = unseen_of(load_config(TINY, UNSEEN))
-    assert again is not None and again.examples == unseen.examples
-    assert unseen_of(load_config(TINY)) is None
+    assert set(map(repr, unseen.examples)) <= set(map(repr, held_back))
+    again = federation_data(load_config(TINY, UNSEEN))
+    assert again.scored[0].examples == unseen.examples  # the same seed, the same categories
+    other = federation_data(load_config(TINY, [*UNSEEN, "seed=3"])).scored[0]
+    assert {e.category for e in other.examples} != names  # this seed holds back others
+    assert federation_data(load_config(TINY)).scored == []
+    with_validation = federation_data(load_config(TINY, [*UNSEEN, "data.validation=8"]))
+    assert [b.name for b in with_validation.scored] == ["validation", "unseen"]
+    assert with_validation.scored[1].examples == unseen.examples
 
 
-def test_a_run_scores_the_held_out_categories_as_their_own_set(tmp_path: Path) -> None:
-    cfg = load_config(TINY, [*UNSEEN, "rounds=1", "eval.rouge_samples=2"])
-    run_experiment(cfg, tmp_path / "run", progress=False)
+def test_a_run_scores_the_held_out_categories_and_the_validation_split_as_their_own_sets(
+    tmp_path: Path,
+) -> None:
+    sets = [*UNSEEN, "data.validation=8", "rounds=1", "eval.rouge_samples=2"]
+    run_experiment(load_config(TINY, sets), tmp_path / "run", progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
     for row in rows:
-        assert row["eval_unseen_loss"] > 0 and 0.0 <= row["eval_unseen_rougeL"] <= 1.0
-        assert row["eval_unseen_loss"] != row["eval_loss"]
+        for name in ("unseen", "validation"):
+            assert row[f"eval_{name}_loss"] > 0 and 0.0 <= row[f"eval_{name}_rougeL"] <= 1.0
+        losses = {row["eval_loss"], row["eval_unseen_loss"], row["eval_validation_loss"]}
+        assert len(losses) == 3  # three different sets
+    assert summary["per_round"]["validation_loss"]["1"] == rows[1]["eval_validation_loss"]
+    assert summary["eval_split"] == "heldout" and summary["heldout_examples"] == 16
 
 
 def test_holding_back_every_category_is_refused() -> None:

@@ -65,8 +65,9 @@ class DataConfig:
     tasks no client has seen. With ``partition = "task"`` they are held-out clients."""
     validation: int = 0
     """Examples split off the training pool after the held-out ones, before partitioning (0:
-    none); no client trains on them. ``eval.split = "validation"`` scores runs on them instead of
-    the test split: what a study's learning-rate tuning uses (``[tune]``)."""
+    none); no client trains on them. Every evaluation scores them beside the test split as
+    ``validation_*`` metrics (what a study's learning-rate tuning chooses by, ``[tune]``);
+    ``eval.split = "validation"`` scores them alone, instead of the test split."""
 
 
 @dataclass

@@ -24,6 +24,11 @@ from fedlora.rounds import Benchmark, Client, ClientInfo, FederatedRounds, Workb
 from fedlora.strategies import REGISTRY, Strategy, get_strategy
 from fedlora.weighting import client_id, configured_weighting
 
+VALIDATION = "validation"
+"""The metric prefix of the validation split (``data.validation``): ``validation_loss``, …"""
+UNSEEN = "unseen"
+"""The metric prefix of the held-out categories (``data.heldout_categories``)."""
+
 
 @dataclass
 class Federation:
@@ -36,40 +41,68 @@ class Federation:
     heldout: list[Example]
     shapes: dict[str, tuple[int, int]]
     model_params: int
+    scored: list[Benchmark]
+    """The sets scored beside ``heldout`` from the data config (validation, held-out
+    categories)."""
 
 
 def build_federation(cfg: RunConfig) -> Federation:
     """Load model and data, split held-out data, partition clients and assign ranks."""
     check(cfg)
     loaded = load_configured(cfg.model, cfg.seed)
-    parts, heldout, kind = federation_data(cfg)
+    data = federation_data(cfg)
     ranks = client_ranks(cfg.clients.ranks, cfg.clients.num_clients, cfg.clients.rank_set, cfg.seed)
     clients = [
         Client(client_id(k), k, r, cfg.clients.alpha_for(r), list(part))
-        for k, (r, part) in enumerate(zip(ranks, parts, strict=True))
+        for k, (r, part) in enumerate(zip(ranks, data.parts, strict=True))
     ]
     shapes = adapters.target_shapes(loaded.model, cfg.model.targets)
     check_client_ranks(clients, shapes)
     params = sum(p.numel() for p in loaded.model.parameters())
-    return Federation(cfg, loaded, kind, clients, heldout, shapes, params)
+    return Federation(cfg, loaded, data.kind, clients, data.heldout, shapes, params, data.scored)
 
 
-def federation_data(cfg: RunConfig) -> tuple[list[list[Example]], list[Example], str]:
-    """Every client's training examples, the examples runs are scored on and the data kind; the
-    same on every party for the same config and seed.
+@dataclass(frozen=True)
+class FederationData:
+    """The examples of a federation, the same on every party for the same config and seed."""
+
+    parts: list[list[Example]]
+    """Every client's training examples."""
+    heldout: list[Example]
+    """What runs are scored on: the test split, or the validation split with
+    ``eval.split = "validation"``."""
+    kind: str
+    scored: list[Benchmark]
+    """Scored beside ``heldout``: the validation split (``validation_*`` metrics, when it is not
+    ``heldout`` itself) and the held-out categories (``unseen_*``)."""
+
+
+def federation_data(cfg: RunConfig) -> FederationData:
+    """Every client's training examples and the sets a run is scored on.
 
     The held-out categories (``data.heldout_categories``) leave first, whole; then the test split
-    (``data.heldout``) comes off, then the validation split
-    (``data.validation``) off the rest; clients train on neither. The scored examples are the
-    test split, or the validation split with ``eval.split = "validation"``.
+    (``data.heldout``) comes off, then the validation split (``data.validation``) off the rest;
+    clients train on none of them. A run scores the test split and, beside it, the validation
+    split as ``validation_*`` (what a study's lr tuning chooses by, so the tuned runs are the
+    same runs as the seeds' ones) and the held-out categories as ``unseen_*`` (up to
+    ``data.heldout`` of their examples, seeded). ``eval.split = "validation"`` scores the
+    validation split alone in the test split's place.
     """
     examples, kind = _source_examples(cfg)
-    examples, _ = split_categories(examples, cfg.data.heldout_categories, cfg.seed)
+    examples, unseen = split_categories(examples, cfg.data.heldout_categories, cfg.seed)
     train, heldout = split_heldout(examples, cfg.data.heldout, seed=cfg.seed)
+    scored = []
     if cfg.data.validation:
         train, validation = split_heldout(train, cfg.data.validation, seed=cfg.seed + 1)
         if cfg.eval.split == "validation":
             heldout = validation
+        else:
+            scored.append(Benchmark(VALIDATION, validation, kind, rouge=True))
+    if unseen:
+        if len(unseen) > cfg.data.heldout:
+            picked = sorted(random.Random(cfg.seed).sample(range(len(unseen)), cfg.data.heldout))
+            unseen = [unseen[i] for i in picked]
+        scored.append(Benchmark(UNSEEN, unseen, kind, rouge=True))
     parts = partition(
         train,
         cfg.clients.num_clients,
@@ -78,7 +111,7 @@ def federation_data(cfg: RunConfig) -> tuple[list[list[Example]], list[Example],
         classes_per_client=cfg.data.classes_per_client,
         seed=cfg.seed,
     )
-    return [list(p) for p in parts], heldout, kind
+    return FederationData([list(p) for p in parts], heldout, kind, scored)
 
 
 def _source_examples(cfg: RunConfig) -> tuple[list[Example], str]:
@@ -113,19 +146,6 @@ def split_categories(
     )
 
 
-def unseen_of(cfg: RunConfig) -> Benchmark | None:
-    """The ``data.heldout_categories`` set (``unseen_*`` metrics, Rouge-L included when
-    ``eval.rouge_samples`` asks for it): up to ``data.heldout`` of their examples, seeded."""
-    if not cfg.data.heldout_categories:
-        return None
-    examples, kind = _source_examples(cfg)
-    _, unseen = split_categories(examples, cfg.data.heldout_categories, cfg.seed)
-    if len(unseen) > cfg.data.heldout:
-        picked = sorted(random.Random(cfg.seed).sample(range(len(unseen)), cfg.data.heldout))
-        unseen = [unseen[i] for i in picked]
-    return Benchmark("unseen", unseen, kind, rouge=True)
-
-
 def strategy_of(cfg: RunConfig) -> Strategy:
     """``cfg.strategy`` with the client weights ``cfg`` asks for, on either engine."""
     c = cfg.clients
@@ -158,12 +178,18 @@ def check_client_ranks(clients: Sequence[ClientInfo], shapes: dict[str, tuple[in
 
 
 def server_bench(
-    cfg: RunConfig, loaded: LoadedModel, heldout: Sequence[Example], kind: str, progress: bool
+    cfg: RunConfig,
+    loaded: LoadedModel,
+    heldout: Sequence[Example],
+    kind: str,
+    progress: bool,
+    scored: Sequence[Benchmark] = (),
 ) -> Workbench:
-    """The server's model: merged into, and evaluated on the held-out set, the benchmark and the
-    held-out categories."""
+    """The server's model: merged into, and evaluated on the held-out set, the benchmark
+    (``eval.benchmark``) and the data's other ``scored`` sets (:class:`FederationData`)."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    sets = [b for b in (benchmark_of(cfg), unseen_of(cfg)) if b is not None]
+    benchmark = benchmark_of(cfg)
+    sets = [*([benchmark] if benchmark is not None else []), *scored]
     return Workbench(model, tokenizer, cfg, kind, heldout, progress, sets)
 
 

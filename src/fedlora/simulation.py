@@ -53,7 +53,7 @@ class Runner:
         self.cfg = fed.cfg
         self.workdir = workdir
         self.progress = progress
-        self.bench = server_bench(fed.cfg, fed.loaded, fed.heldout, fed.kind, progress)
+        self.bench = server_bench(fed.cfg, fed.loaded, fed.heldout, fed.kind, progress, fed.scored)
         self.states: AdapterStore | None = None
         """Each client's own state across rounds, for a hook that keeps one."""
 

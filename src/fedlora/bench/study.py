@@ -29,13 +29,15 @@ An optional ``[tune]`` section tunes each strategy's learning rate by one rule::
     only = false                      # true: run the grid, report it, stop (a tuning study)
     # results = "../benchmarks/results/T/T.json"   # instead of lrs: a tuning study's best lrs
 
-Every variant × strategy runs every lr of the grid on that seed, scored on the validation split
-(``eval.split = "validation"``, so the study's ``set`` must give ``data.validation``; the test
-split is never looked at), and its best lr then runs on every seed as the variant ``NAME-tuned``,
-beside the fixed-lr variant ``NAME``, with the same tables, differences and curves. A cell whose
-config equals one already run in the study (a tuned lr that is the config's own) is not run
-twice. A budget that does not fit one study splits in two: a tuning study (``only = true``), and
-a seeds study whose ``results`` names the tuning study's JSON.
+Every variant × strategy runs every lr of the grid on that seed, judged by the final metric on
+the validation split (``validation_METRIC``: the study's ``set`` must give ``data.validation``,
+which every run then scores beside the test split; the choice never reads the test split), and
+its best lr then runs on every seed as the variant ``NAME-tuned``, beside the fixed-lr variant
+``NAME``, with the same tables, differences and curves. A cell whose config equals one already
+run in the study (a tuned lr that is the config's own; the tuned cell on the tuning seed, which
+is its tuning run) is not run twice. A budget that does not fit one study splits in two: a
+tuning study (``only = true``), and a seeds study whose ``results`` names the tuning study's
+JSON, which also lists every tuning run's folder: a seeds cell equal to one reuses it.
 
 Every run is ``fedlora run`` (:func:`fedlora.experiment.run_experiment`) in
 ``WORKDIR/VARIANT/STRATEGY/seed-S``; a run whose folder already holds a summary of the same
@@ -139,11 +141,26 @@ class Study:
     def tune_config(
         self, variant: Variant, strategy: str, lr: float, extra: Sequence[str] = ()
     ) -> RunConfig:
-        """The config of one tuning run: the cell's on the tuning seed, at ``lr``, scored on the
-        validation split."""
+        """The config of one tuning run: the cell's on the tuning seed, at ``lr``. It is the
+        config of that seed's cell at that lr, so a tuned cell on the tuning seed is the tuning
+        run itself; the choice reads only the run's validation scores (:func:`tuning_key`)."""
         assert self.tune is not None
-        sets = [*extra, f"train.lr={lr!r}", "eval.split=validation"]
+        sets = [*extra, f"train.lr={lr!r}"]
         return self.run_config(variant, strategy, self.tune.seed, sets)
+
+
+def tuning_key(cfg: RunConfig, metric: str) -> str:
+    """The per-round metric a tuning run of ``cfg`` is judged by: ``metric`` on the validation
+    split (``validation_METRIC``, or ``METRIC`` itself when the run scores that split alone,
+    ``eval.split = "validation"``); a ConfigError when ``cfg`` has no validation split."""
+    from fedlora.federation import VALIDATION
+
+    if cfg.data.validation == 0:
+        raise ConfigError(
+            "[tune] chooses by the validation split, and the study's runs have none: set "
+            "data.validation to the number of examples to split off (e.g. data.validation=32)"
+        )
+    return metric if cfg.eval.split == "validation" else f"{VALIDATION}_{metric}"
 
 
 def _has_gpu() -> bool:
@@ -325,6 +342,12 @@ def run_study(
     if study.tune is not None and study.tune.results is not None:
         tuning = tuning_from(study, study.tune.results)
         study = _with_tuned_variants(study, tuning)
+        runs.elsewhere = [
+            Path(f)
+            for per in tuning.values()
+            for e in per.values()
+            for f in e.get("runs", {}).values()
+        ]
     elif study.tune is not None:
         tune = study.tune
         grid = [
@@ -334,14 +357,16 @@ def run_study(
             for lr in tune.lrs
         ]
         _plan(study, extra)  # the fixed-lr cells' configs, built (checked) before any run
+        keys = [tuning_key(cfg, tune.metric) for *_, cfg in grid]
         runs.total = len(grid)
-        for variant, strategy, lr, cfg in grid:
+        for (variant, strategy, lr, cfg), key in zip(grid, keys, strict=True):
             label = f"tune/{variant.name}/{strategy}/lr-{lr!r}"
-            summary, _ = runs.run(label, cfg)
+            summary, (out, _) = runs.run(label, cfg)
             entry = tuning.setdefault(variant.name, {}).setdefault(
-                strategy, {"metric": tune.metric, "scores": {}}
+                strategy, {"metric": tune.metric, "scores": {}, "runs": {}}
             )
-            entry["scores"][repr(lr)] = _final(summary, tune.metric)
+            entry["scores"][repr(lr)] = _final(summary, key)
+            entry["runs"][repr(lr)] = str(out)
         for per in tuning.values():
             for entry in per.values():
                 entry["best"] = best_lr(entry["scores"], entry["metric"])
@@ -374,12 +399,14 @@ def _plan(study: Study, extra: Sequence[str]) -> list[tuple[Variant, str, int, R
 
 
 class _Runs:
-    """Runs configs in ``workdir/LABEL``, reusing a finished run there and, within one study,
-    an earlier run of an identical config."""
+    """Runs configs in ``workdir/LABEL``, reusing a finished run there, an earlier run of an
+    identical config within one study, or a finished run of it in one of the ``elsewhere``
+    folders (the runs of the tuning study a seeds study takes its lrs from)."""
 
     def __init__(self, workdir: Path, progress: Callable[[str], None] | None) -> None:
         self.workdir, self.progress = workdir, progress
         self.by_config: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self.elsewhere: list[Path] = []
         self.done, self.total = 0, 0
 
     def run(self, label: str, cfg: RunConfig) -> tuple[dict[str, Any], tuple[Path, bool]]:
@@ -393,6 +420,11 @@ class _Runs:
             return summary, (out, True)
         out = self.workdir / label
         finished = _done(out, cfg)
+        for folder in self.elsewhere if finished is None else []:
+            finished = _done(folder, cfg)
+            if finished is not None:
+                out = folder
+                break
         if finished is None:
             if self.progress:
                 self.progress(f"[{self.done}/{self.total}] {label}")

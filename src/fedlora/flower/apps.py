@@ -33,7 +33,7 @@ from fedlora.clients import hook_for
 from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
-from fedlora.federation import federation_data, server_bench, server_rounds
+from fedlora.federation import FederationData, federation_data, server_bench, server_rounds
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
 from fedlora.flower.records import (
     array_part,
@@ -110,8 +110,8 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     nodes = _wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
     clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)
     loaded = load_configured(cfg.model, cfg.seed)
-    _, heldout, kind = _federation_data(json.dumps(to_dict(cfg)))
-    bench = server_bench(cfg, loaded, heldout, kind, progress=False)
+    data = _federation_data(json.dumps(to_dict(cfg)))
+    bench = server_bench(cfg, loaded, data.heldout, data.kind, False, data.scored)
     params = sum(p.numel() for p in loaded.model.parameters())
     rounds = server_rounds(cfg, clients, bench, params)
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
@@ -139,7 +139,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
         for c in clients
     ]
     facts = {
-        "heldout_examples": len(heldout),
+        "heldout_examples": len(data.heldout),
         "device": str(loaded.device),
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
@@ -325,7 +325,7 @@ def _config_cached(text: str) -> RunConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _federation_data(config_json: str) -> Any:
+def _federation_data(config_json: str) -> FederationData:
     return federation_data(config_from_json(config_json, "the run's config"))
 
 
@@ -347,6 +347,7 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"node config rank must be an int >= 1, got {rank!r}")
     alpha = float(node_config.get("alpha") or cfg.clients.alpha_for(rank))
+    kind: str
     if "data" in node_config:
         examples, kind = load_examples(
             str(node_config["data"]),
@@ -356,8 +357,8 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
             seed=cfg.seed,
         )
     else:
-        parts, _, kind = _federation_data(json.dumps(to_dict(cfg)))
-        examples = parts[index]
+        data = _federation_data(json.dumps(to_dict(cfg)))
+        examples, kind = data.parts[index], data.kind
     return Client(client_id(index), index, rank, alpha, list(examples)), kind
 
 
