@@ -267,6 +267,47 @@ def test_each_strategy_runs_its_best_validation_lr_on_every_seed_beside_the_fixe
     assert "## het-tuned" in table
 
 
+def test_a_study_may_tune_on_one_variant_and_give_its_lrs_to_every_variant(
+    tmp_path: Path,
+) -> None:
+    path = tune_file(tmp_path, 'lrs = [3e-3, 0.5]\nvariant = "het"\nfixed = false')
+    text = path.read_text().replace("seeds = [0, 1]", "seeds = [0]")
+    path.write_text(
+        text + '\n[[variant]]\nname = "hom"\nset = ["clients.ranks=[4,4,4]"]\n'
+        'strategies = ["zeropad"]\n'
+    )
+    out, work = tmp_path / "results", tmp_path / "runs"
+    assert main(["bench", "study", str(path), "--out", str(out), "--workdir", str(work)]) == 0
+    payload = json.loads((out / "tuned.json").read_text())
+    assert list(payload["tuning"]) == ["het"]  # one grid, on the named variant
+    assert sorted(p.name for p in (work / "tune").iterdir()) == ["het"]
+    assert list(payload["variants"]) == ["het-tuned", "hom-tuned"]
+    best = payload["tuning"]["het"]["zeropad"]["best"]
+    assert payload["configs"]["hom-tuned/zeropad/seed-0"]["train"]["lr"] == float(best)
+    assert payload["configs"]["hom-tuned/zeropad/seed-0"]["clients"]["ranks"] == [4, 4, 4]
+    assert "on the variant `het` alone" in (out / "tuned.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("tune", "extra", "message"),
+    [
+        ('lrs = [3e-3, 0.5]\nvariant = "nope"', "", r"variant 'nope' is not a variant"),
+        (
+            'lrs = [3e-3, 0.5]\nvariant = "het"',
+            '\n[[variant]]\nname = "hom"\nstrategies = ["fedit"]\n',
+            r"variant 'hom' runs 'fedit', which the tuned variant 'het' does not tune",
+        ),
+    ],
+)
+def test_a_tuned_variant_must_exist_and_tune_every_strategy_the_others_run(
+    tmp_path: Path, tune: str, extra: str, message: str
+) -> None:
+    path = tune_file(tmp_path, tune)
+    path.write_text(path.read_text() + extra)
+    with pytest.raises(ConfigError, match=message):
+        load_study(path)
+
+
 def test_best_lr_follows_the_metric_s_direction_and_skips_diverged_runs() -> None:
     from fedlora.bench.study import best_lr
 

@@ -28,6 +28,7 @@ An optional ``[tune]`` section tunes each strategy's learning rate by one rule::
     fixed = true                      # also keep the config's own lr (the fixed-lr table)
     only = false                      # true: run the grid, report it, stop (a tuning study)
     # results = "../benchmarks/results/T/T.json"   # instead of lrs: a tuning study's best lrs
+    # variant = "uniform"             # tune on this variant alone; every variant takes its lrs
 
 Every variant × strategy runs every lr of the grid on that seed, judged by the final metric on
 the validation split (``validation_METRIC``: the study's ``set`` must give ``data.validation``,
@@ -103,6 +104,13 @@ class Tune:
     """Run the grid and report it, nothing else (a tuning study of its own)."""
     results: Path | None = None
     """Take the best lrs from this tuning study's JSON instead of running a grid."""
+    variant: str | None = None
+    """Tune on this variant alone; every variant's strategies then run at its best lrs (each
+    method tuned once, where the variants differ only by, say, the rank distribution)."""
+
+    def tuned_on(self, variant: str) -> str:
+        """The variant whose tuning gives ``variant``'s lrs."""
+        return self.variant or variant
 
 
 TUNED_SUFFIX = "-tuned"
@@ -214,7 +222,10 @@ def load_study(path: Path) -> Study:
         )
     config = raw.get("config")
     metrics = _strings(raw, "metrics", where) or ["loss"]
-    tune = _tune(raw["tune"], seeds, metrics, where, path.parent) if "tune" in raw else None
+    by_name = {v.name: v.strategies for v in variants}
+    tune = (
+        _tune(raw["tune"], seeds, metrics, by_name, where, path.parent) if "tune" in raw else None
+    )
     study = Study(
         name=raw["name"],
         title=str(raw.get("title", raw["name"])),
@@ -241,11 +252,18 @@ def _flag(raw: dict[str, Any], key: str, where: str, default: bool = False) -> b
     return value
 
 
-def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str, folder: Path) -> Tune:
+def _tune(
+    raw: Any,
+    seeds: list[int],
+    metrics: list[str],
+    variants: dict[str, list[str]],
+    where: str,
+    folder: Path,
+) -> Tune:
     where = f"{where}: [tune]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    keys = ["lrs", "seed", "metric", "fixed", "only", "results"]
+    keys = ["lrs", "seed", "metric", "fixed", "only", "results", "variant"]
     extra = sorted(set(raw) - set(keys))
     if extra:
         raise ConfigError(f"{where}: unknown key {extra[0]!r}; expected {', '.join(keys)}")
@@ -257,6 +275,17 @@ def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str, folder: Pa
         raise ConfigError(f"{where}: metric {metric!r} is not one of the study's metrics {metrics}")
     fixed = _flag(raw, "fixed", where, default=True)
     only = _flag(raw, "only", where)
+    variant = raw.get("variant")
+    if variant is not None and variant not in variants:
+        raise ConfigError(f"{where}: variant {variant!r} is not a variant ({list(variants)})")
+    tuned = variants[variant] if variant is not None else []
+    for name, strategies in variants.items() if variant is not None else []:
+        missing = [s for s in strategies if s not in tuned]
+        if missing:
+            raise ConfigError(
+                f"{where}: variant {name!r} runs {missing[0]!r}, which the tuned variant "
+                f"{variant!r} does not tune"
+            )
     if "results" in raw:
         if not isinstance(raw["results"], str) or only or "lrs" in raw:
             raise ConfigError(
@@ -264,7 +293,7 @@ def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str, folder: Pa
                 "and only"
             )
         results = (folder / raw["results"]).resolve()
-        return Tune([], seed, metric, fixed, only, results)
+        return Tune([], seed, metric, fixed, only, results, variant)
     lrs = raw.get("lrs")
     if (
         not isinstance(lrs, list)
@@ -272,7 +301,7 @@ def _tune(raw: Any, seeds: list[int], metrics: list[str], where: str, folder: Pa
         or not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in lrs)
     ):
         raise ConfigError(f"{where}: lrs must list at least two distinct lrs > 0, got {lrs!r}")
-    return Tune([float(x) for x in dict.fromkeys(lrs)], seed, metric, fixed, only)
+    return Tune([float(x) for x in dict.fromkeys(lrs)], seed, metric, fixed, only, None, variant)
 
 
 def tuning_from(study: Study, path: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -285,13 +314,20 @@ def tuning_from(study: Study, path: Path) -> dict[str, dict[str, dict[str, Any]]
     tuning = payload.get("tuning") if isinstance(payload, dict) else None
     if not isinstance(tuning, dict) or not tuning:
         raise ConfigError(f"[tune] results {path}: holds no lr tuning (run its study first)")
+    assert study.tune is not None
+    on = {v.name: study.tune.tuned_on(v.name) for v in study.variants}
     for v in study.variants:
         for s in v.strategies:
-            if "best" not in tuning.get(v.name, {}).get(s, {}):
+            if "best" not in tuning.get(on[v.name], {}).get(s, {}):
                 raise ConfigError(
-                    f"[tune] results {path}: no tuned lr for variant {v.name!r}, strategy {s!r}"
+                    f"[tune] results {path}: no tuned lr for variant {on[v.name]!r}, strategy {s!r}"
                 )
-    return {v.name: {s: tuning[v.name][s] for s in v.strategies} for v in study.variants}
+    return {
+        name: {
+            s: tuning[name][s] for v in study.variants if on[v.name] == name for s in v.strategies
+        }
+        for name in dict.fromkeys(on.values())
+    }
 
 
 def with_seeds(study: Study, seeds: Sequence[int] | None) -> Study:
@@ -353,6 +389,7 @@ def run_study(
         grid = [
             (v, s, lr, study.tune_config(v, s, lr, extra))
             for v in study.variants
+            if tune.tuned_on(v.name) == v.name
             for s in v.strategies
             for lr in tune.lrs
         ]
@@ -464,7 +501,7 @@ def _with_tuned_variants(study: Study, tuning: dict[str, dict[str, dict[str, Any
             variants.append(v)
         lrs = {}
         for s in v.strategies:
-            lrs[s] = [f"train.lr={tuning[v.name][s]['best']}"]
+            lrs[s] = [f"train.lr={tuning[study.tune.tuned_on(v.name)][s]['best']}"]
         variants.append(Variant(v.name + TUNED_SUFFIX, v.overrides, v.strategies, lrs))
     reference_variant = study.reference_variant
     if reference_variant is not None and not study.tune.fixed:
@@ -696,6 +733,8 @@ def _tuning_table(tuning: dict[str, dict[str, dict[str, Any]]], tune: Tune) -> l
         dict.fromkeys(lr for per in tuning.values() for e in per.values() for lr in e["scores"])
     )
     source = f" (from `{tune.results.name}`)" if tune.results is not None else ""
+    if tune.variant is not None:
+        source += f", on the variant `{tune.variant}` alone, whose lrs every variant takes"
     then = (
         "."
         if tune.only
