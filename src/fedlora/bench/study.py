@@ -276,10 +276,10 @@ def _tune(
     fixed = _flag(raw, "fixed", where, default=True)
     only = _flag(raw, "only", where)
     variant = raw.get("variant")
-    if variant is not None and variant not in variants:
+    if variant is not None and "results" not in raw and variant not in variants:
         raise ConfigError(f"{where}: variant {variant!r} is not a variant ({list(variants)})")
-    tuned = variants[variant] if variant is not None else []
-    for name, strategies in variants.items() if variant is not None else []:
+    tuned = variants.get(variant, []) if variant is not None else []
+    for name, strategies in variants.items() if variant in variants else []:
         missing = [s for s in strategies if s not in tuned]
         if missing:
             raise ConfigError(
