@@ -280,19 +280,27 @@ def freeze(peft_model: Any, part: str) -> None:
 
 
 def export_adapter(
-    model: Any, factors: Mapping[str, LoRAFactors], targets: Sequence[str], folder: Path
+    model: Any,
+    factors: Mapping[str, LoRAFactors],
+    targets: Sequence[str],
+    folder: Path,
+    base_name: str | None = None,
 ) -> Path:
     """Save ``factors`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
     Each module gets its own rank (``rank_pattern``) and ``α = r`` so the scaling is 1 and
-    ``B₀ = B``. ``model`` is wrapped only for the save and given back unchanged.
+    ``B₀ = B``. ``base_name``: the ``base_model_name_or_path`` it names (default: where
+    ``model`` was loaded from). ``model`` is wrapped only for the save and given back unchanged.
     """
     peft_model = attach_factors(model, targets, factors)
     try:
         missing = set(lora_layers(peft_model)) - set(factors)
         if missing:
             raise ConfigError(f"no factors to export for modules {sorted(missing)}")
-        peft_model.save_pretrained(str(folder))
+        if base_name is not None:
+            peft_model.peft_config[ADAPTER].base_model_name_or_path = base_name
+        # the vocabulary is never changed: no look-up of the base's config on the hub
+        peft_model.save_pretrained(str(folder), save_embedding_layers=False)
     finally:
         detach(peft_model)
     return folder

@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="folder (default: runs/compare-TIME)"
     )
 
+    export = commands.add_parser(
+        "export", help="write a finished run's full model: its base with the global adapter merged"
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder")
+    export.add_argument(
+        "--merged",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where to write the merged model (float32 safetensors and the tokenizer)",
+    )
+
     flower = commands.add_parser("flower", help="credentials for a Flower deployment")
     flower_cmds = flower.add_subparsers(dest="flower", required=True, metavar="WHAT")
     certs = flower_cmds.add_parser(
@@ -517,6 +529,14 @@ def entry() -> None:
     sys.exit(main())
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedlora.experiment import export_merged
+
+    folder = export_merged(args.run_dir, args.merged)
+    print(f"fedlora: the merged model of {args.run_dir} is in {folder}")
+    return 0
+
+
 def _terminated(signum: int, frame: FrameType | None) -> NoReturn:
     raise SystemExit(128 + signum)
 
@@ -528,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "flower" and args.flower == "certs":
             return _flower_certs(args)
         if args.command == "bench" and args.bench == "aggregation":

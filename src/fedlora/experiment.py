@@ -19,9 +19,10 @@ from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.config import RunConfig, config_from_json, to_dict
 from fedlora.errors import ConfigError
 from fedlora.federation import build_federation
-from fedlora.precision import dtype_name
+from fedlora.models import load_configured, published_name
+from fedlora.precision import MergedBase, dtype_name
 from fedlora.privacy import privacy_summary
-from fedlora.report import RunWriter, comparison, headline_metric, summarize
+from fedlora.report import RunWriter, comparison, headline_metric, model_card, summarize
 from fedlora.rounds import OnRound, RoundRecord, RunOutcome, Snapshot, Workbench
 
 
@@ -106,9 +107,11 @@ def finish_run(
         "dtype": dtype_name(bench.model.dtype),
         "eval_split": cfg.eval.split,
     }
+    folder = None
     if outcome.export:
+        base_name = published_name(cfg.model.name)
         folder = adapters.export_adapter(
-            bench.model, outcome.export, cfg.model.targets, writer.out / "adapter"
+            bench.model, outcome.export, cfg.model.targets, writer.out / "adapter", base_name
         )
         extra["adapter"] = str(folder)
         extra["adapter_ranks"] = sorted({f.rank for f in outcome.export.values()})
@@ -122,6 +125,9 @@ def finish_run(
     extra["seconds"] = time.perf_counter() - start
     metric = headline_metric(bench.kind, cfg.eval.rouge_samples > 0)
     summary = summarize(cfg.strategy, bench.kind, metric, writer.rows, extra)
+    if folder is not None:
+        card = model_card(to_dict(cfg), summary, published_name(cfg.model.name))
+        (folder / "README.md").write_text(card)
     return writer.finish(summary)
 
 
@@ -131,15 +137,37 @@ def save_merged(bench: Workbench, unmerged: Any, folder: Path) -> Path:
     each merged weight: whatever the compute dtype, no part of the update is rounded away."""
     if unmerged:
         bench.merge(unmerged)
-    config = bench.model.config
+    return _save_full(bench.model, bench.tokenizer, bench.base, folder)
+
+
+def _save_full(model: Any, tokenizer: Any, base: MergedBase, folder: Path) -> Path:
+    config = model.config
     compute = config.dtype
     config.dtype = torch.float32
     try:
-        bench.model.save_pretrained(str(folder), state_dict=bench.base.float32_state_dict())
+        model.save_pretrained(str(folder), state_dict=base.float32_state_dict())
     finally:
         config.dtype = compute
-    bench.tokenizer.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def export_merged(run: Path, folder: Path) -> Path:
+    """The full model of a finished run folder ``run``: its base model with the run's exported
+    adapter (``run/adapter``, read from safetensors) merged, saved in float32 like
+    ``save_merged``. A ConfigError, before the model loads, when the run has no adapter."""
+    cfg = run_config_of(run)
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{run} has no global adapter ({adapter}/adapter_config.json): the run has not "
+            "finished, or its strategy exports none (standalone)"
+        )
+    factors = adapters.read_adapter(adapter)
+    loaded = load_configured(cfg.model, cfg.seed)
+    base = MergedBase(loaded.model)
+    base.merge(factors)
+    return _save_full(loaded.model, loaded.tokenizer, base, folder)
 
 
 def compare_strategies(

