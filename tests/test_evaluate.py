@@ -118,6 +118,37 @@ def test_shared_prompt_scores_equal_full_sequence_scores(tiny: tuple[Any, Any]) 
     assert lengths.tolist() == [[len(o) for o in row] for row in options]
 
 
+def test_option_scoring_continues_the_prompts_cache_through_the_supported_keyword(
+    tiny: tuple[Any, Any],
+) -> None:
+    """The prompt's KV cache reaches the options through the keyword this transformers has,
+    without the deprecation of ``past_key_values`` (removed in transformers 5.40), and the
+    cache path is taken: the same scores as full sequences, with fewer tokens through."""
+    import warnings
+
+    import transformers
+
+    from fedlora.scoring import cache_name
+
+    model, tokenizer = tiny
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) >= (5, 24):
+        assert cache_name() == "cache"
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*past_key_values.*")
+            cached = evaluate(model, tokenizer, QUESTIONS, "multiple-choice", batch_size=2)
+    finally:
+        handle.remove()
+    plain = evaluate(NoCache(model), tokenizer, QUESTIONS, "multiple-choice", batch_size=2)
+    assert plain == pytest.approx(cached, rel=1e-6)
+    assert len(seen) % 2 == 0 and len(seen) > 0  # prompts, then options on their cache
+
+
 class NoCache(torch.nn.Module):
     """A model whose forward returns logits only: evaluation falls back to full sequences."""
 

@@ -14,6 +14,7 @@ can be repeated along the batch gets the full sequences.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -150,6 +151,17 @@ def response_log_likelihood(
     return _sum_log_p(logits, targets, mask), mask.sum(dim=1).cpu()
 
 
+@functools.cache
+def cache_name() -> str:
+    """The KV cache's forward keyword and output field: ``cache`` in the transformers that
+    renamed it (``past_key_values`` is deprecated there and goes in 5.40), else
+    ``past_key_values``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
+
+
 def choice_log_likelihood(
     model: Any, prompts: Sequence[list[int]], options: Sequence[Choices], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +184,7 @@ def choice_log_likelihood(
         use_cache=True,
         logits_to_keep=1,  # a model without this option returns all positions: same last one
     )
-    cache: Any = getattr(out, "past_key_values", None)
+    cache: Any = getattr(out, cache_name(), None)
     if not hasattr(cache, "batch_repeat_interleave"):
         return _choice_log_likelihood_full(model, prompts, options, pad_id)
     option_ids, option_mask = pad_ids([o for row in options for o in row], pad_id, device)
@@ -189,8 +201,8 @@ def choice_log_likelihood(
                 [prompt_mask.repeat_interleave(n_options, dim=0), option_mask[:, :-1]], dim=1
             ),
             position_ids=lengths[:, None] + steps,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_name(): cache},
         ).logits  # (B·C, L-1, V)
         sums += _sum_log_p(logits, option_ids[:, 1:], option_mask[:, 1:].bool()).to(device)
     shape = (len(prompts), n_options)
