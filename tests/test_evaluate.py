@@ -4,6 +4,7 @@ accuracy against direct log-likelihoods, ROUGE-L, and the model's mode left as i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -256,3 +257,19 @@ def test_no_examples_is_an_error(tiny: tuple[Any, Any]) -> None:
 
     with pytest.raises(ConfigError, match="no examples"):
         evaluate(model, tokenizer, [], "instruction")
+
+
+def test_a_run_with_progress_shows_a_bar_for_every_evaluation_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlora.config import load_config
+    from fedlora.experiment import run_experiment
+
+    tiny = Path(__file__).parent.parent / "configs" / "tiny.toml"
+    cfg = load_config(tiny, ["rounds=1", "data.validation=8", "eval.rouge_samples=2"])
+    run_experiment(cfg, tmp_path / "shown", progress=True)
+    shown = capsys.readouterr().err
+    assert "evaluate:" in shown and "evaluate validation:" in shown
+    assert "/2 " in shown  # the bar counts batches: the held-out loss, then the Rouge-L batch
+    run_experiment(cfg, tmp_path / "quiet", progress=False)
+    assert "evaluate" not in capsys.readouterr().err

@@ -47,13 +47,15 @@ def evaluate(
     rouge_samples: int = 0,
     max_new_tokens: int = 32,
     progress: bool = False,
+    label: str = "evaluate",
 ) -> dict[str, float]:
     """``loss`` and ``perplexity``; ``accuracy`` for choices; ``rougeL`` if ``rouge_samples``.
 
     ``batch_size`` examples go through each forward pass (with choices: ``batch_size`` prompts,
     then their ``batch_size · C`` continuations). Sequences are cut to ``max_length`` tokens as in
     training (:func:`fedlora.data.encode.encode`); for choices, the shared prompt is cut from the
-    left to fit the longest choice, and keeps at least one token. The model runs in eval mode
+    left to fit the longest choice, and keeps at least one token. ``progress``: a progress bar
+    (``label``) over the forward passes and the generation batches. The model runs in eval mode
     under ``torch.no_grad()`` on the device of its parameters; its training mode is restored.
     """
     if kind not in TASK_KINDS:
@@ -73,7 +75,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=batches, desc="evaluate", disable=not progress) as bar:
+        bar = tqdm(total=batches, desc=label, disable=not progress, leave=False)
+        with torch.no_grad(), bar:
             metrics = plan.run(model, _pad_id(tokenizer), bar)
             if rouge_examples:
                 metrics["rougeL"] = _rouge_l(

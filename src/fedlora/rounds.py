@@ -226,6 +226,7 @@ class Workbench:
             max_length=self.cfg.model.max_length,
             rouge_samples=e.rouge_samples,
             max_new_tokens=e.max_new_tokens,
+            progress=self.progress,
         )
         for bench in self.benchmarks:
             scores = evaluate(
@@ -237,6 +238,8 @@ class Workbench:
                 max_length=self.cfg.model.max_length,
                 rouge_samples=e.rouge_samples if bench.rouge else 0,
                 max_new_tokens=e.max_new_tokens,
+                progress=self.progress,
+                label=f"evaluate {bench.name}",
             )
             metrics.update({f"{bench.name}_{k}": v for k, v in scores.items()})
         return metrics
