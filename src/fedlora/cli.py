@@ -253,10 +253,25 @@ def _set_option(parser: argparse.ArgumentParser, default: list[str] | None, help
     )
 
 
+def _with_loggers(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then ``--log``'s loggers as the config key ``log``."""
+    if not args.log:
+        return list(args.overrides)
+    return [*args.overrides, "log=" + json.dumps(list(dict.fromkeys(args.log)))]
+
+
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", type=Path, help="a TOML config (default: built-in)")
     _set_option(parser, [], "override a config key, e.g. --set rounds=3 --set clients.ranks=[8,4]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        choices=["tensorboard"],
+        help="also log every per-round metric to this logger (RUN_DIR/tensorboard; the config "
+        "key log)",
+    )
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -311,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         return _resume(args)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _with_loggers(args))
     _quiet_libraries(args.quiet)
     out = args.out or _timestamped(cfg.strategy)
     if args.engine == "flower":
@@ -377,7 +392,7 @@ def _compare(args: argparse.Namespace) -> int:
     from fedlora.config import check, load_config
     from fedlora.experiment import compare_strategies
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _with_loggers(args))
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for name in names:  # validate every name before any run starts
         check(dataclasses.replace(cfg, strategy=name))

@@ -7,6 +7,7 @@ Every key is a dataclass field with a default; an unknown key or a value of the 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import types
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from fedlora.errors import ConfigError
+
+LOGGERS = {"tensorboard": "tensorboard"}
+"""The per-round loggers ``log`` may name, and the package each needs."""
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -195,6 +199,10 @@ class RunConfig:
     """Compress FLoRA's exported adapter to this rank (None: the exact rank)."""
     save_merged: bool = False
     """Also save the full model with the global update merged."""
+    log: list[str] = field(default_factory=list)
+    """Loggers of every per-round metric besides ``metrics.jsonl``: ``tensorboard`` (event
+    files in ``RUN_DIR/tensorboard``; needs the package ``tensorboard``:
+    ``pip install 'fedlora[tensorboard]'``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
@@ -415,6 +423,13 @@ def check(config: RunConfig) -> None:
     dtype = resolve_dtype(config.model.dtype, device)
     resolve_attention(config.model.attention, device, dtype, config.model.max_length)
     _allowed("weighting", config.weighting, ["examples", "uniform", "custom"])
+    for logger in config.log:
+        _allowed("log", logger, list(LOGGERS))
+        if importlib.util.find_spec(LOGGERS[logger]) is None:
+            raise ConfigError(
+                f"log = [{logger!r}] needs the package {LOGGERS[logger]}: "
+                f"pip install 'fedlora[{logger}]'"
+            )
     weights = config.clients.weights
     if (config.weighting == "custom") != (weights is not None):
         raise ConfigError(

@@ -38,13 +38,20 @@ class RunWriter:
         self.metrics_path = out / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = list(rows)
         self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        self.tensorboard = None
+        if "tensorboard" in config.get("log", []):
+            self.tensorboard = TensorBoardLog(out / "tensorboard", self.rows)
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "summary.md").write_text(summary_markdown(summary, self.rows))
         for metric in metric_names(self.rows):
@@ -54,6 +61,46 @@ class RunWriter:
                 self.out / f"{metric}.png",
             )
         return summary
+
+
+class TensorBoardLog:
+    """Every per-round figure of a run as TensorBoard scalars, step = round: ``eval/METRIC``
+    (``eval/validation_loss``, …), ``train/loss``, the round's traffic summed over its clients
+    (``comm/up_bytes``, ``comm/down_bytes``) and ``round/seconds``. A resumed run's folder is
+    rewritten from its kept rows, as ``metrics.jsonl`` is."""
+
+    def __init__(self, folder: Path, rows: Sequence[dict[str, Any]] = ()) -> None:
+        import shutil
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        shutil.rmtree(folder, ignore_errors=True)
+        self.writer = SummaryWriter(str(folder))
+        for row in rows:
+            self.write(row)
+
+    @staticmethod
+    def scalars(row: dict[str, Any]) -> dict[str, float]:
+        """The tags and values of one ``metrics.jsonl`` row."""
+        out = {}
+        for key, value in row.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or key == "round":
+                continue
+            group, _, name = key.partition("_")
+            out[f"{group}/{name}" if group in ("eval", "train") else f"round/{key}"] = float(value)
+        traffic = row.get("traffic", [])
+        if traffic:
+            out["comm/up_bytes"] = float(sum(t["up_bytes"] for t in traffic))
+            out["comm/down_bytes"] = float(sum(t["down_bytes"] for t in traffic))
+        return out
+
+    def write(self, row: dict[str, Any]) -> None:
+        for tag, value in self.scalars(row).items():
+            self.writer.add_scalar(tag, value, global_step=int(row["round"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
