@@ -90,6 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="folder (default: runs/compare-TIME)"
     )
 
+    ev = commands.add_parser(
+        "eval", help="score a finished run's result (base model and with its adapter) on any data"
+    )
+    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder")
+    ev.add_argument(
+        "--data",
+        default=None,
+        metavar="SOURCE",
+        help="score every example of this source (a builtin name or a .jsonl/.csv/.parquet file; "
+        "data.limit, data.kind and data.columns apply) instead of the run's held-out split",
+    )
+    _adapter_options(ev)
+    ev.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    gen = commands.add_parser(
+        "generate", help="answers of a finished run's model beside the base model's"
+    )
+    gen.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more user turns")
+    _adapter_options(gen)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampled"
+    )
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's p")
+    gen.add_argument("--seed", type=int, default=0, help="the sampling seed")
+
     export = commands.add_parser(
         "export", help="write a finished run's full model: its base with the global adapter merged"
     )
@@ -251,6 +279,17 @@ def _set_option(parser: argparse.ArgumentParser, default: list[str] | None, help
     parser.add_argument(
         "--set", dest="overrides", action="append", default=default, metavar="KEY=VALUE", help=help
     )
+
+
+def _adapter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="this PEFT adapter folder instead of RUN_DIR/adapter (e.g. a client's)",
+    )
+    _set_option(parser, [], "override a key of the run's config, e.g. --set eval.rouge_samples=16")
 
 
 def _with_loggers(args: argparse.Namespace) -> list[str]:
@@ -544,6 +583,34 @@ def entry() -> None:
     sys.exit(main())
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from fedlora.trained import comparison_markdown, evaluate_trained, load_trained
+
+    _quiet_libraries(args.quiet)
+    trained = load_trained(args.run_dir, args.overrides, args.adapter)
+    result = evaluate_trained(trained, args.data, progress=not args.quiet)
+    print(comparison_markdown(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedlora.trained import generate_answers, load_trained
+
+    _quiet_libraries(True)
+    trained = load_trained(args.run_dir, args.overrides, args.adapter)
+    answers = generate_answers(
+        trained, args.prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed
+    )
+    for i, prompt in enumerate(args.prompts):
+        print(f"prompt:  {prompt}")
+        print(f"base:    {answers['base'][i]}")
+        print(f"trained: {answers['trained'][i]}")
+        print()
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from fedlora.experiment import export_merged
 
@@ -565,6 +632,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "flower" and args.flower == "certs":
             return _flower_certs(args)
         if args.command == "bench" and args.bench == "aggregation":

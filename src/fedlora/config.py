@@ -285,6 +285,17 @@ def config_from_json(text: str, where: str) -> RunConfig:
     return config
 
 
+def config_with(config: RunConfig, overrides: list[str], where: str = "") -> RunConfig:
+    """``config`` with ``key=value`` overrides applied, checked as a loaded config is."""
+    raw = _drop_none(to_dict(config))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    changed: RunConfig = build(RunConfig, raw, where)
+    check(changed)
+    return changed
+
+
 def _drop_none(raw: Any) -> Any:
     if isinstance(raw, dict):
         return {k: _drop_none(v) for k, v in raw.items() if v is not None}

@@ -209,9 +209,14 @@ def _rouge_l(
 
 
 def generate_greedy(
-    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    **sampling: Any,
 ) -> list[str]:
-    """Greedy continuations of token-id ``prompts`` (left-padded into one batch), up to EOS."""
+    """Greedy continuations of token-id ``prompts`` (left-padded into one batch), up to EOS;
+    ``sampling``: ``generate``'s sampling options instead (``do_sample=True, temperature=…``)."""
     device = next(model.parameters()).device
     pad_id, eos = _pad_id(tokenizer), tokenizer.eos_token_id
     input_ids, attention_mask = pad_ids(prompts, pad_id, device, left=True)  # (B, T)
@@ -219,9 +224,9 @@ def generate_greedy(
         input_ids=input_ids,
         attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
         pad_token_id=pad_id,
         eos_token_id=eos,
+        **({"do_sample": False} | sampling),
     )
     texts = []
     for ids in out[:, input_ids.shape[1] :].tolist():

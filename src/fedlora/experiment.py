@@ -86,7 +86,9 @@ def run_config_of(out: Path) -> RunConfig:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot resume {out}: {path} cannot be read ({exc.strerror})") from None
+        raise ConfigError(
+            f"{out} is not a run folder: {path} cannot be read ({exc.strerror})"
+        ) from None
     return config_from_json(text, str(path))
 
 
