@@ -96,3 +96,21 @@ def test_a_bad_run_folder_or_adapter_is_named_before_any_model_loads(
     with pytest.raises(ConfigError, match=r"unknown config key 'nope'"):
         load_trained(run, ["nope=1"])
     assert main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+def test_lm_evaluation_harness_scores_the_adapter_as_fedlora_does(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "harness.json"
+    argv = ["eval", str(run), "--harness", str(tmp_path / "task"), "--data", "mmlu"]
+    assert main([*argv, "--set", "data.limit=12", "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["examples"] == 12 and result["dtype"] == "float32"
+    assert result["lm_eval_acc"] == result["fedlora_accuracy"]
+    assert result["max_relative_score_gap"] < 1e-4  # the same option scores, up to one shift
+    pairs = zip(result["fedlora_scores"], result["lm_eval_scores"], strict=True)
+    shifts = [h[0] - f[0] for f, h in pairs]
+    assert all(s < 0 for s in shifts)  # lm-eval's one extra token: a log-probability, negative
+    table = capsys.readouterr().out
+    assert "| lm-evaluation-harness (`hf`, `peft=`) |" in table
+    assert (tmp_path / "task" / "fedlora_choices.yaml").is_file()

@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         "data.limit, data.kind and data.columns apply) instead of the run's held-out split",
     )
     _adapter_options(ev)
+    ev.add_argument(
+        "--harness",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="instead: score the choice examples (the run's benchmark, its held-out choices, or "
+        "--data) with fedlora and with lm-evaluation-harness, same adapter; task files in DIR",
+    )
     ev.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -588,8 +596,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     _quiet_libraries(args.quiet)
     trained = load_trained(args.run_dir, args.overrides, args.adapter)
-    result = evaluate_trained(trained, args.data, progress=not args.quiet)
-    print(comparison_markdown(result))
+    if args.harness is not None:
+        from fedlora.trained import harness_check, harness_markdown
+
+        result = harness_check(trained, args.data, args.harness, progress=not args.quiet)
+        print(harness_markdown(result))
+    else:
+        result = evaluate_trained(trained, args.data, progress=not args.quiet)
+        print(comparison_markdown(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -87,6 +87,35 @@ def evaluate(
     return metrics
 
 
+def choice_scores(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    kind: TaskKind,
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> tuple[dict[str, float], list[list[float]]]:
+    """:func:`evaluate`'s metrics on choice examples and every option's score ``s_ij`` (module
+    docstring), per example in input order: what ``accuracy`` takes the argmax of."""
+    if kind == "instruction":
+        raise ConfigError("choice scores need classification or multiple-choice examples")
+    plan = _Plan(examples, tokenizer, kind, max_length, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = plan.run(model, _pad_id(tokenizer), _NoBar())
+    finally:
+        model.train(was_training)
+    return metrics, plan.scores
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
 class _Plan:
     """What to score: response sequences (the loss) and, for choices, prompts with options."""
 
@@ -99,6 +128,7 @@ class _Plan:
         batch_size: int,
     ) -> None:
         self.examples, self.batch_size = examples, batch_size
+        self.scores: list[list[float]] = []
         self.prompts: list[list[int]] = []
         self.options: list[Choices] = []
         self.loss_choice: list[int] = []  # the choice equal to the response, or -1
@@ -133,6 +163,7 @@ class _Plan:
                     sums.append(row[self.loss_choice[i]])
                     counts.append(n[self.loss_choice[i]])
             bar.update(1)
+        self.scores = scores
         loss = -sum(sums) / sum(counts)
         metrics = {"loss": float(loss), "perplexity": math.exp(loss) if loss < 700 else math.inf}
         if self.options:

@@ -147,3 +147,107 @@ def generate_answers(
     finally:
         trained.loaded.model = adapters.detach(peft_model)
     return {"base": base, "trained": tuned}
+
+
+def harness_check(
+    trained: Trained, data: str | None, folder: Path, progress: bool = True
+) -> dict[str, Any]:
+    """fedlora's accuracy and lm-evaluation-harness's ``acc`` on the same choice examples with
+    the same adapter (:mod:`fedlora.harness`): the run's benchmark (``eval.benchmark``), or its
+    held-out split when its data are choices, or every example of ``data``. Neither truncates
+    (both run at the longest example's length), so they score the same tokens. ``folder`` gets
+    the task files (and the tiny model's folder, which lm-eval loads)."""
+    from fedlora.evaluate import choice_scores
+    from fedlora.federation import benchmark_of, federation_data
+    from fedlora.harness import run_harness, write_task
+    from fedlora.models import DEFAULT_MODEL, TINY_MODEL, embedded_folder
+    from fedlora.precision import dtype_name
+
+    cfg, loaded = trained.cfg, trained.loaded
+    examples: Sequence[Example]
+    kind: str
+    if data is not None:
+        examples, kind = load_examples(
+            data,
+            kind=cfg.data.kind,  # type: ignore[arg-type]
+            columns=cfg.data.columns,
+            limit=cfg.data.limit,
+            seed=cfg.seed,
+        )
+        what = f"every example of {data}"
+    elif (benchmark := benchmark_of(cfg)) is not None:
+        examples, kind, what = benchmark.examples, benchmark.kind, f"the run's {benchmark.name}"
+    else:
+        fed = federation_data(cfg)
+        examples, kind, what = fed.heldout, fed.kind, f"the run's held-out {cfg.data.source}"
+    if kind == "instruction":
+        raise ConfigError(
+            f"--harness compares choice scoring, and {what} is instruction data: give "
+            "--data mmlu (or a classification source), or a run with eval.benchmark"
+        )
+    examples = list(examples)
+    write_task(examples, loaded.tokenizer, folder)
+    longest = _longest(examples, loaded.tokenizer)
+    model = adapters.attach_factors(loaded.model, cfg.model.targets, trained.factors)
+    try:
+        metrics, scores = choice_scores(
+            model,
+            loaded.tokenizer,
+            examples,
+            kind,  # type: ignore[arg-type]
+            batch_size=cfg.eval.batch_size,
+            max_length=longest,
+        )
+    finally:
+        loaded.model = adapters.detach(model)
+    if cfg.model.name == DEFAULT_MODEL:
+        pretrained = str(embedded_folder())
+    elif cfg.model.name == TINY_MODEL:  # lm-eval loads a folder: write the tiny model's
+        pretrained = str(folder / "base")
+        loaded.model.save_pretrained(pretrained)
+        loaded.tokenizer.save_pretrained(pretrained)
+    else:
+        pretrained = cfg.model.name
+    dtype = dtype_name(loaded.dtype)
+    harness = run_harness(folder, pretrained, trained.adapter, dtype, longest, cfg.eval.batch_size)
+    gaps = [  # each option's score relative to the first: lm-eval's extra token cancels
+        abs((h[j] - h[0]) - (f[j] - f[0]))
+        for f, h in zip(scores, harness["scores"], strict=True)
+        for j in range(len(f))
+    ]
+    return {
+        "scored": what,
+        "examples": len(examples),
+        "max_length": longest,
+        "dtype": dtype,
+        "fedlora_accuracy": metrics["accuracy"],
+        "lm_eval_acc": harness["acc"],
+        "max_relative_score_gap": max(gaps),
+        "fedlora_scores": scores,
+        "lm_eval_scores": harness["scores"],
+    }
+
+
+def _longest(examples: Sequence[Example], tokenizer: Any) -> int:
+    """The longest prompt + choice of ``examples``, in tokens."""
+    from dataclasses import replace
+
+    from fedlora.data.encode import tokenize_pair
+
+    return max(
+        sum(map(len, tokenize_pair(replace(e, response=c), tokenizer)))
+        for e in examples
+        for c in e.choices
+    )
+
+
+def harness_markdown(result: dict[str, Any]) -> str:
+    return (
+        f"Scored on {result['scored']} ({result['examples']} examples, {result['dtype']}, "
+        f"untruncated: up to {result['max_length']} tokens), with the run's adapter:\n\n"
+        "| scorer | accuracy |\n|---|---|\n"
+        f"| fedlora | {result['fedlora_accuracy']:.4f} |\n"
+        f"| lm-evaluation-harness (`hf`, `peft=`) | {result['lm_eval_acc']:.4f} |\n\n"
+        "Largest difference of an option's score relative to its question's first option: "
+        f"{result['max_relative_score_gap']:.2e}\n"
+    )
