@@ -92,6 +92,16 @@ class ClientsConfig:
     """A round aggregates only if at least this many sampled clients reply."""
     retries: int = 1
     """Times a round with too few replies is tried again with a fresh sample; then skipped."""
+    quantization: list[str] = field(default_factory=list)
+    """Each client's frozen base, repeated cyclically like ``ranks`` (empty: all ``none``):
+    ``none``, ``8bit`` or ``4bit`` (bitsandbytes: LLM.int8 or NF4). The LoRA factors stay
+    float32 and every strategy's math is unchanged; merged updates stay float32 outside the
+    quantized weights (:class:`fedlora.precision.MergedBase`), and the server evaluates its
+    full-precision model. Federated strategies; on Flower, a node's ``quantization``."""
+
+    def quantization_of(self, index: int) -> str:
+        """How client ``index`` holds its base."""
+        return self.quantization[index % len(self.quantization)] if self.quantization else "none"
 
     def alpha_for(self, rank: int) -> float:
         """LoRA α of a client of rank ``rank``: :attr:`alpha`, or 2r (FLoRA's setting)."""
@@ -503,6 +513,7 @@ def check(config: RunConfig) -> None:
     if config.export_rank is not None and config.export_rank < 1:
         raise ConfigError(f"export_rank must be >= 1, got {config.export_rank}")
     _check_rank_mix(config)
+    _check_quantization(config)
 
 
 def _check_faults(config: RunConfig) -> None:
@@ -576,6 +587,28 @@ def _check_privacy(config: RunConfig) -> None:
         raise ConfigError(
             f"privacy is not available with strategy {config.strategy!r}: its clients also "
             f"send {sends} computed from their data, which the noise does not cover"
+        )
+
+
+def _check_quantization(config: RunConfig) -> None:
+    """Every client's quantization is known, its backend installed, and the strategy federated
+    (centralized and standalone train on the server's model)."""
+    from fedlora.models import QUANTIZATIONS
+
+    used = set(config.clients.quantization) - {"none"}
+    for q in config.clients.quantization:
+        _allowed("clients.quantization", q, list(QUANTIZATIONS))
+    if not used:
+        return
+    if config.strategy in ("centralized", "standalone"):
+        raise ConfigError(
+            f"clients.quantization is for federated clients; {config.strategy!r} trains on the "
+            "server's full-precision model"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"clients.quantization {sorted(used)} needs the package bitsandbytes: "
+            "pip install 'fedlora[quantization]'"
         )
 
 

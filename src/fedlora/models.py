@@ -68,6 +68,11 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
 
 
+QUANTIZATIONS = ("none", "8bit", "4bit")
+"""How a client may hold its frozen base (``clients.quantization``): as loaded, or through
+bitsandbytes in 8-bit (LLM.int8) or 4-bit (NF4, computing in the run's dtype)."""
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str = "auto",
@@ -75,16 +80,25 @@ def load_model(
     seed: int = 0,
     attention: str = "auto",
     max_length: int = 128,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load ``name`` (see the module docstring) onto ``device`` in eval mode, its weights in the
     compute dtype ``dtype`` resolves to (:func:`fedlora.precision.resolve_dtype`); a saved model
     is read straight into that dtype, never through a float32 copy. ``attention``: the attention
     implementation, resolved for sequences of up to ``max_length`` tokens
-    (:func:`fedlora.precision.resolve_attention`)."""
+    (:func:`fedlora.precision.resolve_attention`). ``quantization`` (:data:`QUANTIZATIONS`):
+    the linear layers' weights quantized by bitsandbytes as they load (embeddings and the LM
+    head stay in the compute dtype); PEFT trains float32 LoRA factors on such layers."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     attn = resolve_attention(attention, dev, dt, max_length)
-    if name == TINY_MODEL:
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}"
+        )
+    if quantization != "none":
+        model, tokenizer = _quantized(name, seed, dev, dt, attn, quantization)
+    elif name == TINY_MODEL:
         model, tokenizer = build_tiny(seed)
         model.set_attn_implementation(attn)
     else:
@@ -92,14 +106,46 @@ def load_model(
         model, tokenizer = _from_pretrained(str(folder), dtype=dt, attn_implementation=attn)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device=dev, dtype=dt)
+    if quantization == "none":  # a quantized model is placed as it loads, and cannot be cast
+        model = model.to(device=dev, dtype=dt)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt)
 
 
-def load_configured(m: ModelConfig, seed: int) -> LoadedModel:
-    """:func:`load_model` with a run's ``[model]`` settings."""
-    return load_model(m.name, m.device, m.dtype, seed, m.attention, m.max_length)
+def _quantized(
+    name: str, seed: int, dev: torch.device, dt: torch.dtype, attn: str, quantization: str
+) -> tuple[Any, Any]:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"clients.quantization {quantization!r} needs the package bitsandbytes: "
+            "pip install 'fedlora[quantization]'"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    else:
+        config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dt
+        )
+    options: dict[str, Any] = {"attn_implementation": attn, "quantization_config": config}
+    if name != TINY_MODEL:
+        folder = embedded_folder() if name == DEFAULT_MODEL else _local_or_hub(name)
+        return _from_pretrained(str(folder), dt, device_map=str(dev), **options)
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = build_tiny(seed)  # quantized as it loads: through a folder of its own
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dt, device_map=str(dev), **options
+        )
+    return quantized, tokenizer
+
+
+def load_configured(m: ModelConfig, seed: int, quantization: str = "none") -> LoadedModel:
+    """:func:`load_model` with a run's ``[model]`` settings (and a client's quantization)."""
+    return load_model(m.name, m.device, m.dtype, seed, m.attention, m.max_length, quantization)
 
 
 def published_name(name: str) -> str:
@@ -130,7 +176,7 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ConfigError(

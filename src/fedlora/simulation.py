@@ -24,9 +24,11 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.federation import Federation, server_bench, server_rounds
 from fedlora.lora import LoRAFactors
+from fedlora.models import load_configured
 from fedlora.rounds import (
     Client,
     Failure,
+    FederatedRounds,
     LocalPlan,
     LocalResult,
     OnRound,
@@ -34,6 +36,7 @@ from fedlora.rounds import (
     RunOutcome,
     Snapshot,
     Task,
+    Workbench,
     eval_due,
     sample_clients,
 )
@@ -56,6 +59,29 @@ class Runner:
         self.bench = server_bench(fed.cfg, fed.loaded, fed.heldout, fed.kind, progress, fed.scored)
         self.states: AdapterStore | None = None
         """Each client's own state across rounds, for a hook that keeps one."""
+        self.server: FederatedRounds | None = None
+        self.quantized: dict[str, tuple[Workbench, list[int]]] = {}
+        """Per quantization of some client: the model those clients train on (loaded on first
+        use) and how many of the server's merged updates it holds."""
+
+    def bench_of(self, index: int) -> Workbench:
+        """The model client ``index`` trains on: the server's, or one loaded in the client's
+        quantization, holding every merged update so far as float32 terms beside its quantized
+        weights (the same deltas the server merged, in the same order)."""
+        q = self.cfg.clients.quantization_of(index)
+        if q == "none":
+            return self.bench
+        if q not in self.quantized:
+            loaded = load_configured(self.cfg.model, self.cfg.seed, q)
+            fed = self.fed  # the server's sets, for a hook that scores each client's own model
+            bench = server_bench(fed.cfg, loaded, fed.heldout, fed.kind, False, fed.scored)
+            self.quantized[q] = (bench, [0])
+        bench, held = self.quantized[q]
+        merged = self.server.merged if self.server is not None else []
+        for delta in merged[held[0] :]:
+            bench.merge(delta)
+        held[0] = len(merged)
+        return bench
 
     @property
     def model(self) -> Any:
@@ -92,7 +118,7 @@ class Runner:
         """The rounds of :class:`fedlora.rounds.FederatedRounds`, each client trained here in
         turn on the shared model (so merged base updates are already in it)."""
         fed = self.fed
-        server = server_rounds(self.cfg, fed.clients, self.bench, fed.model_params)
+        server = self.server = server_rounds(self.cfg, fed.clients, self.bench, fed.model_params)
         after = None
         if server.hook.keeps_state:  # each client's own state, as of the checkpoint's round
             states = self.states = AdapterStore(self.workdir / "clients")
@@ -120,7 +146,8 @@ class Runner:
             state = None
             if self.states is not None:
                 state = StoredState(self.states, client.cid, task.round)
-            result = self.bench.train(client, task.plan, task.round, local, state=state)
+            bench = self.bench_of(client.index)
+            result = bench.train(client, task.plan, task.round, local, state=state)
             if fault == "crash_after":
                 out.append(Failure("injected fault: crashed after training, before replying"))
             elif fault == "timeout":

@@ -12,8 +12,10 @@ resolved fedlora config as JSON; its ``[flower]`` section says how long the serv
 nodes and for a round's replies) and ``out`` (the run folder on the server's host). A node says
 who it is in its node
 config: ``partition-id`` (required: which client it is), and optionally ``rank``, ``alpha``,
-``data`` (a data file of its own, used whole, instead of its partition of ``data.source``) and
-``keep-model`` (true: keep the loaded model between messages, :mod:`fedlora.flower.node`).
+``data`` (a data file of its own, used whole, instead of its partition of ``data.source``),
+``quantization`` (``none``, ``8bit`` or ``4bit``: how this node holds its frozen base; default:
+``clients.quantization`` for its partition-id) and ``keep-model`` (true: keep the loaded model
+between messages, :mod:`fedlora.flower.node`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from fedlora.flower.records import (
     task_content,
 )
 from fedlora.lora import BaseDelta, LoRAFactors
-from fedlora.models import LoadedModel, load_configured
+from fedlora.models import QUANTIZATIONS, LoadedModel, load_configured
 from fedlora.precision import MergedBase
 from fedlora.ranks import client_ranks
 from fedlora.report import RunWriter
@@ -363,10 +365,13 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded(cfg_model: str, seed: int) -> tuple[LoadedModel, MergedBase]:
-    """The model of ``cfg_model`` (a run's ``[model]`` settings as JSON), once per process, with
-    its merged base (which keeps the pristine weights)."""
-    loaded = load_configured(ModelConfig(**json.loads(cfg_model)), seed)
+def _loaded(
+    cfg_model: str, seed: int, quantization: str = "none"
+) -> tuple[LoadedModel, MergedBase]:
+    """The model of ``cfg_model`` (a run's ``[model]`` settings as JSON) in the node's
+    ``quantization``, once per process, with its merged base (which keeps the pristine weights,
+    or, quantized, every merged update beside them)."""
+    loaded = load_configured(ModelConfig(**json.loads(cfg_model)), seed, quantization)
     return loaded, MergedBase(loaded.model)
 
 
@@ -381,7 +386,13 @@ def node_workbench(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Clie
     for every message, its simulation engine keeps them)."""
     client, kind = node_client(cfg, node_config)
     settings = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
-    loaded, base = _loaded(settings, cfg.seed)
+    quantization = node_config.get("quantization", cfg.clients.quantization_of(client.index))
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"node config quantization must be one of {', '.join(QUANTIZATIONS)}, got "
+            f"{quantization!r}"
+        )
+    loaded, base = _loaded(settings, cfg.seed, str(quantization))
     return client, Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
 
 
