@@ -116,3 +116,27 @@ def test_a_flower_node_holds_its_base_as_its_node_config_or_the_run_config_says(
     assert layer({"partition-id": 0, "quantization": "4bit"}) == "Linear4bit"
     with pytest.raises(ConfigError, match=r"node config quantization must be one of none, 8bit"):
         apps.node_workbench(cfg, {"partition-id": 0, "quantization": "2bit"})
+
+
+def test_the_quantization_bench_measures_each_client_in_a_process_of_its_own(
+    tmp_path: Path,
+) -> None:
+    from fedlora.bench.quantization import format_quantization, run_quantization_bench
+
+    overrides = ["rounds=1", "train.steps=1", "data.heldout=8", "model.dtype=float32"]
+    bench = run_quantization_bench(
+        tmp_path, model="tiny-llama", ranks=[4], steps=1, overrides=overrides
+    )
+    assert [(c.quantization, c.rank) for c in bench.clients] == [
+        ("none", 4),
+        ("8bit", 4),
+        ("4bit", 4),
+    ]
+    weights = {c.quantization: c.weights_mb for c in bench.clients}
+    assert weights["4bit"] < weights["8bit"] < weights["none"]
+    assert all(c.peak_rss_mb > 100 and c.s_per_step > 0 for c in bench.clients)  # torch alone
+    assert sorted(bench.runs) == ["4bit", "8bit", "none"]
+    losses = {q: r["loss"] for q, r in bench.runs.items()}
+    assert len(set(losses.values())) == 3  # each quantization trained other updates
+    table = format_quantization(bench)
+    assert "| 4bit | 4 |" in table and "| none | " in table

@@ -272,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folders (default: runs/bench-precision-TIME)",
     )
     prec.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+
+    quant = benches.add_parser(
+        "quantization",
+        help="one client's peak memory and s/step per quantization × rank, and the default run's "
+        "held-out loss with every client quantized",
+    )
+    _set_option(quant, [], "override a key of the default run's config")
+    quant.add_argument("--model", default="smollm2-135m", help="the base model")
+    quant.add_argument("--ranks", type=_rank_list, default=[4, 16, 64], help="e.g. 4,16,64")
+    quant.add_argument("--steps", type=_positive_int, default=5, help="timed steps per client")
+    quant.add_argument("--no-runs", action="store_true", help="skip the default runs")
+    quant.add_argument(
+        "--workdir", type=Path, default=None, help="run folders (default: runs/bench-quant-TIME)"
+    )
+    quant.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser
 
 
@@ -508,6 +523,23 @@ def _bench_precision(args: argparse.Namespace) -> int:
     return _report(format_precision(result), result.to_json(), args.json)
 
 
+def _bench_quantization(args: argparse.Namespace) -> int:
+    from fedlora.bench.quantization import format_quantization, run_quantization_bench
+
+    _quiet_libraries(True)
+    workdir = args.workdir or _timestamped("bench-quant")
+    result = run_quantization_bench(
+        workdir,
+        model=args.model,
+        ranks=args.ranks,
+        steps=args.steps,
+        runs=not args.no_runs,
+        overrides=args.overrides,
+        progress=_progress,
+    )
+    return _report(format_quantization(result), result.to_json(), args.json)
+
+
 def _bench_flower(args: argparse.Namespace) -> int:
     from fedlora.bench.flower import format_flower, run_flower_bench
     from fedlora.config import load_config
@@ -660,6 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_overhead(args)
         if args.command == "bench" and args.bench == "precision":
             return _bench_precision(args)
+        if args.command == "bench" and args.bench == "quantization":
+            return _bench_quantization(args)
         if args.command == "bench" and args.bench == "study":
             return _bench_study(args)
         if args.command == "bench" and args.bench == "comm":
