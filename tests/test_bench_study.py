@@ -288,6 +288,43 @@ def test_a_study_may_tune_on_one_variant_and_give_its_lrs_to_every_variant(
     assert "on the variant `het` alone" in (out / "tuned.md").read_text()
 
 
+def test_a_seeds_study_takes_the_lrs_its_tuning_study_chose_on_another_variant(
+    tmp_path: Path,
+) -> None:
+    tuning = tune_file(tmp_path, "lrs = [3e-3, 0.5]\nonly = true")
+    out, work = tmp_path / "results", tmp_path / "runs"
+    assert main(["bench", "study", str(tuning), "--out", str(out), "--workdir", str(work)]) == 0
+    best = json.loads((out / "tuned.json").read_text())["tuning"]["het"]["zeropad"]["best"]
+    seeds = tmp_path / "hom.toml"
+    seeds.write_text(
+        f"""name = "hom"
+config = "{TINY}"
+set = ["data.validation=12", "rounds=1", "train.steps=3"]
+seeds = [0]
+
+[tune]
+results = "{out / "tuned.json"}"
+variant = "het"
+fixed = false
+
+[[variant]]
+name = "hom"
+set = ["clients.ranks=[4,4,4]"]
+strategies = ["zeropad"]
+"""
+    )
+    study = load_study(seeds)
+    result = run_study(study, tmp_path / "hom-runs")
+    [cell] = result.cells
+    assert cell.variant == "hom-tuned" and not cell.reused  # other ranks: a run of its own
+    config = result.configs["hom-tuned/zeropad/seed-0"]
+    assert config["train"]["lr"] == float(best) and config["clients"]["ranks"] == [4, 4, 4]
+    wrong = seeds.read_text().replace('variant = "het"', 'variant = "nope"')
+    seeds.write_text(wrong)
+    with pytest.raises(ConfigError, match=r"no tuned lr for variant 'nope', strategy 'zeropad'"):
+        run_study(load_study(seeds), tmp_path / "w")
+
+
 @pytest.mark.parametrize(
     ("tune", "extra", "message"),
     [
