@@ -46,7 +46,9 @@ class QuantizationBench:
     """Per quantization: ``loss`` (final held-out loss of the default run) and ``seconds``."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        from fedlora.bench.provenance import provenance
+
+        return {**asdict(self), "provenance": provenance()}
 
 
 def client_cost(
