@@ -226,7 +226,7 @@ def test_each_strategy_runs_its_best_validation_lr_on_every_seed_beside_the_fixe
     assert list(payload["variants"]) == ["het", "het-tuned"]
     cells = {(c["variant"], c["strategy"], c["seed"]): c for c in payload["cells"]}
     for strategy in ("flora", "zeropad"):
-        scores, tests = {}, {}
+        scores, tests, seconds = {}, {}, {}
         for lr in ("0.003", "0.5"):  # the tuning runs: seed 1, chosen by the validation split
             run = work / "tune" / "het" / strategy / f"lr-{lr}"
             summary = json.loads((run / "summary.json").read_text())
@@ -235,12 +235,14 @@ def test_each_strategy_runs_its_best_validation_lr_on_every_seed_beside_the_fixe
             assert config["seed"] == 1 and config["train"]["lr"] == float(lr)
             scores[lr] = summary["per_round"]["validation_loss"]["1"]
             tests[lr] = summary["final"]
+            seconds[lr] = summary["seconds"]
             assert scores[lr] != tests[lr]  # two sets
         entry = payload["tuning"]["het"][strategy]
         assert entry["scores"] == scores
         assert entry["runs"] == {
             lr: str(work / "tune" / "het" / strategy / f"lr-{lr}") for lr in scores
         }
+        assert entry["seconds"] == seconds
         best = min(scores, key=lambda lr: scores[lr])  # loss: lower is better
         assert entry["best"] == best
         for seed in (0, 1):
@@ -413,6 +415,8 @@ def test_a_tuning_study_and_a_seeds_study_that_takes_its_lrs_split_the_work(
     out, work = tmp_path / "results", tmp_path / "runs"
     assert main(["bench", "study", str(tuning), "--out", str(out), "--workdir", str(work)]) == 0
     tuned = json.loads((out / "tuned.json").read_text())
+    tuning_seconds = [s for e in tuned["tuning"]["het"].values() for s in e["seconds"].values()]
+    assert tuned["run_seconds"] == pytest.approx(sum(tuning_seconds)) and len(tuning_seconds) == 4
     assert not (work / "het").exists()  # only the grid ran
     assert "## Learning-rate tuning" in (out / "tuned.md").read_text()
     best = {s: tuned["tuning"]["het"][s]["best"] for s in ("flora", "zeropad")}

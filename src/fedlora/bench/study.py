@@ -400,10 +400,11 @@ def run_study(
             label = f"tune/{variant.name}/{strategy}/lr-{lr!r}"
             summary, (out, _) = runs.run(label, cfg)
             entry = tuning.setdefault(variant.name, {}).setdefault(
-                strategy, {"metric": tune.metric, "scores": {}, "runs": {}}
+                strategy, {"metric": tune.metric, "scores": {}, "runs": {}, "seconds": {}}
             )
             entry["scores"][repr(lr)] = _final(summary, key)
             entry["runs"][repr(lr)] = str(out)
+            entry["seconds"][repr(lr)] = float(summary.get("seconds", 0.0))
         for per in tuning.values():
             for entry in per.values():
                 entry["best"] = best_lr(entry["scores"], entry["metric"])
@@ -902,7 +903,10 @@ def _write_tuning(result: StudyResult, out: Path) -> dict[str, Path]:
     study = result.study
     assert study.tune is not None
     paths = {k: out / f"{study.name}.{k}" for k in ("json", "md")}
-    paths["json"].write_text(json.dumps(_header(result), indent=1) + "\n")
+    seconds = [s for per in result.tuning.values() for e in per.values()
+               for s in e.get("seconds", {}).values()]  # fmt: skip
+    payload = {**_header(result), "run_seconds": sum(seconds)}
+    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
     lines = [*_intro(study), *_tuning_table(result.tuning, study.tune)]
     paths["md"].write_text("\n".join(lines))
     return paths
