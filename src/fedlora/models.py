@@ -176,7 +176,9 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # the tokenizer takes where to read from (a GGUF file), not how to build the model
+        only = {k: v for k, v in kwargs.items() if k == "gguf_file"}
+        tokenizer = AutoTokenizer.from_pretrained(source, **only)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ConfigError(
