@@ -3,6 +3,9 @@ bitsandbytes, float32 LoRA factors, and every merged update kept exactly beside 
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,25 @@ def test_the_quantization_bench_measures_each_client_in_a_process_of_its_own(
     assert len(set(losses.values())) == 3  # each quantization trained other updates
     table = format_quantization(bench)
     assert "| 4bit | 4 |" in table and "| none | " in table
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_warnings_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import fedlora  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+            "you already `pip install kernels`",
+            "No module named 'kernels'",
+        )
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+
+
+def test_importing_fedlora_and_peft_prints_no_hub_kernel_notice() -> None:
+    code = "import fedlora.adapters, peft"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in out.stderr
