@@ -637,7 +637,7 @@ def _eval(args: argparse.Namespace) -> int:
         result = evaluate_trained(trained, args.data, progress=not args.quiet)
         print(comparison_markdown(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        _write_json(args.json, result)
     return 0
 
 
