@@ -56,6 +56,14 @@ def test_eval_on_another_source_scores_all_of_it(
     trained = load_trained(run)
     direct = evaluate_trained(trained, str(data), progress=False)
     assert f"| loss | {direct['base']['loss']:.4f} | {direct['trained']['loss']:.4f} |" in table
+    out = tmp_path / "sample.json"
+    limited = ["--set", "data.limit=3", "--json", str(out)]
+    assert main(["eval", str(run), "--data", str(data), "--quiet", *limited]) == 0
+    result = json.loads(out.read_text())
+    assert result["scored"] == f"a sample of {data} (data.limit, drawn with seed 0)"
+    assert result["examples"] == 3
+    assert result["overrides"] == ["data.limit=3"]
+    assert result["provenance"]["versions"]["peft"] is not None
 
 
 def test_generate_puts_the_base_answer_beside_the_trained_one(

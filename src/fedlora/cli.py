@@ -637,7 +637,9 @@ def _eval(args: argparse.Namespace) -> int:
         result = evaluate_trained(trained, args.data, progress=not args.quiet)
         print(comparison_markdown(result))
     if args.json is not None:
-        _write_json(args.json, result)
+        from fedlora.bench.provenance import provenance
+
+        _write_json(args.json, {**result, "overrides": args.overrides, "provenance": provenance()})
     return 0
 
 

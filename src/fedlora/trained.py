@@ -66,8 +66,8 @@ def evaluate_trained(
 ) -> dict[str, Any]:
     """The base model's and the adapter's metrics on the run's own scored sets (its held-out
     split, and beside it the benchmark, validation and held-out categories it scored), or, with
-    ``data``, on every example of that source (``data.limit`` caps it; ``data.kind`` and
-    ``data.columns`` apply)."""
+    ``data``, on every example of that source (``data.limit`` caps it with a seeded sample, which
+    ``scored`` then says; ``data.kind`` and ``data.columns`` apply)."""
     from fedlora.federation import federation_data, server_bench
 
     cfg = trained.cfg
@@ -83,7 +83,10 @@ def evaluate_trained(
             limit=cfg.data.limit,
             seed=cfg.seed,
         )
-        examples, scored, what = list(loaded_examples), [], f"every example of {data}"
+        examples, scored = list(loaded_examples), []
+        what = f"every example of {data}"
+        if cfg.data.limit is not None and len(examples) >= cfg.data.limit:
+            what = f"a sample of {data} (data.limit, drawn with seed {cfg.seed})"
     bench = server_bench(cfg, trained.loaded, examples, kind, progress, scored)
     return {
         "run_adapter": str(trained.adapter),
