@@ -228,3 +228,13 @@ def test_scoring_the_validation_split_needs_one() -> None:
         load_config(tiny, ["eval.split=test", "data.validation=4"])
     with pytest.raises(ConfigError, match=r"data\.validation must be >= 0"):
         load_config(tiny, ["data.validation=-1"])
+
+
+def test_dirichlet_partitions_many_small_clients() -> None:
+    # Claim 2's setting: 100 clients share ~1,900 examples of 15 categories (~19 each). With
+    # flwr-datasets' minimum of ~n/2K = 9 per client, its ten Dirichlet draws often all fail.
+    examples = make_examples({f"cat{c:02d}": 125 for c in range(15)})
+    for seed in range(5):
+        clients = partition(examples, 100, "dirichlet", alpha=0.5, seed=seed)
+        assert sum(len(c) for c in clients) == len(examples)
+        assert min(len(c) for c in clients) >= len(examples) // 400

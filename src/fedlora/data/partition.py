@@ -55,7 +55,7 @@ def partition(
 
     ``dirichlet`` runs with ``self_balancing=True`` (as in the paper's code, a client that holds
     more than ``n / K`` examples takes no more categories, which keeps sizes comparable) and
-    ``min_partition_size = max(1, min(10, ⌊n / 2K⌋))``: flwr-datasets' default of 10, lowered on
+    ``min_partition_size = max(1, min(10, ⌊n / 4K⌋))``: flwr-datasets' default of 10, lowered on
     small data so that its ten resampling attempts can succeed.
     """
     if scheme not in SCHEMES:
@@ -104,7 +104,7 @@ def _partitioner(
     if scheme == "dirichlet":
         if not (math.isfinite(alpha) and alpha > 0):
             raise ConfigError(f"dirichlet alpha must be a positive number, got {alpha}")
-        min_size = max(1, min(DIRICHLET_MIN_SIZE, n // (2 * num_clients)))
+        min_size = max(1, min(DIRICHLET_MIN_SIZE, n // (4 * num_clients)))
         part = DirichletPartitioner(
             num_partitions=num_clients,
             partition_by="category",
