@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the merged model (float32 safetensors and the tokenizer)",
     )
 
+    doctor = commands.add_parser(
+        "doctor", help="versions, hardware, what auto picks and why: one screen for a bug report"
+    )
+    doctor.add_argument("--json", type=Path, default=None, help="also write the report here")
+
     flower = commands.add_parser("flower", help="credentials for a Flower deployment")
     flower_cmds = flower.add_subparsers(dest="flower", required=True, metavar="WHAT")
     certs = flower_cmds.add_parser(
@@ -667,6 +672,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from fedlora.doctor import collect, render
+
+    report = collect()
+    print(render(report), end="")
+    if args.json is not None:
+        _write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _terminated(signum: int, frame: FrameType | None) -> NoReturn:
     raise SystemExit(128 + signum)
 
@@ -684,6 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "doctor":
+            return _doctor(args)
         if args.command == "flower" and args.flower == "certs":
             return _flower_certs(args)
         if args.command == "bench" and args.bench == "aggregation":
