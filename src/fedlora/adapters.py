@@ -18,6 +18,7 @@ from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
+from fedlora.devices import HOST
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors, fold_scaling
 
@@ -67,7 +68,9 @@ def attach(
         rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
         alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
     )
-    with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG untouched
+    # seeded init on the host (the same A on every machine; PEFT then moves it to the base
+    # layer's device), the caller's RNG untouched
+    with torch.random.fork_rng(devices=[]), HOST:
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     return peft_model
@@ -127,7 +130,7 @@ def _read_adalora(layer: Any, adapter: str) -> LoRAFactors:
     B = layer.lora_B[adapter].detach().float()
     kept = (E[:, 0] != 0).nonzero()[:, 0]
     if kept.numel() == 0:
-        kept = torch.zeros(1, dtype=torch.long)
+        kept = torch.zeros(1, dtype=torch.long, device=E.device)
     scaling = float(layer.scaling[adapter]) / (float(layer.ranknum[adapter]) + 1e-5)
     return fold_scaling(A[kept].contiguous(), B[:, kept].contiguous(), scaling)
 
@@ -182,7 +185,7 @@ def attach_adalora(
         beta2=options.beta2,
         orth_reg_weight=options.orth_reg,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), HOST:  # as in attach()
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 
@@ -222,7 +225,7 @@ def add_frozen(peft_model: Any, frozen: Mapping[str, LoRAFactors]) -> None:
         rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
         alpha_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
     )
-    with torch.random.fork_rng(devices=[]):  # its init is overwritten; keep the caller's RNG
+    with torch.random.fork_rng(devices=[]), HOST:  # its init is overwritten; keep the caller's RNG
         peft_model.add_adapter(FROZEN, config)
     write_factors(peft_model, frozen, FROZEN)
     peft_model.base_model.set_adapter([ADAPTER, FROZEN])

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from fedlora.devices import to_host
 from fedlora.errors import ConfigError
 from fedlora.lora import BaseDelta, LoRAFactors
 
@@ -46,7 +47,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``tensors`` and ``meta`` (JSON-serialisable) as ``folder/checkpoint.safetensors``."""
     data = save(  # clones: the state's tensors may be views of one another (truncations)
-        {k: v.detach().to("cpu").clone() for k, v in tensors.items()},
+        {k: to_host(v).clone() for k, v in tensors.items()},
         metadata={KEY: json.dumps(meta)},
     )
     path = folder / FILE

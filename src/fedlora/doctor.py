@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedlora import models, precision
+from fedlora import devices, models, precision
 
 NOT_INSTALLED = "not installed"
 
@@ -194,7 +194,7 @@ def cuda_device(index: int) -> dict[str, Any]:
         "name": props.name,
         "capability": f"{props.major}.{props.minor}",
         "memory_gib": round(props.total_memory / GIB, 1),
-        "native_bf16": props.major >= 8,
+        "native_bf16": props.major >= 8,  # as devices.cuda_bf16_native
     }
 
 
@@ -218,13 +218,13 @@ def default_max_length() -> int:
 def dtype_reason(device: torch.device, dtype: torch.dtype) -> str:
     """One line saying why ``auto`` gave ``dtype`` on ``device``."""
     name = precision.dtype_name(dtype)
-    if device.type == "cuda":
+    if devices.is_cuda(device):
         major, minor = torch.cuda.get_device_capability(device)
         native = "native bfloat16" if dtype == torch.bfloat16 else "no native bfloat16"
         return f"CUDA compute capability {major}.{minor}: {native}, so {name}"
-    if device.type == "cpu" and dtype == torch.bfloat16:
+    if devices.is_cpu(device) and dtype == torch.bfloat16:
         return f"CPU with {_bf16_hardware()}: native bfloat16"
-    if device.type == "cpu":
+    if devices.is_cpu(device):
         return f"CPU without AVX512-BF16/AMX: bfloat16 would be emulated, so {name}"
     return f"device {device.type}: {name}"
 
@@ -240,9 +240,9 @@ def attention_reason(device: torch.device, dtype: torch.dtype, attention: str, l
     name = precision.dtype_name(dtype)
     if attention == "eager":
         return f"CPU in {name}, max_length {length}: eager is faster than the fused kernel"
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    if devices.is_cpu(device) and dtype in (torch.bfloat16, torch.float16):
         return f"CPU in {name}, max_length {length}: long enough for the fused kernel to win"
-    if device.type == "cpu":
+    if devices.is_cpu(device):
         return f"CPU in {name}: the fused kernel is faster at every length"
     return f"{device.type}: the fused kernel"
 

@@ -78,10 +78,11 @@ def run_harness(
     dtype: str,
     max_length: int,
     batch_size: int,
+    device: str,
 ) -> dict[str, Any]:
     """lm-eval's ``hf`` model on ``pretrained`` with ``peft=adapter``, on the task in
-    ``task_folder``: ``{"acc": …, "scores": [[option log-likelihoods] per example]}`` in the
-    task's order."""
+    ``task_folder``, on ``device`` (the run's, as ``str(torch.device)``): ``{"acc": …,
+    "scores": [[option log-likelihoods] per example]}`` in the task's order."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -95,7 +96,7 @@ def run_harness(
             "pretrained": pretrained,
             "peft": str(adapter),
             "dtype": dtype,
-            "device": "cpu",
+            "device": device,
             "max_length": max_length,
         },
         tasks=[TASK],

@@ -21,8 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedlora.devices import HOST, resolve_device
 from fedlora.errors import ConfigError
 from fedlora.precision import resolve_attention, resolve_dtype
+
+__all__ = ["resolve_device"]  # where callers have always found it; it lives in fedlora.devices
 
 if TYPE_CHECKING:
     from fedlora.config import ModelConfig
@@ -56,18 +59,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
-
-
 QUANTIZATIONS = ("none", "8bit", "4bit")
 """How a client may hold its frozen base (``clients.quantization``): as loaded, or through
 bitsandbytes in 8-bit (LLM.int8) or 4-bit (NF4, computing in the run's dtype)."""
@@ -99,15 +90,16 @@ def load_model(
     if quantization != "none":
         model, tokenizer = _quantized(name, seed, dev, dt, attn, quantization)
     elif name == TINY_MODEL:
-        model, tokenizer = build_tiny(seed)
+        model, tokenizer = build_tiny(seed, dev, dt)
         model.set_attn_implementation(attn)
     else:
         folder = embedded_folder() if name == DEFAULT_MODEL else _local_or_hub(name)
-        model, tokenizer = _from_pretrained(str(folder), dtype=dt, attn_implementation=attn)
+        # straight onto the device in the compute dtype: no float32 copy, no host copy of an 8B
+        model, tokenizer = _from_pretrained(
+            str(folder), dtype=dt, attn_implementation=attn, device_map=str(dev)
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if quantization == "none":  # a quantized model is placed as it loads, and cannot be cast
-        model = model.to(device=dev, dtype=dt)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt)
 
@@ -249,8 +241,11 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def build_tiny(seed: int = 0) -> tuple[Any, Any]:
-    """A randomly initialised 2-layer Llama (hidden 64) and :func:`tiny_tokenizer`, seeded."""
+def build_tiny(
+    seed: int = 0, device: torch.device = HOST, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """A randomly initialised 2-layer Llama (hidden 64) and :func:`tiny_tokenizer`, seeded: the
+    same weights on every device (drawn in float32 on the host, then placed and cast)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
@@ -268,7 +263,8 @@ def build_tiny(seed: int = 0) -> tuple[Any, Any]:
         tie_word_embeddings=True,
     )
     fork = torch.random.fork_rng()
-    with fork:  # seeded init without touching the caller's global RNG
+    with fork, HOST:  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model, tokenizer
+        model: Any = LlamaForCausalLM(config)
+    placed = model.to(device=device, dtype=dtype)
+    return placed, tokenizer

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedlora.devices import HOST, cuda_bf16_native, is_cpu, is_cuda
 from fedlora.errors import ConfigError
 from fedlora.linalg import compact, stack
 from fedlora.lora import BaseDelta, LoRAFactors, dense_delta
@@ -52,19 +53,20 @@ def cpu_has_native_fp16() -> bool:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The compute dtype ``model.dtype`` names on ``device``.
 
-    ``auto``: bfloat16 on a CUDA device that supports it and on a CPU with native bfloat16
-    (:func:`cpu_has_native_bf16`), float32 elsewhere. ``float16`` on a CPU without native float16
-    is refused: it would run far slower than float32.
+    ``auto``: bfloat16 on a CUDA device that multiplies it natively (compute capability 8.0+,
+    :func:`fedlora.devices.cuda_bf16_native`; not V100 or T4, where it is emulated) and on a CPU
+    with native bfloat16 (:func:`cpu_has_native_bf16`), float32 elsewhere. ``float16`` on a CPU
+    without native float16 is refused: it would run far slower than float32.
     """
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        if device.type == "cpu" and cpu_has_native_bf16():
+        if is_cuda(device):
+            return torch.bfloat16 if cuda_bf16_native(device) else torch.float32
+        if is_cpu(device) and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unknown model.dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    if dtype == "float16" and device.type == "cpu" and not cpu_has_native_fp16():
+    if dtype == "float16" and is_cpu(device) and not cpu_has_native_fp16():
         raise ConfigError(
             "model.dtype = float16 on this CPU: it has no native float16 arithmetic, so every "
             "product is converted (about 100x slower than float32); use auto, bfloat16 or float32"
@@ -99,7 +101,7 @@ def resolve_attention(
     if attention != "auto":
         return attention
     low = dtype in (torch.bfloat16, torch.float16)
-    return "eager" if device.type == "cpu" and low and max_length <= EAGER_MAX_LENGTH else "sdpa"
+    return "eager" if is_cpu(device) and low and max_length <= EAGER_MAX_LENGTH else "sdpa"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -164,9 +166,10 @@ class MergedBase:
         return add_term
 
     def delta(self, name: str) -> torch.Tensor | None:
-        """The accumulated update ``Σ_t ΔW_t`` of a module held as a term, float32 dense."""
+        """The accumulated update ``Σ_t ΔW_t`` of a module held as a term, float32 dense, on the
+        module's device."""
         term = self.terms.get(name)
-        return None if term is None else dense_delta(term, torch.device("cpu"))
+        return None if term is None else dense_delta(term, self._module(name).weight.device)
 
     def master(self, name: str) -> torch.Tensor:
         """Module ``name``'s merged weight in float32: ``W₀ + Σ_t ΔW_t`` (the weight itself in
@@ -176,7 +179,7 @@ class MergedBase:
             return weight
         term = self.delta(name)
         upcast = weight.detach().float()
-        return upcast if term is None else upcast + term.to(weight.device)
+        return upcast if term is None else upcast + term
 
     def reset(self, names: Sequence[str]) -> None:
         """Modules ``names`` back to ``W₀``: terms dropped; a float32 weight restored to its value
@@ -195,16 +198,17 @@ class MergedBase:
                 weight.copy_(self.pristine[name])
 
     def float32_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict in float32 with every merged update in its weight: the exact
-        merged model (tied weights stay one tensor)."""
+        """The model's state dict in float32 on the host with every merged update in its weight:
+        the exact merged model (tied weights stay one tensor), for writing to a file. Built
+        tensor by tensor on the host, so the device never holds a float32 copy of the model."""
         by_storage: dict[int, torch.Tensor] = {}
         state = {}
         for key, value in self.model.state_dict().items():
             if value.is_floating_point():
-                value = by_storage.setdefault(value.data_ptr(), value.float())
+                value = by_storage.setdefault(value.data_ptr(), value.to(HOST, torch.float32))
             state[key] = value
         for name in self.terms:
-            state[f"{name}.weight"] = self.master(name)
+            state[f"{name}.weight"] = self.master(name).to(HOST)
         return state
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from fedlora.config import PrivacyConfig
+from fedlora.devices import host_generator
 from fedlora.lora import LoRAFactors
 from fedlora.seeds import derive_seed
 
@@ -42,7 +43,7 @@ def noise_generator(cfg: PrivacyConfig, *parts: int) -> torch.Generator:
     ``cfg.noise_seed`` and ``parts`` (reproducible, and so no protection against whoever knows
     the seed)."""
     seed = secrets.randbits(63) if cfg.noise_seed is None else derive_seed(cfg.noise_seed, *parts)
-    return torch.Generator().manual_seed(seed)
+    return host_generator(seed)
 
 
 def privatize(
@@ -84,7 +85,9 @@ def privatize(
 def _noised(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     if std == 0:
         return x
-    return x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    # drawn where the generator is (the host: the same numbers on every machine), then moved
+    draw = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
+    return x + std * draw.to(x.device)
 
 
 @functools.lru_cache(maxsize=256)

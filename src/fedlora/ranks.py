@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedlora.devices import HOST
 from fedlora.errors import ConfigError
 
 FLORA_RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
@@ -50,7 +51,7 @@ def client_ranks(
         types = sorted(set(rank_set))
         if not types or types[0] < 1:
             raise ConfigError(f"clients.rank_set must hold ranks >= 1, got {list(rank_set)}")
-        probs = torch.tensor(type_probabilities(spec, len(types)), dtype=torch.float64)
+        probs = torch.tensor(type_probabilities(spec, len(types)), dtype=torch.float64, device=HOST)
         generator = torch.Generator().manual_seed(seed)
         picks = torch.multinomial(probs, num_clients, replacement=True, generator=generator)
         return [types[i] for i in picks.tolist()]

@@ -171,7 +171,11 @@ def eval_due(cfg: RunConfig, t: int) -> bool:
 def sample_clients(clients: Sequence[C], fraction: float, generator: torch.Generator) -> list[C]:
     """``max(1, round(fraction · n))`` of ``clients`` without replacement, in registration order."""
     k = max(1, round(fraction * len(clients)))
-    picked = torch.randperm(len(clients), generator=generator)[:k].sort().values.tolist()
+    picked = (
+        torch.randperm(len(clients), generator=generator, device=generator.device)[:k]
+        .sort()
+        .values.tolist()
+    )
     return [clients[i] for i in picked]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fedlora.data.encode import IGNORE_INDEX, Encoded, collate
+from fedlora.devices import to_host
 
 Choices = list[list[int]]
 """The token ids of each choice of one example, written as the response (end-of-turn included)."""
@@ -148,7 +149,7 @@ def response_log_likelihood(
     in float32.
     """
     logits, targets, mask = labelled_logits(model, batch)
-    return _sum_log_p(logits, targets, mask), mask.sum(dim=1).cpu()
+    return _sum_log_p(logits, targets, mask), to_host(mask.sum(dim=1))
 
 
 @functools.cache
@@ -206,7 +207,7 @@ def choice_log_likelihood(
         ).logits  # (B·C, L-1, V)
         sums += _sum_log_p(logits, option_ids[:, 1:], option_mask[:, 1:].bool()).to(device)
     shape = (len(prompts), n_options)
-    return sums.view(shape).cpu(), option_mask.sum(dim=1).view(shape).cpu()
+    return to_host(sums.view(shape)), to_host(option_mask.sum(dim=1).view(shape))
 
 
 def _choice_log_likelihood_full(
@@ -233,7 +234,7 @@ def _sum_log_p(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     log_p = picked - lse  # (N,)
     sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
     sums.index_add_(0, mask.nonzero()[:, 0], log_p.double())
-    return sums.cpu()
+    return to_host(sums)
 
 
 def pad_ids(
@@ -241,10 +242,10 @@ def pad_ids(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)``, both ``(B, T)`` long on ``device``, padded on the right (or left)."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for b, r in enumerate(rows):
         span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[b, span] = torch.tensor(list(r), dtype=torch.long)
+        ids[b, span] = torch.tensor(list(r), dtype=torch.long, device=device)
         mask[b, span] = 1
-    return ids.to(device), mask.to(device)
+    return ids, mask

@@ -229,7 +229,7 @@ def injected_fault(cfg: RunConfig, task: Task) -> str | None:
     ``timeout``, ``straggler``) or None; one uniform draw seeded by (seed, round, try, client)."""
     f = cfg.faults
     gen = seeds.generator(cfg.seed, seeds.FAULTS, task.round, task.attempt, task.client.index)
-    u = float(torch.rand(1, generator=gen))
+    u = float(torch.rand(1, generator=gen, device=gen.device))
     edge = 0.0
     for name, p in (
         ("crash_before", f.crash_before),

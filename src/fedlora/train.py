@@ -36,7 +36,7 @@ def batches(
     if not data:
         raise ValueError("cannot train on an empty data set")
     while True:
-        order = torch.randperm(len(data), generator=generator).tolist()
+        order = torch.randperm(len(data), generator=generator, device=generator.device).tolist()
         for i in range(0, len(order), batch_size):
             yield [data[j] for j in order[i : i + batch_size]]
 

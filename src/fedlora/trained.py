@@ -212,7 +212,9 @@ def harness_check(
     else:
         pretrained = cfg.model.name
     dtype = dtype_name(loaded.dtype)
-    harness = run_harness(folder, pretrained, trained.adapter, dtype, longest, cfg.eval.batch_size)
+    harness = run_harness(
+        folder, pretrained, trained.adapter, dtype, longest, cfg.eval.batch_size, str(loaded.device)
+    )
     gaps = [  # each option's score relative to the first: lm-eval's extra token cancels
         abs((h[j] - h[0]) - (f[j] - f[0]))
         for f, h in zip(scores, harness["scores"], strict=True)

@@ -23,6 +23,7 @@ from fedlora import adapters
 from fedlora.clients import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
+from fedlora.devices import HOST, synchronize
 from fedlora.models import load_model
 from fedlora.precision import dtype_name
 from fedlora.train import train_local
@@ -62,7 +63,7 @@ def synthetic_data(vocab: int, n: int, seq_len: int, seed: int) -> list[Encoded]
     gen = torch.Generator().manual_seed(seed)
     data = []
     for _ in range(n):
-        ids = torch.randint(0, vocab, (seq_len,), generator=gen).tolist()
+        ids = torch.randint(0, vocab, (seq_len,), generator=gen, device=HOST).tolist()
         labels = [-100] * (seq_len // 2) + ids[seq_len // 2 :]
         data.append(Encoded(input_ids=ids, labels=labels))
     return data
@@ -83,7 +84,7 @@ def bare_loop(
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
     peft_model.train()
-    order = torch.randperm(len(data), generator=gen).tolist()
+    order = torch.randperm(len(data), generator=gen, device=HOST).tolist()
     for step in range(cfg.steps):
         idx = order[(step * cfg.batch_size) % len(order) :][: cfg.batch_size]
         batch = {k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()}
@@ -93,8 +94,7 @@ def bare_loop(
         opt.step()
         opt.zero_grad(set_to_none=True)
     peft_model.unload()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -145,9 +145,10 @@ def run_overhead_bench(
     rank: int = 8,
     dtype: str = "auto",
     progress: Callable[[str], None] | None = None,
+    device: str = "auto",
 ) -> OverheadBench:
     say = progress or (lambda _msg: None)
-    loaded = load_model(model_name, device="cpu", dtype=dtype)
+    loaded = load_model(model_name, device=device, dtype=dtype)
     model = loaded.model
     pad_id = int(loaded.tokenizer.pad_token_id)
     data = synthetic_data(model.config.vocab_size, steps * batch_size, seq_len, seed=0)

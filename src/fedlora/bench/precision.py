@@ -32,6 +32,7 @@ from fedlora.bench.overhead import (
     synthetic_data,
 )
 from fedlora.config import RunConfig, TrainConfig, load_config
+from fedlora.devices import HOST, synchronize
 from fedlora.lora import dense_delta
 from fedlora.models import load_configured, load_model, resolve_device
 from fedlora.precision import dtype_name, resolve_dtype
@@ -66,12 +67,11 @@ class PrecisionBench(StepBench):
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of the best of ``repeats`` ``(n, n) @ (n, n)`` products in ``dtype``."""
-    a = torch.randn(n, n).to(device, dtype)
-    b = torch.randn(n, n).to(device, dtype)
+    a = torch.randn(n, n, device=HOST).to(device, dtype)
+    b = torch.randn(n, n, device=HOST).to(device, dtype)
 
     def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
 
     a @ b  # warm-up
     best = float("inf")

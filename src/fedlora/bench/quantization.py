@@ -52,16 +52,22 @@ class QuantizationBench:
 
 
 def client_cost(
-    model: str, quantization: str, rank: int, steps: int, batch_size: int, seq_len: int
+    model: str,
+    quantization: str,
+    rank: int,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """One client's cost, measured in this process (:func:`run_quantization_bench` calls it in
-    a fresh one)."""
+    """One client's cost on ``device``, measured in this process (:func:`run_quantization_bench`
+    calls it in a fresh one)."""
     from fedlora.bench.overhead import fedlora_client, synthetic_data
     from fedlora.config import TrainConfig
     from fedlora.models import load_model
     from fedlora.precision import dtype_name
 
-    loaded = load_model(model, device="cpu", quantization=quantization)
+    loaded = load_model(model, device=device, quantization=quantization)
     pad_id = int(loaded.tokenizer.pad_token_id)
     data = synthetic_data(loaded.model.config.vocab_size, steps * batch_size, seq_len, seed=0)
     cfg = TrainConfig(lr=1e-4, steps=steps, batch_size=batch_size, max_grad_norm=1.0)
@@ -89,6 +95,7 @@ def run_quantization_bench(
     runs: bool = True,
     overrides: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    device: str = "auto",
 ) -> QuantizationBench:
     """Every quantization × rank in a process of its own, then (``runs``) the default run per
     quantization with ``overrides``."""
@@ -101,7 +108,7 @@ def run_quantization_bench(
     for q in QUANTIZATIONS:
         for r in ranks:
             say(f"one client, {q}, rank {r}")
-            args = [model, q, str(r), str(steps), str(batch_size), str(seq_len)]
+            args = [model, q, str(r), str(steps), str(batch_size), str(seq_len), device]
             out = subprocess.run(
                 [sys.executable, "-m", "fedlora.bench.quantization", *args],
                 capture_output=True,
@@ -117,7 +124,13 @@ def run_quantization_bench(
     for q in QUANTIZATIONS if runs else ():
         say(f"the default run, every client {q}")
         cfg = load_config(
-            None, [f"model.name={model}", *overrides, f'clients.quantization=["{q}"]']
+            None,
+            [
+                f"model.name={model}",
+                f"model.device={device}",
+                *overrides,
+                f'clients.quantization=["{q}"]',
+            ],
         )
         summary = run_experiment(cfg, workdir / q, progress=False)
         bench.runs[q] = {"loss": float(summary["final"]), "seconds": float(summary["seconds"])}
@@ -151,6 +164,6 @@ def format_quantization(b: QuantizationBench) -> str:
 
 
 if __name__ == "__main__":  # one client's cost in a fresh process: a JSON line
-    name, q, r, n, bs, length = sys.argv[1:7]
-    result = client_cost(name, q, int(r), int(n), int(bs), int(length))
+    name, q, r, n, bs, length, where = sys.argv[1:8]
+    result = client_cost(name, q, int(r), int(n), int(bs), int(length), where)
     print(json.dumps(result))

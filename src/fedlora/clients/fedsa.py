@@ -31,7 +31,7 @@ class OwnBClient(ClientHook):
         adapters.write_factors(
             peft_model,
             {
-                m: LoRAFactors(A=f.A, B=own[m].B if own else f.B.new_zeros(f.B.shape))
+                m: LoRAFactors(A=f.A, B=own[m].B.to(f.B) if own else f.B.new_zeros(f.B.shape))
                 for m, f in start.items()
             },
         )

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fedlora.data.examples import Example
+from fedlora.devices import HOST
 from fedlora.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -123,13 +124,13 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     if not batch:
         raise ValueError("cannot collate an empty batch")
     width = max(len(e.input_ids) for e in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=HOST)  # (B, T)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long, device=HOST)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=HOST)
     for row, e in enumerate(batch):
         n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long, device=HOST)
+        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long, device=HOST)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

@@ -18,13 +18,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.clients.base import Scalar
+from fedlora.devices import to_host
 from fedlora.errors import UpdateError
 from fedlora.lora import BaseDelta, LoRAFactors
 from fedlora.rounds import LocalPlan, LocalResult, Task
 
 
 def _array(t: torch.Tensor) -> Array:
-    return Array(t.detach().to("cpu").contiguous().numpy())
+    return Array(to_host(t).contiguous().numpy())
 
 
 def _tensor(record: ArrayRecord, key: str, where: str) -> torch.Tensor:

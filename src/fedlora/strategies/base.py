@@ -196,8 +196,9 @@ def shared_init(
     for name in sorted(shapes):
         d_out, d_in = shapes[name]
         bound = 1.0 / d_in**0.5
-        A = (torch.rand(rank, d_in, generator=generator) * 2 - 1) * bound
-        factors[name] = LoRAFactors(A=A, B=torch.zeros(d_out, rank))
+        # drawn on the generator's device (the host: the same A_0 for every party)
+        A = (torch.rand(rank, d_in, generator=generator, device=generator.device) * 2 - 1) * bound
+        factors[name] = LoRAFactors(A=A, B=A.new_zeros(d_out, rank))
     return factors
 
 

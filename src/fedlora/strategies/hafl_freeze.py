@@ -23,9 +23,10 @@ def frozen_indices(state: GlobalState, module: str, rank: int) -> torch.Tensor:
     """Global indices (ascending) of the components of ``module`` a rank-``rank`` client holds
     but does not train: all but its top ``rank``."""
     r_g = state.factors[module].rank
-    keep = torch.zeros(r_g, dtype=torch.bool)
+    device = state.factors[module].A.device
+    keep = torch.zeros(r_g, dtype=torch.bool, device=device)
     keep[top_components(state, module, rank)] = True
-    return torch.arange(r_g)[~keep]
+    return torch.arange(r_g, device=device)[~keep]
 
 
 @register
@@ -42,7 +43,7 @@ class HAFLFreeze(HAFLTruncate):
             return None
         frozen = {}
         for name, f in state.factors.items():
-            idx = frozen_indices(state, name, module_rank(spec, name)).to(f.A.device)
+            idx = frozen_indices(state, name, module_rank(spec, name))
             if idx.numel():
                 frozen[name] = LoRAFactors(A=f.A[idx], B=f.B[:, idx])
         return frozen or None

@@ -21,14 +21,15 @@ from fedlora.strategies.hafl import HAFL
 
 def top_components(state: GlobalState, module: str, rank: int) -> torch.Tensor:
     """Global indices (ascending) of the ``min(rank, r_g)`` most important components of
-    ``module``; ties go to the lower index. The first ones when no importance is known."""
-    r_g = state.factors[module].rank
-    keep = min(rank, r_g)
+    ``module``, on its factors' device; ties go to the lower index. The first ones when no
+    importance is known."""
+    f = state.factors[module]
+    keep = min(rank, f.rank)
     scores = state.importance.get(module)
-    if scores is None or scores.numel() != r_g:
-        return torch.arange(keep)
+    if scores is None or scores.numel() != f.rank:
+        return torch.arange(keep, device=f.A.device)
     order = torch.argsort(scores, descending=True, stable=True)[:keep]
-    return order.sort().values
+    return order.sort().values.to(f.A.device)
 
 
 @register
@@ -49,7 +50,7 @@ class HAFLTruncate(HAFL):
         for name, f in state.factors.items():
             rank = module_rank(spec, name)
             top = top_components(state, name, rank)
-            fresh = torch.arange(f.rank, f.rank + max(0, rank - f.rank))
+            fresh = torch.arange(f.rank, f.rank + max(0, rank - f.rank), device=top.device)
             out[name] = torch.cat([top, fresh])
         return out
 
@@ -58,6 +59,6 @@ class HAFLTruncate(HAFL):
             return None
         start = {}
         for name, f in state.factors.items():
-            idx = top_components(state, name, module_rank(spec, name)).to(f.A.device)
+            idx = top_components(state, name, module_rank(spec, name))
             start[name] = LoRAFactors(A=f.A[idx], B=f.B[:, idx])
         return start

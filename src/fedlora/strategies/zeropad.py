@@ -25,7 +25,7 @@ def zero_padded_mean(
     """``Σ_k p_k pad(A_k)`` and ``Σ_k p_k pad(B_k)`` at ``r_max`` for one module; client ``k``'s
     components are the first ``r_k``. At equal ranks this is FedIT's ``(Ā, B̄)``."""
     factors = [u.factors[module] for u in updates]
-    indices = [torch.arange(f.rank) for f in factors]
+    indices = [torch.arange(f.rank, device=f.A.device) for f in factors]
     return componentwise_mean(factors, indices, weights, max(f.rank for f in factors), over="all")
 
 
