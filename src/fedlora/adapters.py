@@ -9,7 +9,7 @@ Module names are those of the base model (``model.layers.0.self_attn.q_proj``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
+from transformers.pytorch_utils import Conv1D
 
 from fedlora.devices import HOST
 from fedlora.errors import ConfigError
@@ -27,19 +28,64 @@ FROZEN = "frozen"
 """A second adapter holding components that are in the forward pass but never trained."""
 
 
+EXTRA_TARGETS: dict[str, list[str]] = {"phi3": ["qkv_proj"]}
+"""Default LoRA targets of model types PEFT's table does not list (Phi-3 fuses its query, key and
+value projections into ``qkv_proj``, as Phi-3's own LoRA recipes target)."""
+
+
+def resolve_targets(model: Any, targets: Sequence[str]) -> list[str]:
+    """The LoRA target modules of ``model`` (last parts of module names): ``targets`` when given
+    (``model.targets``), else PEFT's default for the model's type
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, e.g. ``q_proj, v_proj`` for Llama,
+    ``c_attn`` for GPT-2), else :data:`EXTRA_TARGETS`."""
+    if targets:
+        return list(targets)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    found = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(kind) or EXTRA_TARGETS.get(kind)
+    if not found:
+        raise ConfigError(
+            f"PEFT knows no default LoRA targets for model type {kind!r}: set model.targets to "
+            f"some of its layers, named {sorted(_adaptable_names(model))}"
+        )
+    return list(found)
+
+
+def _layer_shape(module: Any) -> tuple[int, int] | None:
+    """``(d_out, d_in)`` of a layer PEFT's LoRA adapts through factors: a linear layer, or
+    transformers' ``Conv1D`` (GPT-2; its weight is stored ``(d_in, d_out)``); None otherwise."""
+    if isinstance(module, torch.nn.Linear):
+        return (module.out_features, module.in_features)
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return (int(d_out), int(d_in))
+    return None
+
+
+def _stores_transposed(model: Any, names: Iterable[str]) -> bool:
+    """Whether the layers ``names`` store their weights ``(d_in, d_out)`` (``Conv1D``): PEFT's
+    ``fan_in_fan_out``, which it would otherwise set itself with a warning."""
+    return any(isinstance(model.get_submodule(n), Conv1D) for n in names)
+
+
+def _adaptable_names(model: Any) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _layer_shape(m) is not None}
+
+
 def target_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """``{name: (d_out, d_in)}`` of the linear layers whose last name part is in ``targets``."""
+    """``{name: (d_out, d_in)}`` of the linear (or ``Conv1D``) layers whose last name part is in
+    ``targets`` (:func:`resolve_targets`: PEFT's default for the model when empty)."""
+    targets = resolve_targets(model, targets)
     shapes = {}
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
+        shape = _layer_shape(module)
+        if name.rsplit(".", 1)[-1] in targets and shape is not None:
+            shapes[name] = shape
     if not shapes:
-        linear = {
-            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-        }
         raise ConfigError(
             f"no linear layer named {list(targets)} in {type(model).__name__}; "
-            f"its linear layers are named {sorted(linear)}"
+            f"its linear and Conv1D layers are named {sorted(_adaptable_names(model))}"
         )
     return shapes
 
@@ -62,11 +108,12 @@ def attach(
     config = LoraConfig(
         r=ranks[first],
         lora_alpha=alphas[first],  # type: ignore[arg-type]  # PEFT takes float α
-        target_modules=list(targets),
+        target_modules=resolve_targets(model, targets),
         lora_dropout=0.0,
         bias="none",
         rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
         alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
+        fan_in_fan_out=_stores_transposed(model, ranks),
     )
     # seeded init on the host (the same A on every machine; PEFT then moves it to the base
     # layer's device), the caller's RNG untouched
@@ -175,7 +222,7 @@ def attach_adalora(
         init_r=rank,
         target_r=target_rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT takes float α
-        target_modules=list(targets),
+        target_modules=resolve_targets(model, targets),
         lora_dropout=0.0,
         total_step=total_steps,
         tinit=tinit,

@@ -41,8 +41,10 @@ class ModelConfig:
     """transformers' attention implementation: ``auto`` (eager on a CPU in bfloat16 or float16
     up to 512 tokens, where it is 2-3x faster than the fused kernel; ``sdpa`` elsewhere),
     ``sdpa`` or ``eager``."""
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """LoRA target modules (last part of the module name)."""
+    targets: list[str] = field(default_factory=list)
+    """LoRA target modules (last part of the module name); empty: PEFT's default for the model's
+    type (``q_proj``, ``v_proj`` for Llama, Qwen2, Gemma and Mistral; ``c_attn`` for GPT-2;
+    ``qkv_proj`` for Phi-3, which PEFT's table lacks)."""
     max_length: int = 128
     """Tokens per example after truncation (the response is kept)."""
 

@@ -108,6 +108,7 @@ def finish_run(
         "model": cfg.model.name,
         "dtype": dtype_name(bench.model.dtype),
         "eval_split": cfg.eval.split,
+        "targets": adapters.resolve_targets(bench.model, cfg.model.targets),
     }
     folder = None
     if outcome.export:

@@ -149,7 +149,7 @@ class MergedBase:
                 module = self._module(name)
                 weight = module.weight
                 if weight.dtype == torch.float32:
-                    weight.add_(dense_delta(delta, weight.device).float())
+                    weight.add_(_stored(module, dense_delta(delta, weight.device).float()))
                     continue
                 self.terms[name] = _accumulate(self.terms.get(name), delta, weight.device)
                 if name not in self._hooks:
@@ -179,7 +179,7 @@ class MergedBase:
             return weight
         term = self.delta(name)
         upcast = weight.detach().float()
-        return upcast if term is None else upcast + term
+        return upcast if term is None else upcast + _stored(self._module(name), term)
 
     def reset(self, names: Sequence[str]) -> None:
         """Modules ``names`` back to ``W₀``: terms dropped; a float32 weight restored to its value
@@ -210,6 +210,14 @@ class MergedBase:
         for name in self.terms:
             state[f"{name}.weight"] = self.master(name).to(HOST)
         return state
+
+
+def _stored(module: Any, delta: torch.Tensor) -> torch.Tensor:
+    """``ΔW: (d_out, d_in)`` in the layout ``module`` stores its weight: transposed for
+    transformers' ``Conv1D`` (GPT-2), which keeps ``(d_in, d_out)``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return delta.T if isinstance(module, Conv1D) else delta
 
 
 def _accumulate(term: BaseDelta | None, delta: BaseDelta, device: torch.device) -> BaseDelta:

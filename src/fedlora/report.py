@@ -342,7 +342,8 @@ def model_card(config: dict[str, Any], summary: dict[str, Any], base_name: str) 
         f"lr {t['lr']:g}) |",
         f"| data | `{d['source']}`, {d['partition']} partition, "
         f"{summary.get('heldout_examples', d['heldout'])} examples scored ({split}) |",
-        f"| modules | {', '.join(m['targets'])}; adapter ranks {summary.get('adapter_ranks')}, "
+        f"| modules | {', '.join(summary.get('targets') or m['targets'])}; "
+        f"adapter ranks {summary.get('adapter_ranks')}, "
         "α = r (ΔW = B A) |",
         f"| compute | {summary.get('dtype')} on {summary.get('device')}, seed {config['seed']} |",
         f"| fedlora | {__version__} |",
