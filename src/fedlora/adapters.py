@@ -42,7 +42,7 @@ def resolve_targets(model: Any, targets: Sequence[str]) -> list[str]:
         return list(targets)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    kind = getattr(getattr(model, "config", None), "model_type", None)
+    kind: str = getattr(getattr(model, "config", None), "model_type", None) or ""
     found = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(kind) or EXTRA_TARGETS.get(kind)
     if not found:
         raise ConfigError(
@@ -140,8 +140,33 @@ def _fitting_ranks(
 
 
 def detach(peft_model: Any) -> Any:
-    """Remove the LoRA layers (without merging) and return the plain base model."""
-    return peft_model.unload()
+    """Remove the LoRA layers (without merging) and return the plain base model, with gradient
+    checkpointing off again (:func:`checkpoint_activations`)."""
+    model = peft_model.unload()
+    if _checkpointing(model):
+        switch = getattr(model, "activation_checkpointing_disable", None)
+        (switch or model.gradient_checkpointing_disable)()
+        model.disable_input_require_grads()
+    return model
+
+
+def checkpoint_activations(peft_model: Any) -> None:
+    """Turn on gradient checkpointing for one client's training (``model.gradient_checkpointing``),
+    transformers' non-reentrant kind: it needs no gradient on the embeddings' output, so the
+    input-gradient hook transformers adds with it is removed at once. It is on only between
+    attach and :func:`detach`, so neither transformers nor PEFT (which adds the same hook when it
+    wraps a checkpointing model) leaves one more hook on the embeddings each client and round."""
+    model = peft_model.base_model.model
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def _checkpointing(model: Any) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def lora_layers(peft_model: Any, adapter: str = ADAPTER) -> dict[str, Any]:

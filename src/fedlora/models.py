@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlora.devices import HOST, resolve_device
+from fedlora.devices import HOST, resolve_device, set_deterministic
 from fedlora.errors import ConfigError
 from fedlora.precision import resolve_attention, resolve_dtype
 
@@ -136,7 +136,9 @@ def _quantized(
 
 
 def load_configured(m: ModelConfig, seed: int, quantization: str = "none") -> LoadedModel:
-    """:func:`load_model` with a run's ``[model]`` settings (and a client's quantization)."""
+    """:func:`load_model` with a run's ``[model]`` settings (and a client's quantization);
+    ``model.deterministic`` switches this process to deterministic kernels first."""
+    set_deterministic(m.deterministic)
     return load_model(m.name, m.device, m.dtype, seed, m.attention, m.max_length, quantization)
 
 

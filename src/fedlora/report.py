@@ -140,6 +140,10 @@ def summarize(
         "per_round": {m: dict(curve(rows, m)) for m in metric_names(rows)},
         "communication": communication_summary(traffic),
         "cumulative_bytes": cumulative_bytes(rows),
+        "peak_memory_mb": max(
+            (r["peak_memory_mb"] for r in rows if r.get("peak_memory_mb") is not None),
+            default=None,
+        ),
         **extra,
     }
 

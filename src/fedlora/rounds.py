@@ -19,7 +19,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import torch
 
-from fedlora import adapters, privacy, seeds
+from fedlora import adapters, devices, privacy, seeds
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
 from fedlora.clients import ClientState, LocalPlan, Session, hook_for
 from fedlora.comm import BYTES_PER_PARAM, Traffic, delta_params, factor_params
@@ -119,6 +119,9 @@ class RoundRecord:
     attempts: int = 1
     skipped: str | None = None
     """Why the round changed nothing (too few replies in every try), or None."""
+    peak_memory_mb: float | None = None
+    """The most CUDA memory the server's process held during the round (MiB; in-process, its
+    clients train there too); None off CUDA."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -138,6 +141,8 @@ class RoundRecord:
             out["attempts"] = self.attempts
         if self.skipped is not None:
             out["skipped"] = self.skipped
+        if self.peak_memory_mb is not None:
+            out["peak_memory_mb"] = self.peak_memory_mb
         return out
 
 
@@ -218,6 +223,12 @@ class Workbench:
         self.pad_id = int(tokenizer.pad_token_id)
         self.shapes = adapters.target_shapes(model, cfg.model.targets)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes."""
+        first: torch.Tensor = next(iter(self.model.parameters()))
+        return first.device
+
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics, then each benchmark's with its name as prefix."""
         e = self.cfg.eval
@@ -285,6 +296,8 @@ class Workbench:
         hook = hook_for(cfg.strategy)(session)
         peft_model = hook.attach(self.model)
         try:
+            if cfg.model.gradient_checkpointing:
+                adapters.checkpoint_activations(peft_model)
             if plan.start:
                 adapters.write_factors(peft_model, plan.start)
             if plan.frozen:
@@ -367,6 +380,13 @@ class FederatedRounds:
         With fewer than ``clients.min_clients`` of them, the round is tried again with a fresh
         sample up to ``clients.retries`` times, then skipped; the record says which clients
         failed and why."""
+        device = self.bench.device
+        devices.reset_peak_memory(device)
+        record = self._run_round(t, execute)
+        record.peak_memory_mb = devices.peak_memory_mb(device)
+        return record
+
+    def _run_round(self, t: int, execute: Execute) -> RoundRecord:
         self._started = time.perf_counter()
         failed: dict[str, str] = {}
         need = self.cfg.clients.min_clients

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedlora.data.encode import IGNORE_INDEX, Encoded, collate
-from fedlora.devices import to_host
+from fedlora.devices import is_cuda, to_host
 
 Choices = list[list[int]]
 """The token ids of each choice of one example, written as the response (end-of-turn included)."""
@@ -78,7 +78,18 @@ def token_cross_entropy(
 
 
 _BLOCK_ELEMENTS = 1 << 20
-"""Float32 elements per block of rows (4 MB): a block's exp and its cast stay in cache."""
+"""Float32 elements per block of rows on a CPU (4 MB): a block's exp and its cast stay in
+cache."""
+_CUDA_BLOCK_ELEMENTS = 1 << 26
+"""Float32 elements per block on CUDA (256 MB): a GPU gains nothing from cache-sized blocks, and
+each block costs a few kernel launches (with a 128k vocabulary, 8 rows a block would be
+thousands of launches a step; 512 rows a block is a handful)."""
+
+
+def block_rows(vocab: int, device: torch.device) -> int:
+    """Rows of ``vocab`` logits per float32 block on ``device``."""
+    elements = _CUDA_BLOCK_ELEMENTS if is_cuda(device) else _BLOCK_ELEMENTS
+    return max(1, elements // max(1, vocab))
 
 
 def _lse_and_picked(logits: torch.Tensor, safe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +107,7 @@ def _float_blocks(logits: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(rows, block)``: consecutive row ranges of ``logits`` and each one's float32 copy, all in
     one reused buffer of about :data:`_BLOCK_ELEMENTS` elements (a block is overwritten by the
     next one)."""
-    per_block = max(1, _BLOCK_ELEMENTS // max(1, logits.shape[1]))
+    per_block = block_rows(logits.shape[1], logits.device)
     n = min(per_block, logits.shape[0])
     buffer = torch.empty((n, logits.shape[1]), dtype=torch.float32, device=logits.device)
     for i in range(0, logits.shape[0], per_block):

@@ -27,6 +27,8 @@ class TrainResult:
     """Mean training loss over the round's micro-batches."""
     steps: int
     examples_seen: int
+    skipped_steps: int = 0
+    """Optimizer steps float16's loss scaling skipped (their gradients overflowed)."""
 
 
 def batches(
@@ -66,11 +68,19 @@ def train_local(
     ``penalty`` added to every micro-batch's loss (HetLoRA's tail norm; the reported loss is the
     model's alone); ``after_step`` with the step index after each optimizer step, before the
     gradients are cleared (AdaLoRA's budget).
+
+    A model computing in float16 trains with dynamic loss scaling (``torch.amp.GradScaler``):
+    float16's range would underflow small gradients and overflow large ones on their way back
+    through the frozen base. The gradients are unscaled before ``on_step`` and clipping, and a
+    step whose gradients overflowed is skipped (counted in :attr:`TrainResult.skipped_steps`).
+    bfloat16 has float32's range and needs none.
     """
     hooks = callbacks or Callbacks()
     on_step, penalty, after_step = hooks.on_step, hooks.penalty, hooks.after_step
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = loss_scaler(model)
+    skipped = 0
     generator = torch.Generator().manual_seed(seed)
     stream = batches(data, cfg.batch_size, generator)
     steps = num_steps(cfg, len(data))
@@ -85,14 +95,18 @@ def train_local(
             batch_tensors = collate(batch, pad_id)
             loss = mean_token_loss(model, batch_tensors)
             total = loss if penalty is None else loss + penalty()
-            torch.autograd.backward(total / cfg.grad_accum)
+            torch.autograd.backward(scaler.scale(total / cfg.grad_accum))
             losses.append(loss.detach())
             seen += len(batch)
+        scaler.unscale_(optimizer)
         if on_step is not None:
             on_step()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped += int(scaler.is_enabled() and scaler.get_scale() < scale)
         if after_step is not None:
             after_step(step)
         optimizer.zero_grad(set_to_none=True)
@@ -102,7 +116,16 @@ def train_local(
     mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
     del optimizer, stream
     release_memory()
-    return TrainResult(loss=mean_loss, steps=steps, examples_seen=seen)
+    return TrainResult(loss=mean_loss, steps=steps, examples_seen=seen, skipped_steps=skipped)
+
+
+def loss_scaler(model: Any) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for a model whose frozen weights are float16; a pass-through
+    (disabled) scaler for every other dtype."""
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    half = frozen is not None and frozen.dtype == torch.float16
+    device = frozen.device if frozen is not None else next(model.parameters()).device
+    return torch.amp.GradScaler(device.type, enabled=half)
 
 
 def release_memory() -> None:
