@@ -292,6 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", type=Path, default=None, help="run folders (default: runs/bench-quant-TIME)"
     )
     quant.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    quant.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    over.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+
+    gpu = benches.add_parser(
+        "gpu",
+        help="the GPU validation: placement, every strategy in float32 and bfloat16, DP, "
+        "quantized clients, CPU parity, deterministic resume, an 8B-shaped Llama, Flower, the "
+        "default run (about 8 min on one GPU; --device cpu --quick on a CPU)",
+    )
+    gpu.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    gpu.add_argument("--quick", action="store_true", help="leave out the Flower and default runs")
+    gpu.add_argument(
+        "--only", default="", help="comma-separated checks (default: all), e.g. large,parity"
+    )
+    gpu.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folders and gpu.json (default: runs/bench-gpu-TIME)",
+    )
+    gpu.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     return parser
 
 
@@ -509,6 +530,7 @@ def _bench_overhead(args: argparse.Namespace) -> int:
         rank=args.rank,
         dtype=args.dtype,
         progress=_progress,
+        device=args.device,
     )
     return _report(format_overhead(result), result.to_json(), args.json)
 
@@ -541,6 +563,7 @@ def _bench_quantization(args: argparse.Namespace) -> int:
         runs=not args.no_runs,
         overrides=args.overrides,
         progress=_progress,
+        device=args.device,
     )
     return _report(format_quantization(result), result.to_json(), args.json)
 
@@ -601,6 +624,21 @@ def _bench_comm(args: argparse.Namespace) -> int:
         raise FedloraError(f"recorded traffic differs from the computation in runs {bad}")
     print(f"wrote {args.out}/comm.json, comm.md, comm.png")
     return 0
+
+
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from fedlora.bench.gpu import CHECKS, format_gpu, run_gpu_validation
+
+    only = [c for c in args.only.split(",") if c]
+    unknown = sorted(set(only) - set(CHECKS))
+    if unknown:
+        raise ConfigError(f"--only {','.join(unknown)}: the checks are {', '.join(CHECKS)}")
+    _quiet_libraries(True)
+    out = args.out or _timestamped("bench-gpu")
+    report = run_gpu_validation(out, args.device, args.quick, only, progress=print)
+    _report(format_gpu(report), report, args.json)
+    print(f"wrote {out / 'gpu.json'}")
+    return 0 if report["ok"] else 1
 
 
 def _report(text: str, figures: dict[str, Any], path: Path | None) -> int:
@@ -718,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_study(args)
         if args.command == "bench" and args.bench == "comm":
             return _bench_comm(args)
+        if args.command == "bench" and args.bench == "gpu":
+            return _bench_gpu(args)
         if args.command == "bench" and args.bench == "scale":
             return _bench_scale(args)
         raise ConfigError(f"unknown command {args.command!r}")

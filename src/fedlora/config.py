@@ -206,6 +206,19 @@ class FlowerConfig:
     """How long the server waits for ``clients.num_clients`` SuperNodes before round 1."""
     round_timeout_s: float = 3600.0
     """How long it waits for a round's replies; a node silent for longer counts as failed."""
+    client_gpus: float | None = None
+    """GPUs per ClientApp on Flower's simulation engine (``fedlora run --engine flower``
+    without ``--superlink``), as Ray counts them: a fraction ≤ 1 shares one GPU (0.25: four
+    clients train on it at a time), a whole number gives each client that many. None: ``1 /
+    clients_per_gpu`` where the launching machine has CUDA and ``model.device`` is not the CPU,
+    else 0 (Ray hides every GPU from a ClientApp given none, so it trains on the CPU). At most
+    the machine's number of CUDA devices (checked when the simulation starts)."""
+    clients_per_gpu: int = 1
+    """How many ClientApps share one GPU when ``client_gpus`` is None (simulation engine)."""
+    client_cpus: int | None = None
+    """CPU cores per ClientApp on the simulation engine (a whole number: Flower 1.42's
+    federation config takes an integer); Ray runs at most cores ÷ this many clients at a time.
+    None: Flower's default 2, capped at the launching machine's cores."""
 
 
 @dataclass
@@ -563,6 +576,21 @@ def _check_faults(config: RunConfig) -> None:
             "flower.wait_nodes_s and flower.round_timeout_s must be > 0 seconds, got "
             f"{config.flower.wait_nodes_s} and {config.flower.round_timeout_s}"
         )
+    # the simulation engine's client resources are amounts Ray can schedule; whether this
+    # machine has the GPUs is checked where the simulation starts (launch.simulation_options):
+    # every Flower process checks the config again, and a ClientApp given no GPU sees none
+    gpus = config.flower.client_gpus
+    if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+        raise ConfigError(
+            "flower.client_gpus must be >= 0, and a whole number above 1 (Ray shares a GPU "
+            f"only in fractions of one), got {gpus}"
+        )
+    if config.flower.clients_per_gpu < 1:
+        raise ConfigError(
+            f"flower.clients_per_gpu must be >= 1, got {config.flower.clients_per_gpu}"
+        )
+    if config.flower.client_cpus is not None and config.flower.client_cpus < 1:
+        raise ConfigError(f"flower.client_cpus must be >= 1, got {config.flower.client_cpus}")
     v = config.validation
     if v.max_norm is not None and not v.max_norm > 0:
         raise ConfigError(f"validation.max_norm must be > 0, got {v.max_norm}")

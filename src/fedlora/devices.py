@@ -105,3 +105,29 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives, with its index (``cuda:0``, not ``cuda``): the
+    device a client reports it trained on."""
+    return next(model.parameters()).device
+
+
+def cuda_count() -> int:
+    """How many CUDA devices this process sees: 0 without CUDA (or where Ray hid them from a
+    Flower ClientApp given no GPU)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def names_host(device: str) -> bool:
+    """Whether the device setting ``device`` (``auto``, ``cpu``, ``cuda[:N]``) names the CPU."""
+    return device.split(":")[0] == HOST.type
+
+
+def round_robin(count: int, gpus: int) -> list[str]:
+    """Device names for ``count`` processes on one host with ``gpus`` CUDA devices:
+    ``cuda:0``, ``cuda:1``, …, ``cuda:{gpus-1}``, ``cuda:0``, …; every one the CPU when
+    ``gpus`` is 0."""
+    if gpus <= 0:
+        return [HOST.type] * count
+    return [f"cuda:{k % gpus}" for k in range(count)]

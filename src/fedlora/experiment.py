@@ -17,6 +17,7 @@ import torch
 from fedlora import adapters
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.config import RunConfig, config_from_json, to_dict
+from fedlora.devices import device_of
 from fedlora.errors import ConfigError
 from fedlora.federation import build_federation
 from fedlora.models import load_configured, published_name
@@ -43,7 +44,12 @@ def run_experiment(
         {"id": c.cid, "rank": c.rank, "alpha": c.alpha, "examples": len(c.examples)}
         for c in fed.clients
     ]
-    facts = {"heldout_examples": len(fed.heldout), "device": str(fed.loaded.device)}
+    facts = {
+        "heldout_examples": len(fed.heldout),
+        "device": str(fed.loaded.device),
+        # every client trains on the server's model, or a quantized one on the same device
+        "client_devices": [str(device_of(fed.loaded.model))],
+    }
     return finish_run(cfg, writer, outcome, runner.bench, clients, facts, start)
 
 

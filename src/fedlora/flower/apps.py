@@ -14,8 +14,11 @@ who it is in its node
 config: ``partition-id`` (required: which client it is), and optionally ``rank``, ``alpha``,
 ``data`` (a data file of its own, used whole, instead of its partition of ``data.source``),
 ``quantization`` (``none``, ``8bit`` or ``4bit``: how this node holds its frozen base; default:
-``clients.quantization`` for its partition-id) and ``keep-model`` (true: keep the loaded model
-between messages, :mod:`fedlora.flower.node`).
+``clients.quantization`` for its partition-id), ``device`` (where this node's model lives, e.g.
+``cuda:1``; default: ``model.device``; a local deployment gives each node one,
+:func:`fedlora.flower.launch.deployment_devices`) and ``keep-model`` (true: keep the loaded model
+between messages, :mod:`fedlora.flower.node`). A node's reply to ``train`` says the device it
+trained on; the summary's ``client_devices`` lists them.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.clients import hook_for
 from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
+from fedlora.devices import device_of
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.federation import FederationData, federation_data, server_bench, server_rounds
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
 from fedlora.flower.records import (
     array_part,
     config_part,
+    content_device,
     content_plan,
     content_result,
     factors_record,
@@ -129,8 +134,9 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
             flush=True,
         )
 
+    trained_on: set[str] = set()
     outcome = rounds.drive(
-        lambda tasks: _exchange(grid, tasks, node_of, timeout_s),
+        lambda tasks: _exchange(grid, tasks, node_of, timeout_s, trained_on),
         checkpointing(writer, cfg),
         snapshot,
         clients_hold_nothing=True,  # the nodes of a new Flower run hold no merged updates
@@ -143,6 +149,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     facts = {
         "heldout_examples": len(data.heldout),
         "device": str(loaded.device),
+        "client_devices": sorted(trained_on),
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
     }
@@ -210,10 +217,15 @@ def _int(value: Any, key: str, node: int) -> int:
 
 
 def _exchange(
-    grid: Grid, tasks: Sequence[Task], node_of: Mapping[str, int], timeout_s: float
+    grid: Grid,
+    tasks: Sequence[Task],
+    node_of: Mapping[str, int],
+    timeout_s: float,
+    trained_on: set[str] | None = None,
 ) -> list[LocalResult | Failure]:
     """Send each task to its node as a ``train`` message; per task, in order, its result or why
-    there is none (the node failed, did not answer in time, or sent a malformed reply)."""
+    there is none (the node failed, did not answer in time, or sent a malformed reply). The
+    devices the nodes say they trained on are added to ``trained_on``."""
     messages = [
         Message(task_content(task), node_of[task.client.cid], "train", group_id=str(task.round))
         for task in tasks
@@ -225,9 +237,14 @@ def _exchange(
             out.append(reply)
             continue
         try:
-            out.append(content_result(reply, task.client.cid))
+            result = content_result(reply, task.client.cid)
+            device = content_device(reply, task.client.cid)
         except UpdateError as exc:
             out.append(Failure(f"rejected reply: {exc}"))
+            continue
+        out.append(result)
+        if device is not None and trained_on is not None:
+            trained_on.add(device)
     return out
 
 
@@ -294,7 +311,7 @@ def node_train(content: RecordDict, context: Context) -> RecordDict:
         context.state[f"base.{i}"] = factors_record(delta)
     _restore_base(bench, _received_base(context))
     result = bench.train(client, plan, t, state=NodeState(context))
-    return result_content(result)
+    return result_content(result, device=str(device_of(bench.model)))
 
 
 class NodeState:
@@ -364,6 +381,18 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
     return Client(client_id(index), index, rank, alpha, list(examples)), kind
 
 
+def node_device(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
+    """Where a node's model lives: its node config's ``device`` (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``) when it has one, else the run's ``model.device``. Resolved, and refused if not
+    on this host, when the model loads."""
+    device = node_config.get("device", cfg.model.device)
+    if not isinstance(device, str) or not device:
+        raise ConfigError(
+            f"node config device must be a device name (auto, cpu, cuda[:N]), got {device!r}"
+        )
+    return device
+
+
 @functools.lru_cache(maxsize=1)
 def _loaded(
     cfg_model: str, seed: int, quantization: str = "none"
@@ -385,7 +414,8 @@ def node_workbench(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Clie
     workbench on the model (loaded once per process; Flower's deployment starts a new process
     for every message, its simulation engine keeps them)."""
     client, kind = node_client(cfg, node_config)
-    settings = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
+    model = dataclasses.replace(cfg.model, device=node_device(cfg, node_config))
+    settings = json.dumps(dataclasses.asdict(model), sort_keys=True)
     quantization = node_config.get("quantization", cfg.clients.quantization_of(client.index))
     if quantization not in QUANTIZATIONS:
         raise ConfigError(

@@ -8,7 +8,8 @@ process id. Flower's own files go under ``FLWR_HOME`` inside the run folder, nev
 directory; runtime dependency installation is disabled, so Flower never replaces torch.
 :class:`Processes` starts and stops SuperLinks and SuperNodes; ``run_deployment`` runs a whole
 local deployment with them (a SuperLink and a SuperNode per client, as ``fedlora bench flower``
-measures it).
+measures it). Where clients train: :func:`simulation_options` (the simulation engine's client
+resources, GPUs included) and :func:`deployment_devices` (a local deployment's node devices).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import psutil
 
 from fedlora import __version__
 from fedlora.config import RunConfig, to_dict
-from fedlora.errors import FedloraError
+from fedlora.devices import cuda_count, names_host, round_robin
+from fedlora.errors import ConfigError, FedloraError
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
 from fedlora.flower.apps import check_flower
 
@@ -283,7 +285,8 @@ def _stop_all(procs: Sequence[psutil.Process], grace_s: float = 10.0) -> None:
 
 
 def node_config_arg(values: Mapping[str, Any]) -> str:
-    """``--node-config`` text: space-separated ``key=value`` with TOML values."""
+    """``--node-config`` (or ``--federation-config``) text: space-separated ``key=value`` with
+    TOML values."""
     parts = []
     for key, value in values.items():
         text = json.dumps(value) if isinstance(value, str) else str(value).lower()
@@ -399,22 +402,66 @@ def submit(
     return summary
 
 
+FLOWER_DEFAULT_CPUS = 2
+"""The CPU cores Flower's simulation engine gives a ClientApp unless told otherwise."""
+
+
+def simulation_options(
+    cfg: RunConfig, n: int, cuda_devices: int, host_cpus: int | None = None
+) -> dict[str, int | float]:
+    """What the simulation engine is told (``flwr run --federation-config``, Flower 1.42's
+    keys): ``n`` SuperNodes and each ClientApp's CPU cores and GPUs (``[flower]``
+    ``client_cpus``, ``client_gpus``, ``clients_per_gpu``) on a machine with ``cuda_devices``
+    CUDA devices and ``host_cpus`` cores (default: this machine's). Default GPUs: ``1 /
+    clients_per_gpu`` with CUDA, unless ``model.device`` is the CPU; 0 without. Default cores:
+    Flower's 2, at most ``host_cpus`` (Ray never places a ClientApp that asks for more).
+    More GPUs per client than the machine has is a :class:`ConfigError` naming the key."""
+    f = cfg.flower
+    gpus = f.client_gpus
+    if gpus is None:
+        gpus = 1.0 / f.clients_per_gpu if cuda_devices and not names_host(cfg.model.device) else 0.0
+    if gpus > cuda_devices:
+        raise ConfigError(
+            f"flower.client_gpus = {gpus:g} GPUs per client, but this machine has "
+            f"{cuda_devices} CUDA device(s); lower it (a fraction shares one GPU) or set it to 0"
+        )
+    cpus = f.client_cpus
+    if cpus is None:
+        cpus = min(FLOWER_DEFAULT_CPUS, host_cpus or os.cpu_count() or 1)
+    return {
+        "num-supernodes": n,
+        "client-resources-num-cpus": int(cpus),
+        "client-resources-num-gpus": float(gpus),
+    }
+
+
+def deployment_devices(cfg: RunConfig, n: int, cuda_devices: int) -> list[str]:
+    """The device of each of a local deployment's ``n`` SuperNodes (node config ``device``):
+    with ``model.device = "auto"``, the machine's ``cuda_devices`` GPUs round-robin (node k on
+    ``cuda:k mod cuda_devices``), the CPU without; any other ``model.device`` for every node."""
+    if cfg.model.device != "auto":
+        return [cfg.model.device] * n
+    return round_robin(n, cuda_devices)
+
+
 def run_deployment(
     cfg: RunConfig, out: Path, echo: bool = True, keep_model: bool = False
 ) -> dict[str, Any]:
     """Run ``cfg`` on a local deployment: an insecure SuperLink and one SuperNode per client
-    (``partition-id`` k, its rank from ``cfg``), each a separate process on this machine, every
-    message handled by a new ClientApp process (Flower's ``subprocess`` isolation); with
-    ``keep_model`` each node's ClientApps hand their messages to the node's model keeper
-    (:mod:`fedlora.flower.node`). All stopped afterwards. The summary."""
+    (``partition-id`` k, its rank from ``cfg``, its ``device`` from :func:`deployment_devices`),
+    each a separate process on this machine, every message handled by a new ClientApp process
+    (Flower's ``subprocess`` isolation); with ``keep_model`` each node's ClientApps hand their
+    messages to the node's model keeper (:mod:`fedlora.flower.node`). All stopped afterwards.
+    The summary."""
     check_flower(cfg)
     home = out.resolve() / "flower"
     n = cfg.clients.num_clients
+    devices = deployment_devices(cfg, n, cuda_count())
     with Processes(home, home / "logs") as procs:
         link, *ports = free_ports(1 + n)
         address = procs.superlink(link)
         for k in range(n):
-            node: dict[str, Any] = {"partition-id": k}
+            node: dict[str, Any] = {"partition-id": k, "device": devices[k]}
             if keep_model:
                 node["keep-model"] = True
             procs.supernode(k, address, node, ports[k])
@@ -429,13 +476,13 @@ def run_simulation(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg`` on Flower's simulation engine with one SuperNode per client (a SuperLink in
-    simulation mode on a free local port, stopped afterwards); the summary. ``resume``: continue
-    ``out`` from its checkpoint."""
+    simulation mode on a free local port, stopped afterwards), each ClientApp given the CPU
+    cores and GPUs of :func:`simulation_options`; the summary. ``resume``: continue ``out``
+    from its checkpoint."""
     check_flower(cfg, resume)
+    n = supernodes or cfg.clients.num_clients
+    options = node_config_arg(simulation_options(cfg, n, cuda_count()))
     home = out.resolve() / "flower"
     with Processes(home, home / "logs") as procs:
         address = procs.superlink(free_port(), simulation=True)
-        n = supernodes or cfg.clients.num_clients
-        return submit(
-            cfg, out, address, federation_config=f"num-supernodes={n}", echo=echo, resume=resume
-        )
+        return submit(cfg, out, address, federation_config=options, echo=echo, resume=resume)

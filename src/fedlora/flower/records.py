@@ -4,7 +4,8 @@ bytes, loaded with ``allow_pickle=False``), scalars as ``ConfigRecord``. Nothing
 A plan travels as ``plan`` (rank, round, flags), ``start`` / ``frozen`` (factors, ``{module}.A``
 and ``{module}.B``) and one ``base.{i}`` record per merged base update the node has not received
 (``{module}.A``/``.B`` when factored, ``{module}.W`` when dense). A result travels as ``result``
-(loss, examples), ``factors``, ``kept`` and, for HAFL, ``importance``. Flower splits arrays into
+(loss, examples, the device it was trained on), ``factors``, ``kept`` and, for HAFL,
+``importance``. Flower splits arrays into
 chunks itself, so adapter size is not bounded by one message frame.
 """
 
@@ -149,17 +150,20 @@ def plan_options(record: ConfigRecord, where: str) -> dict[str, Scalar]:
     return options
 
 
-def result_content(result: LocalResult) -> RecordDict:
-    """A client's result as the content of its reply."""
+def result_content(result: LocalResult, device: str | None = None) -> RecordDict:
+    """A client's result as the content of its reply, with the ``device`` it trained on."""
+    summary = ConfigRecord(
+        {
+            "loss": float(result.loss),
+            "num_examples": int(result.num_examples),
+            "next_rank": -1 if result.next_rank is None else int(result.next_rank),
+        }
+    )
+    if device is not None:
+        summary["device"] = device
     content = RecordDict(
         {
-            "result": ConfigRecord(
-                {
-                    "loss": float(result.loss),
-                    "num_examples": int(result.num_examples),
-                    "next_rank": -1 if result.next_rank is None else int(result.next_rank),
-                }
-            ),
+            "result": summary,
             "factors": factors_record(result.factors),
             "kept": ConfigRecord({name: int(k) for name, k in result.kept.items()}),
         }
@@ -195,6 +199,18 @@ def content_result(content: RecordDict, client: str) -> LocalResult:
     return LocalResult(
         factors, loss, importance, kept, examples, None if next_rank < 0 else next_rank
     )
+
+
+def content_device(content: RecordDict, client: str) -> str | None:
+    """The device a reply says its client trained on (None: it does not say)."""
+    where = f"reply of client {client!r}"
+    record = config_part(content, "result", where)
+    if "device" not in record:
+        return None
+    device = record["device"]
+    if not isinstance(device, str):
+        raise UpdateError(f"{where}: device must be a string, got {device!r}")
+    return device
 
 
 def config_part(content: RecordDict, key: str, where: str) -> ConfigRecord:
