@@ -20,6 +20,9 @@ def test_benchmark_times_every_strategy_and_checks_the_factored_svd() -> None:
     assert result.flexlora_dense_s > 0 and result.flexlora_factored_s > 0
     assert result.speedup == pytest.approx(result.flexlora_dense_s / result.flexlora_factored_s)
     assert 0 <= result.max_rel_err <= 1e-4
+    # each float32 side against a float64 SVD: within float32's rounding on any CPU's kernels
+    assert 0 < result.factored_vs_float64 <= 1e-4 and 0 < result.dense_vs_float64 <= 1e-4
+    assert "against a float64 SVD" in format_table(result)
     assert "speedup" in format_table(result) and "fedit" in result.notes
 
 

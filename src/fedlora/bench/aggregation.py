@@ -39,6 +39,12 @@ class AggregationBench:
     flexlora_factored_s: float
     speedup: float
     max_rel_err: float
+    """Factored FlexLoRA against the dense float32 SVD (both float32: the sum of both errors)."""
+    factored_vs_float64: float
+    """Factored FlexLoRA's largest relative error against a dense float64 SVD of the float64
+    ``ΔW_g``: its own error, whichever CPU's kernels computed it."""
+    dense_vs_float64: float
+    """The dense float32 SVD's (the reference code's) against the same float64 reference."""
     strategies: dict[str, float]
     notes: dict[str, str] = field(default_factory=dict)
     torch_version: str = torch.__version__
@@ -82,21 +88,26 @@ def _round_trip(strategy: Strategy, state: GlobalState, updates: list[ClientUpda
     strategy.redistribute(new, [u.factors[MODULE].rank for u in updates])
 
 
-def exact_delta(updates: Sequence[ClientUpdate]) -> torch.Tensor:
-    """``Σ_k p_k B_k A_k`` densely, weights by data size: the target every exact rule must hit."""
+def exact_delta(
+    updates: Sequence[ClientUpdate], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``Σ_k p_k B_k A_k`` densely in ``dtype``, weights by data size: the target every exact rule
+    must hit."""
     ordered = sorted(updates, key=lambda u: u.client_id)
-    delta = torch.zeros(ordered[0].factors[MODULE].shape)
+    f = ordered[0].factors[MODULE]
+    delta = torch.zeros(f.shape, dtype=dtype, device=f.A.device)
     for p, u in zip(client_weights(ordered), ordered, strict=True):
-        delta += p * u.factors[MODULE].delta()
+        delta += p * u.factors[MODULE].to(dtype).delta()
     return delta
 
 
 def dense_flexlora(
-    updates: Sequence[ClientUpdate], ranks: Sequence[int]
+    updates: Sequence[ClientUpdate], ranks: Sequence[int], dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
-    """The reference code's way: dense ``ΔW_g``, dense SVD, a dense truncation per distinct rank.
+    """The reference code's way: dense ``ΔW_g``, dense SVD, a dense truncation per distinct rank,
+    in ``dtype`` (float32 as the reference code; float64 as the reference for both).
     Returns the singular values, ``{r: ΔW_r}`` and ``ΔW_g``."""
-    delta = exact_delta(updates)
+    delta = exact_delta(updates, dtype)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     truncations = {r: (U[:, :r] * S[:r]) @ Vh[:r] for r in sorted(set(ranks))}
     return S, truncations, delta
@@ -159,6 +170,13 @@ def run_aggregation_bench(
         flexlora_error(factored_state, dense_s, dense_truncations),
         _relative(full.delta(), delta),  # nothing lost at rank R = Σ r_k
     )
+    say("float64 SVD reference of both")
+    s64, truncations64, delta64 = dense_flexlora(updates, ranks, torch.float64)
+    factored64 = GlobalState(factors={MODULE: full.to(torch.float64)})
+    vs64 = max(
+        flexlora_error(factored64, s64, truncations64), _relative(full.delta().double(), delta64)
+    )
+    dense_vs64 = dense_error(dense_s, dense_truncations, s64, truncations64)
     factored_seconds = timings["flexlora"]
     return AggregationBench(
         d_in=d_in,
@@ -169,9 +187,25 @@ def run_aggregation_bench(
         flexlora_factored_s=factored_seconds,
         speedup=dense_seconds / factored_seconds,
         max_rel_err=rel_err,
+        factored_vs_float64=vs64,
+        dense_vs_float64=dense_vs64,
         strategies=timings,
         notes=notes,
     )
+
+
+def dense_error(
+    s: torch.Tensor,
+    truncations: dict[int, torch.Tensor],
+    reference_s: torch.Tensor,
+    reference: dict[int, torch.Tensor],
+) -> float:
+    """Largest relative difference of one dense SVD's result from another's (as
+    :func:`flexlora_error` measures the factored one)."""
+    q = min(s.numel(), reference_s.numel())
+    errors = [float((s[:q].double() - reference_s[:q]).abs().max() / reference_s[0])]
+    errors += [_relative(truncations[r].double(), reference[r]) for r in reference]
+    return max(errors)
 
 
 def format_table(result: AggregationBench) -> str:
@@ -188,5 +222,7 @@ def format_table(result: AggregationBench) -> str:
         f"{'dense SVD':<12} {result.flexlora_dense_s:>10.4f}  FlexLoRA as the reference code does",
         f"speedup of factored FlexLoRA over dense: {result.speedup:.0f}x   "
         f"max relative error: {result.max_rel_err:.2e}",
+        f"against a float64 SVD: factored {result.factored_vs_float64:.2e}, dense float32 "
+        f"{result.dense_vs_float64:.2e}",
     ]
     return "\n".join(lines)
