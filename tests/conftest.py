@@ -28,6 +28,13 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     patch.undo()
 
 
+@pytest.fixture
+def hardware_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.dtype = "auto"`` follows the hardware in this test, even where the suite runs
+    with ``FEDLORA_AUTO_DTYPE`` set (the suite's run as another kind of machine)."""
+    monkeypatch.delenv("FEDLORA_AUTO_DTYPE", raising=False)
+
+
 if os.environ.get("FEDLORA_MUTATION"):
     # Under `make mutation` a failing example is a killed mutant: stop at it rather than shrink
     # it (shrinking re-runs the property many times, for a report nobody reads there).

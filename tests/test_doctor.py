@@ -78,6 +78,7 @@ def test_collect_has_every_section_with_its_keys_and_types(report: dict[str, Any
 
 
 @pytest.mark.usefixtures("no_cuda")
+@pytest.mark.usefixtures("hardware_auto")
 def test_without_cuda_no_device_is_queried_and_auto_is_the_cpu() -> None:
     assert doctor.cuda_info() == {"available": False, "devices": []}
     auto = doctor.auto_choices()
@@ -92,6 +93,7 @@ def test_without_cuda_no_device_is_queried_and_auto_is_the_cpu() -> None:
 
 
 @pytest.mark.usefixtures("no_cuda")
+@pytest.mark.usefixtures("hardware_auto")
 def test_a_cpu_with_native_bfloat16_picks_bfloat16_and_eager(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -106,6 +108,7 @@ def test_a_cpu_with_native_bfloat16_picks_bfloat16_and_eager(
 
 
 @pytest.mark.usefixtures("no_cuda")
+@pytest.mark.usefixtures("hardware_auto")
 def test_a_cpu_without_native_bfloat16_says_it_would_be_emulated(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -119,6 +122,7 @@ def test_a_cpu_without_native_bfloat16_says_it_would_be_emulated(
     )
 
 
+@pytest.mark.usefixtures("hardware_auto")
 def test_a_cuda_device_reports_capability_memory_and_bfloat16(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -43,6 +43,7 @@ def tiny(*overrides: str) -> RunConfig:
         (CUDA, True, (7, 0), torch.float32),  # V100
     ],
 )
+@pytest.mark.usefixtures("hardware_auto")
 def test_auto_picks_bfloat16_only_where_the_hardware_has_it(
     monkeypatch: pytest.MonkeyPatch,
     device: torch.device,
@@ -85,6 +86,7 @@ def test_a_bad_dtype_stops_the_config_check_before_anything_loads(
         build_federation(tiny("model.dtype=float16"))
 
 
+@pytest.mark.usefixtures("hardware_auto")
 def test_the_detection_reads_this_machine() -> None:
     # whatever the CPU, the answer is a bool and auto follows it
     native = precision.cpu_has_native_bf16()
@@ -304,3 +306,17 @@ def test_a_merged_model_saved_from_a_bfloat16_run_holds_the_exact_update(tmp_pat
             merged.get_submodule(name).weight.double() - base.get_submodule(name).weight.double()
         )
         assert rel_err(change, f.delta()) <= 1e-4
+
+
+@pytest.mark.parametrize("forced", ["float32", "bfloat16"])
+def test_the_environment_can_make_auto_take_another_machine_s_dtype(
+    monkeypatch: pytest.MonkeyPatch, forced: str
+) -> None:
+    monkeypatch.setenv(precision.AUTO_DTYPE_VARIABLE, forced)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: forced == "float32")
+
+    assert resolve_dtype("auto", CPU) == precision.DTYPES[forced]  # not the hardware's
+    assert resolve_dtype("float32", CPU) == torch.float32  # an explicit dtype is kept
+    monkeypatch.setenv(precision.AUTO_DTYPE_VARIABLE, "half")
+    with pytest.raises(ConfigError, match="FEDLORA_AUTO_DTYPE='half'"):
+        resolve_dtype("auto", CPU)

@@ -44,6 +44,7 @@ PACKAGES = (
 
 ENVIRONMENT = (
     "FEDLORA_CACHE",
+    "FEDLORA_AUTO_DTYPE",
     "CUDA_VISIBLE_DEVICES",
     "OMP_NUM_THREADS",
     "HF_HUB_OFFLINE",
@@ -218,6 +219,9 @@ def default_max_length() -> int:
 def dtype_reason(device: torch.device, dtype: torch.dtype) -> str:
     """One line saying why ``auto`` gave ``dtype`` on ``device``."""
     name = precision.dtype_name(dtype)
+    forced = os.environ.get(precision.AUTO_DTYPE_VARIABLE)
+    if forced:
+        return f"{precision.AUTO_DTYPE_VARIABLE}={forced} overrides the hardware's choice"
     if devices.is_cuda(device):
         major, minor = torch.cuda.get_device_capability(device)
         native = "native bfloat16" if dtype == torch.bfloat16 else "no native bfloat16"

@@ -15,6 +15,7 @@ hardware multiplies it natively, float32 elsewhere). The rules (``docs/precision
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +28,9 @@ from fedlora.linalg import compact, stack
 from fedlora.lora import BaseDelta, LoRAFactors, dense_delta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE_VARIABLE = "FEDLORA_AUTO_DTYPE"
+"""An environment variable naming what ``model.dtype = "auto"`` resolves to, whatever the
+hardware: ``float32`` (a machine without native bfloat16) or ``bfloat16`` (one with it)."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -55,9 +59,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
     ``auto``: bfloat16 on a CUDA device that multiplies it natively (compute capability 8.0+,
     :func:`fedlora.devices.cuda_bf16_native`; not V100 or T4, where it is emulated) and on a CPU
-    with native bfloat16 (:func:`cpu_has_native_bf16`), float32 elsewhere. ``float16`` on a CPU
-    without native float16 is refused: it would run far slower than float32.
+    with native bfloat16 (:func:`cpu_has_native_bf16`), float32 elsewhere; the environment
+    variable :data:`AUTO_DTYPE_VARIABLE` (``float32`` or ``bfloat16``) overrides that choice, so a
+    machine can take another's (the test suite runs both ways on one machine). ``float16`` on a
+    CPU without native float16 is refused: it would run far slower than float32.
     """
+    if dtype == "auto" and os.environ.get(AUTO_DTYPE_VARIABLE):
+        forced = os.environ[AUTO_DTYPE_VARIABLE]
+        if forced not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"{AUTO_DTYPE_VARIABLE}={forced!r}: use float32 or bfloat16 (or leave it unset)"
+            )
+        return DTYPES[forced]
     if dtype == "auto":
         if is_cuda(device):
             return torch.bfloat16 if cuda_bf16_native(device) else torch.float32
