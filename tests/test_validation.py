@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import MODULES, examples, random_factors
 from fedlora.config import load_config
+from fedlora.devices import HOST
 from fedlora.errors import UpdateError
 from fedlora.lora import (
     ClientUpdate,
@@ -116,6 +117,8 @@ def test_the_norm_bound_is_computed_from_the_factors() -> None:
 
 class NoModel:
     """The server's model, not needed to aggregate (nothing is due for evaluation)."""
+
+    device = HOST  # where its peak memory would be measured (nowhere, on the host)
 
     def evaluate_with(self, factors: object) -> dict[str, float]:
         return {}
