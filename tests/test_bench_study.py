@@ -18,6 +18,7 @@ from fedlora.bench.study import (
     load_study,
     paired_test,
     ranges_disjoint,
+    recheck_decisions,
     run_study,
     spread,
     tuning_key,
@@ -476,3 +477,32 @@ def test_a_tuning_study_and_a_seeds_study_that_takes_its_lrs_split_the_work(
     seeds.write_text(seeds.read_text().replace(str(out / "tuned.json"), str(empty)))
     with pytest.raises(ConfigError, match="holds no lr tuning"):
         run_study(load_study(seeds), tmp_path / "w")
+
+
+def test_committed_decisions_are_rechecked_under_the_paired_t_test(tmp_path: Path) -> None:
+    flora = [1.0, 1.1, 1.2]
+    payload = {
+        "reference": "flora",
+        "variants": {
+            "v": {
+                "strategies": {
+                    "flora": {"loss": {"values": flora}},
+                    "fedit": {"loss": {"values": [1.05, 1.11, 1.32]}},  # old rule: yes; t: no
+                    "zeropad": {"loss": {"values": [1.5, 1.6, 1.71]}},  # decided both ways
+                },
+                "differences": {
+                    "loss": {
+                        "fedit": {"mean": 0.06, "beyond_spread": True},
+                        "zeropad": {"mean": 0.5033, "beyond_spread": True},
+                    }
+                },
+            }
+        },
+    }
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "s.json").write_text(json.dumps(payload))
+
+    total, changed = recheck_decisions(tmp_path)
+
+    assert total == 2
+    assert [(c["strategy"], c["decided"]) for c in changed] == [("fedit", False)]

@@ -580,6 +580,40 @@ def paired_test(diffs: Sequence[float]) -> dict[str, Any]:
     return {"t": t, "df": n - 1, "p": p, "decided": p < DECISION_LEVEL}
 
 
+def recheck_decisions(results: Path) -> tuple[int, list[dict[str, object]]]:
+    """How many seed-paired comparisons the study JSONs under ``results`` hold, and those that
+    :func:`paired_test` decides differently from the flag they were rendered with
+    (``beyond_spread``, the rule before 2026-12-06), recomputed from the values in the JSON."""
+    total, changed = 0, []
+    for path in sorted(results.glob("*/*.json")):
+        payload = json.loads(path.read_text())
+        if not isinstance(payload, dict) or "variants" not in payload:
+            continue
+        reference = payload.get("reference") or "flora"
+        for variant, v in payload["variants"].items():
+            per = v.get("strategies", {})
+            for metric, rows in v.get("differences", {}).items():
+                base = per.get(reference, {}).get(metric, {}).get("values")
+                for strategy, d in rows.items() if base else ():
+                    values = per[strategy][metric]["values"]
+                    test = paired_test([a - b for a, b in zip(values, base, strict=True)])
+                    total += 1
+                    if test["decided"] != d["beyond_spread"]:
+                        changed.append(
+                            {
+                                "study": path.stem,
+                                "variant": variant,
+                                "metric": metric,
+                                "strategy": strategy,
+                                "mean": d["mean"],
+                                "p": test["p"],
+                                "seeds": len(values),
+                                "decided": test["decided"],
+                            }
+                        )
+    return total, changed
+
+
 def ranges_disjoint(a: Sequence[float], b: Sequence[float]) -> bool:
     """The seed ranges of ``a`` and ``b`` do not overlap (never with fewer than two seeds)."""
     if len(a) < 2 or len(b) < 2:
