@@ -16,7 +16,9 @@ from fedlora.bench.study import (
     adapter_update_norm,
     beyond_spread,
     load_study,
+    paired_test,
     ranges_disjoint,
+    recheck_decisions,
     run_study,
     spread,
     tuning_key,
@@ -90,6 +92,7 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
         diffs = [o - f for o, f in zip(other, flora, strict=True)]
         assert diff["mean"] == pytest.approx(statistics.fmean(diffs))
         assert diff["beyond_spread"] == beyond_spread(diffs)
+        assert diff["decided"] == paired_test(diffs)["decided"]
         assert diff["ranges_disjoint"] == ranges_disjoint(other, flora)
     across = payload["variants"]["hom"]["differences_from_variant"]["loss"]
     het = payload["variants"]["het"]["strategies"]["flora"]["loss"]["values"]
@@ -136,6 +139,35 @@ def test_spread_and_overlap() -> None:
     assert not beyond_spread([-0.2, 0.01, -0.3])  # signs differ
     assert not beyond_spread([-0.01, -0.5, -0.02])  # same sign, but sd above |mean|
     assert not beyond_spread([-0.2])
+
+
+@pytest.mark.parametrize(
+    ("diffs", "t", "p", "decided"),
+    [
+        # mean −0.2033, sd 0.01528, t = mean / (sd / √3) = −23.05, df 2: p = 0.0019
+        ([-0.2, -0.22, -0.19], -23.05, 0.0019, True),
+        # the old rule's "larger than the spread" (same sign, |mean| > sd): t = −1.87, df 2,
+        # p = 0.20, not decided at 95 %
+        ([-0.05, -0.01, -0.12], -1.87, 0.20, False),
+        ([-0.05, -0.01, -0.12, -0.06, -0.04, -0.07], -3.91, 0.0113, True),  # 6 seeds: decided
+        ([0.1, -0.1], 0.0, 1.0, False),
+    ],
+)
+def test_a_difference_is_decided_by_a_paired_t_test_at_95_percent(
+    diffs: list[float], t: float, p: float, decided: bool
+) -> None:
+    test = paired_test(diffs)
+
+    assert test["df"] == len(diffs) - 1
+    assert test["t"] == pytest.approx(t, abs=0.01)
+    assert test["p"] == pytest.approx(p, abs=0.0005 if p < 0.02 else 0.01)
+    assert test["decided"] is decided
+
+
+def test_fewer_than_two_seeds_decide_nothing_and_no_spread_decides_a_nonzero_mean() -> None:
+    assert paired_test([-0.3])["decided"] is False
+    assert paired_test([0.2, 0.2, 0.2])["decided"] is True
+    assert paired_test([0.0, 0.0])["decided"] is False
 
 
 @pytest.mark.parametrize(
@@ -445,3 +477,32 @@ def test_a_tuning_study_and_a_seeds_study_that_takes_its_lrs_split_the_work(
     seeds.write_text(seeds.read_text().replace(str(out / "tuned.json"), str(empty)))
     with pytest.raises(ConfigError, match="holds no lr tuning"):
         run_study(load_study(seeds), tmp_path / "w")
+
+
+def test_committed_decisions_are_rechecked_under_the_paired_t_test(tmp_path: Path) -> None:
+    flora = [1.0, 1.1, 1.2]
+    payload = {
+        "reference": "flora",
+        "variants": {
+            "v": {
+                "strategies": {
+                    "flora": {"loss": {"values": flora}},
+                    "fedit": {"loss": {"values": [1.05, 1.11, 1.32]}},  # old rule: yes; t: no
+                    "zeropad": {"loss": {"values": [1.5, 1.6, 1.71]}},  # decided both ways
+                },
+                "differences": {
+                    "loss": {
+                        "fedit": {"mean": 0.06, "beyond_spread": True},
+                        "zeropad": {"mean": 0.5033, "beyond_spread": True},
+                    }
+                },
+            }
+        },
+    }
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "s.json").write_text(json.dumps(payload))
+
+    total, changed = recheck_decisions(tmp_path)
+
+    assert total == 2
+    assert [(c["strategy"], c["decided"]) for c in changed] == [("fedit", False)]

@@ -14,6 +14,7 @@ from fedlora import adapters
 from fedlora.clients import LocalPlan, Session, hook_for
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
+from fedlora.federation import build_federation, server_bench
 from fedlora.lora import LoRAFactors
 from fedlora.models import build_tiny
 from fedlora.strategies import get_strategy
@@ -125,3 +126,17 @@ def test_a_tiny_run_keeps_each_clients_b_on_disk_and_scores_it(tmp_path: Path) -
             assert t["down_params"] == a_only and t["up_params"] == both
     # the personalised models are each client's own, not the global (Ā, B̄)
     assert rows[-1]["eval_personal_loss"] != pytest.approx(rows[-1]["eval_loss"])
+    # as the official code scores them, after the broadcast: the new Ā with each own B_k, which
+    # is not the client's model right after training, (A_k, B_k)
+    last = rows[-1]
+    assert last["eval_personal_local_loss"] != pytest.approx(last["eval_personal_loss"])
+    shared = adapters.read_adapter(tmp_path / "run" / "adapter")  # (Ā, B̄) of the last round
+    fed = build_federation(cfg)
+    bench = server_bench(cfg, fed.loaded, fed.heldout, fed.kind, False, fed.scored)
+    scores = []
+    for file in own:
+        mine = {
+            m: LoRAFactors(A=f.A, B=file[f"factors/{m}/B"].to(f.B.dtype)) for m, f in shared.items()
+        }
+        scores.append(bench.evaluate_with(mine)["loss"])
+    assert last["eval_personal_loss"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)

@@ -1,4 +1,5 @@
-"""FLoRIST: the stacked update's SVD cut by energy to one global pair, truncated per client."""
+"""FLoRIST as its authors run it: each round's stacked update cut by energy to one pair, merged into
+the base; clients start every round from fresh adapters."""
 
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def test_a_hand_example_keeps_exactly_the_components_tau_asks_for(tau: float, ke
         expected[0, 0] = 1.5
         if kept == 2:
             expected[1, 1] = 0.5
-        assert state.factors[m].rank == kept
+        delta = state.base_delta[m]
+        assert isinstance(delta, LoRAFactors) and delta.rank == kept
+        assert not state.factors  # nothing stays behind as a global adapter
         torch.testing.assert_close(state.global_delta(m), expected, atol=1e-6, rtol=0)
 
 
@@ -79,10 +82,14 @@ def test_the_global_pair_is_within_its_bound_and_the_smallest_that_is(tau: float
 
     for m in MODULES:
         exact = exact_delta(updates, weights, m)
-        p = state.factors[m].rank
+        full = flex.factors[m]
+        p = energy_rank(torch.linalg.vector_norm(full.B, dim=0), tau)
         assert rel_err(state.global_delta(m), exact) <= (1 - tau) ** 0.5 + 1e-6
         # the same components as FlexLoRA's SVD, cut at p; one fewer would miss τ
-        torch.testing.assert_close(state.factors[m].B, flex.factors[m].B[:, :p])
+        pair = state.base_delta[m]
+        if isinstance(pair, LoRAFactors):  # held dense where that is smaller
+            assert pair.rank == p
+        torch.testing.assert_close(state.global_delta(m), full.B[:, :p] @ full.A[:p])
         if p > 1:
             shorter = flex.factors[m].B[:, : p - 1] @ flex.factors[m].A[: p - 1]
             assert rel_err(shorter, exact) > (1 - tau) ** 0.5
@@ -100,20 +107,75 @@ def test_tau_one_is_flexlora() -> None:
         assert rel_err(a.global_delta(m), b.global_delta(m)) < 1e-6
 
 
-def test_each_client_starts_from_its_truncation_of_the_global_pair() -> None:
-    updates = make_updates([8, 4, 2], seed=7)
+def test_clients_start_every_round_from_fresh_adapters() -> None:
     strategy = get_strategy("florist", options=FloristOptions(tau=0.5))
-    state = strategy.aggregate(GlobalState(), updates)
-    p = {m: f.rank for m, f in state.factors.items()}
-    assert max(p.values()) < 8  # τ = 0.5 keeps fewer than the largest client's rank
+    state = strategy.aggregate(GlobalState(), make_updates([8, 4, 2], seed=7))
 
-    starts = strategy.redistribute(state, [8, 4, 1])
+    assert strategy.traits.merges_into_base and strategy.traits.fresh_client_adapters
+    assert strategy.redistribute(state, [8, 4, 1]) == [None, None, None]
 
-    for r, start in zip([8, 4, 1], starts, strict=True):
-        assert start is not None
-        for m, f in start.items():
-            assert f.rank == min(r, p[m])
-            assert torch.equal(f.B, state.factors[m].B[:, : f.rank])
+
+def _fresh(ranks: list[int], seed: int) -> list[ClientUpdate]:
+    """What clients that learned nothing send back: a fresh adapter (``A`` random, ``B = 0``)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ClientUpdate(
+            f"c{k}",
+            {
+                m: LoRAFactors(A=torch.randn(r, d_in, generator=gen), B=torch.zeros(d_out, r))
+                for m, (d_out, d_in) in MODULES.items()
+            },
+            10 + k,
+        )
+        for k, r in enumerate(ranks)
+    ]
+
+
+def _model(states: list[GlobalState], m: str) -> torch.Tensor:
+    """The update a server holds after these rounds: every merged delta and the global adapter."""
+    total = torch.zeros(MODULES[m], dtype=torch.float64)
+    for s in states:
+        total += s.global_delta(m).double() if s.base_delta else 0
+    last = states[-1]
+    return total + (last.factors[m].delta().double() if m in last.factors else 0)
+
+
+def test_a_round_in_which_no_client_learns_leaves_the_model_unchanged() -> None:
+    strategy = get_strategy("florist", options=FloristOptions(tau=0.9))
+    ranks = [16, 8, 4, 2]
+    first = strategy.aggregate(GlobalState(), make_updates(ranks, seed=1))
+    starts = strategy.redistribute(first, ranks)
+    # each client sends back exactly what it started from
+    idle = [
+        ClientUpdate(u.client_id, start, u.num_examples) if start else u
+        for u, start in zip(_fresh(ranks, seed=2), starts, strict=True)
+    ]
+
+    second = strategy.aggregate(first, idle)
+
+    for m in MODULES:
+        before, after = _model([first], m), _model([first, second], m)
+        assert float(torch.linalg.norm(after - before)) <= 1e-6 * float(torch.linalg.norm(before))
+
+
+def test_the_accumulated_update_is_the_sum_of_each_round_s_thresholded_pair() -> None:
+    tau = 0.8
+    strategy = get_strategy("florist", options=FloristOptions(tau=tau))
+    states, expected = [], {m: torch.zeros(MODULES[m], dtype=torch.float64) for m in MODULES}
+    state = GlobalState()
+    for t in range(3):
+        updates = make_updates([8, 4, 2], seed=10 + t)
+        weights = client_weights(updates)
+        state = strategy.aggregate(state, updates)
+        states.append(state)
+        for m in MODULES:  # the round's exact sum, thresholded by a dense float64 SVD
+            U, S, Vh = torch.linalg.svd(exact_delta(updates, weights, m))
+            p = energy_rank(S, tau)
+            expected[m] += (U[:, :p] * S[:p]) @ Vh[:p]
+
+    assert state.round == 3
+    for m in MODULES:
+        assert rel_err(_model(states, m), expected[m]) < 1e-5
 
 
 def test_tau_comes_from_the_config_on_either_engine_and_is_checked() -> None:
@@ -138,8 +200,8 @@ def test_a_tiny_run_downloads_less_than_flora(tmp_path: Path) -> None:
     florist = _traffic(tmp_path, "florist", "florist.tau=0.5")
     flora = _traffic(tmp_path, "flora")
     # uploads are the same adapters; after round 1, FLoRA sends every client the whole stack
-    # (R = 20 components per module for the three clients), FLoRIST the truncation of a pair
-    # that keeps half of the energy
+    # (R = 20 components per module for the three clients), FLoRIST the round's pair, which
+    # keeps half of the energy
     assert [r["up_params"] for r in florist] == [r["up_params"] for r in flora]
     assert len(florist) == 6  # 2 rounds × 3 clients
     for a, b in zip(florist[3:], flora[3:], strict=True):

@@ -35,11 +35,11 @@ def _round(strategy, state, ranks, seed, frozen):  # type: ignore[no-untyped-def
     return out
 
 
-def test_rounds_alternate_and_each_average_is_exact_for_mixed_ranks() -> None:
+def test_rounds_alternate_and_each_average_is_exact_at_equal_ranks() -> None:
     strategy = get_strategy("rolora")
-    state = strategy.init_state(MODULES, 8, torch.Generator().manual_seed(0))
+    state = strategy.init_state(MODULES, 4, torch.Generator().manual_seed(0))
     assert strategy.client_options(state) == {"train": "B"}
-    ranks = [8, 4, 2]
+    ranks = [4, 4, 4]
 
     first = _round(strategy, state, ranks, 1, frozen="A")
     after_b = strategy.aggregate(state, first)
@@ -56,6 +56,56 @@ def test_rounds_alternate_and_each_average_is_exact_for_mixed_ranks() -> None:
         assert torch.equal(after_a.factors[m].B, after_b.factors[m].B)
         weights = client_weights(second)
         assert rel_err(after_a.global_delta(m), exact_delta(second, weights, m)) < 1e-6
+
+
+def test_with_mixed_ranks_each_component_is_averaged_over_the_clients_holding_it() -> None:
+    strategy = get_strategy("rolora")
+    state = strategy.init_state(MODULES, 8, torch.Generator().manual_seed(0))
+    updates = _round(strategy, state, [8, 4, 2], 1, frozen="A")
+    weights = client_weights(updates)
+
+    after = strategy.aggregate(state, updates)
+
+    for m in MODULES:
+        B = after.factors[m].B
+        for i in range(8):
+            holders = [
+                (p, u.factors[m].B[:, i])
+                for p, u in zip(weights, updates, strict=True)
+                if i < u.factors[m].rank
+            ]
+            expected = sum(p * b for p, b in holders) / sum(p for p, _ in holders)
+            torch.testing.assert_close(B[:, i], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("frozen", ["A", "B"])
+@pytest.mark.parametrize("ranks", [[8, 2], [2], [8, 4, 2]])
+def test_a_round_in_which_no_client_learns_leaves_the_model_unchanged(
+    frozen: str, ranks: list[int]
+) -> None:
+    strategy = get_strategy("rolora")
+    state = strategy.init_state(MODULES, 8, torch.Generator().manual_seed(0))
+    state = strategy.aggregate(state, _round(strategy, state, [8, 8], 1, frozen="A"))
+    if frozen == "A":  # a B round again
+        state = strategy.aggregate(state, _round(strategy, state, [8, 8], 2, frozen="B"))
+    # every client sends back its start: the first r_k components of the global adapter
+    idle = [
+        ClientUpdate(
+            f"c{k}",
+            {
+                m: LoRAFactors(A=f.A[:r].clone(), B=f.B[:, :r].clone())
+                for m, f in state.factors.items()
+            },
+            10 + k,
+        )
+        for k, r in enumerate(ranks)
+    ]
+
+    after = strategy.aggregate(state, idle)
+
+    for m in MODULES:
+        # float32 rounding of the mean only (zero-padding moved [8, 2] by 0.43 of the norm)
+        assert rel_err(after.global_delta(m), state.global_delta(m)) < 1e-6
 
 
 def test_an_update_whose_frozen_factor_moved_is_rejected() -> None:

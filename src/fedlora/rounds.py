@@ -66,7 +66,11 @@ class LocalResult:
     next_rank: int | None = None
     """The rank the client trains from the next round on (HetLoRA's pruning); None: unchanged."""
     personal: dict[str, float] = field(default_factory=dict)
-    """Held-out metrics of the client's own trained model (:attr:`LocalPlan.score`)."""
+    """Held-out metrics of the client's own trained model right after its training,
+    ``(A_k, B_k)`` (:attr:`LocalPlan.score`; reported as ``personal_local_*``)."""
+    own: dict[str, LoRAFactors] | None = None
+    """The client's own trained factors, before any privacy noise, where it is scored after the
+    broadcast too (FedSA-LoRA's ``(Ā, B_k)``, reported as ``personal_*``)."""
 
     @property
     def mean_rank(self) -> float:
@@ -308,7 +312,9 @@ class Workbench:
             label = f"round {t} {client.cid} (r={plan.rank})" if self.progress else None
             result = train_local(peft_model, data, local, self.pad_id, seed, label, callbacks)
             upload = hook.read(peft_model)
-            personal = self.evaluate() if plan.score and self.heldout else {}
+            scored = plan.score and bool(self.heldout)
+            personal = self.evaluate() if scored else {}
+            own = upload.factors if scored else None
         finally:
             self.model = adapters.detach(peft_model)
         if before is not None:  # noised before anything else reads the factors
@@ -332,6 +338,7 @@ class Workbench:
             len(client.examples),
             upload.next_rank,
             personal,
+            own,
         )
 
 
@@ -529,9 +536,8 @@ class FederatedRounds:
             self.bench.merge(dict(self.state.base_delta))
             self.merged.append(dict(self.state.base_delta))
         metrics = self._metrics(t)
-        personal = [r.personal for r in results if r.personal]
-        for key in personal[0] if personal else ():  # the mean of the clients' own models
-            metrics[f"personal_{key}"] = sum(p[key] for p in personal) / len(personal)
+        metrics.update(_mean_of("personal_local_", [r.personal for r in results if r.personal]))
+        metrics.update(_mean_of("personal_", self._after_broadcast(results)))
         losses = [r.loss for r in results]
         record = RoundRecord(
             t, metrics, sum(losses) / len(losses), [task.client.cid for task in tasks], traffic
@@ -542,6 +548,18 @@ class FederatedRounds:
         record.seconds = time.perf_counter() - self._started
         self.done = t
         return record
+
+    def _after_broadcast(self, results: Sequence[LocalResult]) -> list[dict[str, float]]:
+        """Each scored client's model as FedSA-LoRA's official code evaluates it: after the
+        server's broadcast, the new ``Ā`` with the client's own ``B_k``."""
+        scores = []
+        for r in results:
+            if r.own is None:
+                continue
+            shared = self.state.factors
+            mine = {m: LoRAFactors(A=shared[m].A.to(f.B.dtype), B=f.B) for m, f in r.own.items()}
+            scores.append(self.bench.evaluate_with(mine))
+        return scores
 
     def drive(
         self,
@@ -660,3 +678,10 @@ def dense_as_factors(delta: BaseDelta) -> LoRAFactors:
         return delta
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
     return LoRAFactors(A=Vh.contiguous(), B=(U * S).contiguous())
+
+
+def _mean_of(prefix: str, scores: Sequence[dict[str, float]]) -> dict[str, float]:
+    """``{prefix + key: mean over scores}`` (the clients' mean of each metric)."""
+    if not scores:
+        return {}
+    return {f"{prefix}{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]}

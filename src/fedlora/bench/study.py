@@ -46,11 +46,15 @@ config is reused, so a stopped study continues where it stopped. The results go 
 ``OUT/NAME.json`` (with the git commit, every config and library versions), ``OUT/NAME.md`` and
 ``OUT/NAME.png``.
 
-"Larger than the spread": two strategies on the same seed share the partitions, ranks, client
-samples and held-out set, so they are compared seed by seed. A difference is larger than its
-spread when every seed's difference has the same sign and their mean exceeds their standard
-deviation (at least two seeds). The stricter "ranges disjoint" also holds when every seed of one
-beats every seed of the other.
+The decision rule: two strategies on the same seed share the partitions, ranks, client samples
+and held-out set, so they are compared seed by seed, and a difference is **decided** when a
+two-sided paired t-test over the seeds rejects "no difference" at 95 % (``p < 0.05`` with
+``n − 1`` degrees of freedom: with 3 seeds the mean must exceed 4.30 standard errors, with 6
+seeds 2.57); never with fewer than two seeds. The same rule for every comparison. (Until
+2026-12-06 the tables marked "larger than the spread": every seed the same sign and the mean above
+one standard deviation, a one-sided ``p`` of about 0.11 with 3 seeds; the JSON keeps that flag
+as ``beyond_spread``.) The stricter "ranges disjoint" also holds when every seed of one beats
+every seed of the other.
 """
 
 from __future__ import annotations
@@ -554,6 +558,62 @@ def beyond_spread(diffs: Sequence[float]) -> bool:
     return same_sign and abs(statistics.fmean(diffs)) > statistics.stdev(diffs)
 
 
+DECISION_LEVEL = 0.05
+"""Two-sided significance level of the paired t-test that decides a difference."""
+
+
+def paired_test(diffs: Sequence[float]) -> dict[str, Any]:
+    """A two-sided paired t-test of seed-paired ``diffs`` against 0: ``t``, ``df``, ``p`` and
+    ``decided`` (``p < DECISION_LEVEL``). Fewer than two seeds decide nothing; differences that
+    are all equal and non-zero (no spread at all) are decided."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return {"t": None, "df": n - 1, "p": None, "decided": False}
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0.0:
+        p = 0.0 if mean != 0.0 else 1.0
+        return {"t": None, "df": n - 1, "p": p, "decided": mean != 0.0}
+    t = mean / (sd / math.sqrt(n))
+    p = float(2 * stats.t.sf(abs(t), df=n - 1))
+    return {"t": t, "df": n - 1, "p": p, "decided": p < DECISION_LEVEL}
+
+
+def recheck_decisions(results: Path) -> tuple[int, list[dict[str, object]]]:
+    """How many seed-paired comparisons the study JSONs under ``results`` hold, and those that
+    :func:`paired_test` decides differently from the flag they were rendered with
+    (``beyond_spread``, the rule before 2026-12-06), recomputed from the values in the JSON."""
+    total, changed = 0, []
+    for path in sorted(results.glob("*/*.json")):
+        payload = json.loads(path.read_text())
+        if not isinstance(payload, dict) or "variants" not in payload:
+            continue
+        reference = payload.get("reference") or "flora"
+        for variant, v in payload["variants"].items():
+            per = v.get("strategies", {})
+            for metric, rows in v.get("differences", {}).items():
+                base = per.get(reference, {}).get(metric, {}).get("values")
+                for strategy, d in rows.items() if base else ():
+                    values = per[strategy][metric]["values"]
+                    test = paired_test([a - b for a, b in zip(values, base, strict=True)])
+                    total += 1
+                    if test["decided"] != d["beyond_spread"]:
+                        changed.append(
+                            {
+                                "study": path.stem,
+                                "variant": variant,
+                                "metric": metric,
+                                "strategy": strategy,
+                                "mean": d["mean"],
+                                "p": test["p"],
+                                "seeds": len(values),
+                                "decided": test["decided"],
+                            }
+                        )
+    return total, changed
+
+
 def ranges_disjoint(a: Sequence[float], b: Sequence[float]) -> bool:
     """The seed ranges of ``a`` and ``b`` do not overlap (never with fewer than two seeds)."""
     if len(a) < 2 or len(b) < 2:
@@ -652,10 +712,15 @@ def _differences(
             values = stats[metric]["values"]
             diffs = [v - b for v, b in zip(values, base, strict=True)]
             mean = statistics.fmean(diffs)
+            test = paired_test(diffs)
             rows[strategy] = {
                 "mean": mean,
                 "min": min(diffs),
                 "max": max(diffs),
+                "decided": test["decided"],
+                "t": test["t"],
+                "df": test["df"],
+                "p": test["p"],
                 "beyond_spread": beyond_spread(diffs),
                 "ranges_disjoint": ranges_disjoint(values, base),
                 "better": (mean > 0) == higher and mean != 0,
@@ -769,8 +834,8 @@ def _tuning_table(tuning: dict[str, dict[str, dict[str, Any]]], tune: Tune) -> l
 
 def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[str]) -> list[str]:
     lines = [
-        f"Difference from {what}, seed by seed (mean [min, max]); **bold**: larger than its "
-        "spread (every seed the same sign, mean above the standard deviation); †: the seed "
+        f"Difference from {what}, seed by seed (mean [min, max]); **bold**: decided, a two-sided "
+        "paired t-test over the seeds at 95 % (p < 0.05, n − 1 degrees of freedom); †: the seed "
         "ranges are also disjoint; never with one seed:",
         "",
         "| strategy | " + " | ".join(diffs) + " |",
@@ -784,7 +849,7 @@ def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[s
                 cells.append("")
                 continue
             text = f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}]"
-            text = f"**{text}**" if d["beyond_spread"] else text
+            text = f"**{text}**" if d.get("decided", d["beyond_spread"]) else text
             cells.append(text + (" †" if d["ranges_disjoint"] else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

@@ -11,6 +11,12 @@ The residual is built from factors: ``[B_1 … B_K, B̄] [p_1 A_1; …; p_K A_K;
 merged exactly in float32 like FLoRA's update. Deviation from the paper: its code merges the
 residual into the weights it holds as a dense matrix each round; here it is one more merged
 update that clients receive and merge themselves (Flower nodes too), counted as traffic.
+
+Weights: the paper and its code average with ``1/K``; here the run's weighting gives ``p_k``
+(``examples`` by default: data size), the paper's rule with ``weighting = "uniform"``. The
+official code (``RaghavSinghal10/fedex-lora``, ``fed_agg.py``) adds the *transpose* of the
+residual to the weights, which is wrong for square layers; the residual merged here is
+``Σ_k p_k B_k A_k − B̄ Ā`` itself, so the merged model is the exact sum.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ from, while each client keeps its own ``B_k`` across rounds (``A`` learns what c
 ``B`` what is their own, the paper's analysis). The client side (:mod:`fedlora.clients.fedsa`)
 keeps ``B_k`` in the client's state (a file per client in-process, ``context.state`` on a Flower
 node) and replaces the start's ``B`` with it; a client's first round starts from ``B = 0``. Only
-``Ā`` travels down. Each client's own model ``(A_k, B_k)`` is scored on the held-out set after
-its training in rounds due for evaluation (``personal_*`` metrics, the paper's personalised
-evaluation), and the global model is ``(Ā, B̄)`` with the mean ``B̄ = Σ p_k B_k`` (FedIT's
-average, here the mean of what the clients keep).
+``Ā`` travels down. In rounds due for evaluation each client's own model is scored on the
+held-out set as the official code (FederatedScope) does, after the server's broadcast, on
+``(Ā, B_k)`` with the new ``Ā`` (``personal_*`` metrics), and also right after its training, on
+``(A_k, B_k)`` (``personal_local_*``); the global model is ``(Ā, B̄)`` with the mean
+``B̄ = Σ p_k B_k`` (FedIT's average, here the mean of what the clients keep).
 
 Deviation: the paper's clients upload only ``A``; here they also upload ``B_k`` so the server can
 form and export the global model with the mean ``B̄`` (counted as traffic: FedSA's upload equals

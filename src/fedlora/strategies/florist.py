@@ -1,27 +1,32 @@
 """FLoRIST: singular value thresholding of the stacked adapters (Ramesh and Dass, "FLoRIST:
 Singular Value Thresholding for Efficient and Accurate Federated Fine-Tuning of Large Language
-Models", arXiv 2506.09199, MLSys 2026).
+Models", arXiv 2506.09199, MLSys 2026; official code ``Anonymous-user-00/FLoRIST``,
+``model_aggregation.py`` and ``main.py``).
 
-Rule: the clients' adapters are stacked as FLoRA does, so ``B_s A_s = Σ_k p_k B_k A_k`` exactly;
-its SVD is computed in the small stacked space (QR of ``B_s`` and ``A_sᵀ``, SVD of the ``R × R``
-core: :func:`fedlora.linalg.factored_svd`, never the dense ``d_out × d_in`` update); per module,
-the smallest ``p`` whose singular values hold a fraction ``τ`` of the energy,
-``Σ_{i≤p} σ_i² ≥ τ Σ_i σ_i²``, is kept as one global pair ``B_g = U_p Σ_p``, ``A_g = V_pᵀ`` of
-rank ``p``. Each client starts the next round from its first ``min(r_k, p)`` components (the best
-approximation of that rank; any further components of its own rank start fresh), and the global
-model is ``B_g A_g``.
+Rule, as the official code runs it: the clients' adapters are stacked as FLoRA does, so
+``B_s A_s = Σ_k p_k B_k A_k`` exactly; per module, the SVD of that sum is cut at the smallest
+rank ``p`` whose singular values hold a fraction ``τ`` of the energy,
+``Σ_{i≤p} σ_i² ≥ τ Σ_i σ_i²``, and the pair ``B_p = U_p Σ_p``, ``A_p = V_pᵀ`` is **merged into
+the base weights** (in float32, :class:`fedlora.precision.MergedBase`, as FLoRA's update is, on
+the server and on every Flower node); every client starts the next round from a **fresh adapter**
+of its own rank. The SVD is computed in the small stacked space (QR of ``B_s`` and ``A_sᵀ``, SVD
+of the ``R × R`` core: :func:`fedlora.linalg.factored_svd`), never on the dense
+``d_out × d_in`` update.
 
-``τ`` (``[florist] tau``) trades accuracy for traffic: the relative Frobenius error of the global
-pair against the exact sum is at most ``√(1 − τ)``, and a client downloads ``min(r_k, p)`` rank-1
-components per module instead of FLoRA's ``R = Σ r_k`` (``fedlora bench comm`` measures both).
-With ``τ = 1`` it is FlexLoRA (:mod:`fedlora.strategies.flexlora`), components of zero energy
-dropped.
+``τ`` (``[florist] tau``) trades accuracy for traffic: a round's merged pair is within
+``√(1 − τ)`` (relative Frobenius) of that round's exact sum, and each client downloads the rank-
+``p`` pair of every round it missed instead of FLoRA's stack of rank ``R = Σ r_k`` (what the
+official scheme sends; ``fedlora bench comm`` measures both). The thresholding error of a round
+is merged with it and never revisited: the accumulated update is the sum of the rounds'
+thresholded pairs, and a round in which no client learns anything changes nothing. With
+``τ = 1`` it is FLoRA with the stack compressed to its rank.
 
 Choices where the paper leaves room: energy is the sum of squared singular values (so the bound
 above holds); the rank is chosen per module (each adapted weight has its own spectrum); ``S``
-goes into ``B`` as FlexLoRA does; the paper's clients receive the global pair at its rank ``p``,
-which a client of rank ``r_k < p`` cannot train, so each client receives the truncation to its
-rank (FlexLoRA's redistribution).
+goes into ``B``. An earlier fedlora version kept the pair as a global adapter that clients
+warm-started from (FlexLoRA's redistribution) and thresholded the whole accumulated model again
+each round; that is not the authors' scheme (its error compounded over rounds and a no-op round
+changed the model) and was removed.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ import torch
 
 from fedlora.config import method_options
 from fedlora.errors import ConfigError
-from fedlora.linalg import stack, svd_factors, truncate
+from fedlora.linalg import compact, stack, svd_factors, truncate
 from fedlora.lora import LoRAFactors
-from fedlora.strategies.base import RoundInput, Strategy, Traits, register
+from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
 from fedlora.weighting import Weighting
 
 
@@ -67,7 +72,12 @@ def energy_rank(singular_values: torch.Tensor, tau: float) -> int:
 @register
 class FLoRIST(Strategy):
     name = "florist"
-    traits = Traits(paper="Ramesh and Dass 2025 (FLoRIST)", mixed_ranks=True)
+    traits = Traits(
+        paper="Ramesh and Dass 2025 (FLoRIST)",
+        mixed_ranks=True,
+        merges_into_base=True,
+        fresh_client_adapters=True,
+    )
     Options = FloristOptions
 
     def __init__(
@@ -78,7 +88,12 @@ class FLoRIST(Strategy):
         self.options.check()
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
+        """The round's thresholded pair: ``(A_p: (p, d_in), B_p: (d_out, p))``."""
         svd = svd_factors(stack(rnd.factors(module), rnd.weights))
         singular_values = torch.linalg.vector_norm(svd.B, dim=0)  # B' = U diag(S): ‖B'[:, i]‖ = σ_i
         kept = truncate(svd, energy_rank(singular_values, self.options.tau))
         return LoRAFactors(A=kept.A.contiguous(), B=kept.B.contiguous())
+
+    def _aggregate(self, rnd: RoundInput) -> GlobalState:
+        delta = {m: compact(self._combine(rnd, m)) for m in rnd.modules}
+        return GlobalState(base_delta=delta, round=rnd.state.round + 1)
