@@ -230,8 +230,7 @@ class Workbench:
     @property
     def device(self) -> torch.device:
         """Where the model computes."""
-        first: torch.Tensor = next(iter(self.model.parameters()))
-        return first.device
+        return devices.device_of(self.model)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics, then each benchmark's with its name as prefix."""

@@ -37,7 +37,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.clients import hook_for
 from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
-from fedlora.devices import device_of
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.federation import FederationData, federation_data, server_bench, server_rounds
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
@@ -311,7 +310,7 @@ def node_train(content: RecordDict, context: Context) -> RecordDict:
         context.state[f"base.{i}"] = factors_record(delta)
     _restore_base(bench, _received_base(context))
     result = bench.train(client, plan, t, state=NodeState(context))
-    return result_content(result, device=str(device_of(bench.model)))
+    return result_content(result, device=str(bench.device))
 
 
 class NodeState:
