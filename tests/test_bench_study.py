@@ -15,13 +15,16 @@ from fedlora.adapters import read_adapter
 from fedlora.bench.study import (
     adapter_update_norm,
     beyond_spread,
+    differences_at_bytes,
     load_study,
     paired_test,
     ranges_disjoint,
+    recheck_at_bytes,
     recheck_decisions,
     run_study,
     spread,
     tuning_key,
+    value_within_bytes,
 )
 from fedlora.cli import main
 from fedlora.config import to_dict
@@ -108,6 +111,14 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
     table = (out / "mini.md").read_text()
     assert "| ‖ΔW‖ |" in table
     assert "## het" in table and "| zeropad |" in table and "Difference from flora" in table
+    het = [c for c in payload["cells"] if c["variant"] == "het"]
+    at_bytes = payload["variants"]["het"]["differences_at_bytes"]
+    assert at_bytes == differences_at_bytes(het, ["loss", "perplexity"], "flora")
+    # zero-padding downloads its rank of the global adapter in round 1, FLoRA's clients start
+    # fresh: within FLoRA's bytes zero-padding is scored on the base model (round 0)
+    row = at_bytes["loss"]["zeropad"]
+    assert (row["rounds"], row["reference_rounds"]) == ([0, 0], [1, 1])
+    assert "Difference from flora at equal bytes" in table
     assert (out / "mini.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
 
@@ -415,6 +426,7 @@ def test_a_study_plots_its_metrics_against_the_bytes_each_run_exchanged(tmp_path
 config = "{TINY}"
 set = ["rounds=2", "train.steps=1"]
 seeds = [0]
+reference = "flora"
 against_bytes = true
 
 [[variant]]
@@ -438,6 +450,12 @@ strategies = ["flora", "hafl-freeze"]
         assert curve["cumulative_mb"]["2"]["mean"] == pytest.approx(total / 1e6)
     assert (out / "bytes-bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert "bytes-bytes.png" in (out / "bytes.md").read_text()
+    # HAFL's rank-1 global pair travels lighter than FLoRA's stack from round 2: a verdict at
+    # equal bytes too, from the cells as the JSON keeps them
+    at_bytes = payload["variants"]["het"]["differences_at_bytes"]
+    assert at_bytes == differences_at_bytes(payload["cells"], ["loss"], "flora")
+    assert list(at_bytes["loss"]) == ["hafl-freeze"]
+    assert "Difference from flora at equal bytes" in (out / "bytes.md").read_text()
 
 
 def test_a_tuning_study_and_a_seeds_study_that_takes_its_lrs_split_the_work(
@@ -506,3 +524,52 @@ def test_committed_decisions_are_rechecked_under_the_paired_t_test(tmp_path: Pat
 
     assert total == 2
     assert [(c["strategy"], c["decided"]) for c in changed] == [("fedit", False)]
+
+
+def _cell(strategy: str, seed: int, losses: list[float], spent: list[float]) -> dict[str, object]:
+    return {
+        "variant": "v",
+        "strategy": strategy,
+        "seed": seed,
+        "per_round": {"loss": {str(r): v for r, v in enumerate(losses)}},
+        "cumulative_bytes": {str(r): b for r, b in enumerate(spent)},
+    }
+
+
+def test_methods_whose_traffic_differs_are_also_compared_at_equal_bytes(tmp_path: Path) -> None:
+    cells = [
+        # FLoRA exchanges 100 bytes a round, "cheap" 40: within cheap's 80 FLoRA reached round 0
+        _cell("flora", 0, [3.0, 2.0, 1.5], [0, 100, 200]),
+        _cell("flora", 1, [3.1, 2.1, 1.6], [0, 100, 200]),
+        _cell("cheap", 0, [3.0, 2.5, 1.8], [0, 40, 80]),
+        _cell("cheap", 1, [3.1, 2.5, 1.9], [0, 40, 80]),
+        _cell("same", 0, [3.0, 2.2, 1.7], [0, 100, 200]),  # the same traffic: no row
+        _cell("same", 1, [3.1, 2.2, 1.7], [0, 100, 200]),
+        _cell("central", 0, [3.0, 1.0, 0.5], [0, 0, 0]),  # no traffic: no row
+        _cell("central", 1, [3.1, 1.0, 0.5], [0, 0, 0]),
+    ]
+    assert value_within_bytes(cells[0], "loss", 80.0) == (0, 3.0)
+    assert value_within_bytes(cells[0], "loss", 100.0) == (1, 2.0)
+    assert value_within_bytes(cells[2], "loss", 80.0) == (2, 1.8)
+
+    rows = differences_at_bytes(cells, ["loss"], "flora")
+
+    assert list(rows["loss"]) == ["cheap"]
+    row = rows["loss"]["cheap"]
+    assert row["mean"] == pytest.approx(statistics.fmean([1.8 - 3.0, 1.9 - 3.1]))
+    assert (row["rounds"], row["reference_rounds"]) == ([2, 2], [0, 0])
+    assert row["budget_mb"]["mean"] == pytest.approx(80 / 1e6)
+    assert row["decided"] == paired_test([1.8 - 3.0, 1.9 - 3.1])["decided"] and row["better"]
+
+    # the recheck of committed JSON reads the same cells, beside the final round's decision
+    payload = {
+        "reference": "flora",
+        "metrics": ["loss"],
+        "variants": {"v": {"differences": {"loss": {"cheap": {"mean": 0.3, "decided": True}}}}},
+        "cells": cells,
+    }
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "s.json").write_text(json.dumps(payload))
+    [again] = recheck_at_bytes(tmp_path)
+    assert again["strategy"] == "cheap" and again["mean"] == pytest.approx(row["mean"])
+    assert again["final_mean"] == 0.3 and again["final_decided"] is True

@@ -353,6 +353,22 @@ class Cell:
     def final(self, metric: str) -> float | None:
         return _final(self.summary, metric)
 
+    def record(self, metrics: Sequence[str]) -> dict[str, Any]:
+        """The cell as the study's JSON keeps it (what :func:`differences_at_bytes` reads)."""
+        return {
+            "variant": self.variant,
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "final": {m: self.final(m) for m in metrics},
+            "seconds": self.seconds,
+            "reused": self.reused,
+            "update_norm": self.update_norm,
+            "per_round": self.summary.get("per_round", {}),
+            "communication": self.summary.get("communication", {}),
+            "cumulative_bytes": self.summary.get("cumulative_bytes", {}),
+            **{k: self.summary[k] for k in SUMMARY_EXTRAS if k in self.summary},
+        }
+
 
 @dataclass
 class StudyResult:
@@ -614,6 +630,41 @@ def recheck_decisions(results: Path) -> tuple[int, list[dict[str, object]]]:
     return total, changed
 
 
+def recheck_at_bytes(results: Path) -> list[dict[str, Any]]:
+    """Every seed-paired comparison of the study JSONs under ``results`` whose methods' traffic
+    differs, recomputed at equal bytes (:func:`differences_at_bytes`) from the cells in the JSON,
+    beside the decision at the final round. No run is repeated."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(results.glob("*/*.json")):
+        payload = json.loads(path.read_text())
+        if not isinstance(payload, dict) or "variants" not in payload or "cells" not in payload:
+            continue
+        reference = payload.get("reference") or "flora"
+        metrics = payload.get("metrics") or ["loss"]
+        for variant, v in payload["variants"].items():
+            cells = [c for c in payload["cells"] if c.get("variant") == variant]
+            final = v.get("differences", {})
+            for metric, per in differences_at_bytes(cells, metrics, reference).items():
+                for strategy, d in per.items():
+                    at_end = final.get(metric, {}).get(strategy, {})
+                    rows.append(
+                        {
+                            "study": path.stem,
+                            "variant": variant,
+                            "metric": metric,
+                            "strategy": strategy,
+                            "reference": reference,
+                            **{k: d[k] for k in ("mean", "min", "max", "p", "decided", "better")},
+                            "budget_mb": d["budget_mb"]["mean"],
+                            "rounds": d["rounds"],
+                            "reference_rounds": d["reference_rounds"],
+                            "final_mean": at_end.get("mean"),
+                            "final_decided": at_end.get("decided", at_end.get("beyond_spread")),
+                        }
+                    )
+    return rows
+
+
 def ranges_disjoint(a: Sequence[float], b: Sequence[float]) -> bool:
     """The seed ranges of ``a`` and ``b`` do not overlap (never with fewer than two seeds)."""
     if len(a) < 2 or len(b) < 2:
@@ -655,6 +706,10 @@ def statistics_of(result: StudyResult) -> dict[str, Any]:
             out[variant.name]["differences"] = _differences(
                 study.metrics, {s: x for s, x in per.items() if s != ref}, per[ref]
             )
+            records = [c.record(study.metrics) for c in result.cells if c.variant == variant.name]
+            at_bytes = differences_at_bytes(records, study.metrics, ref)
+            if at_bytes:
+                out[variant.name]["differences_at_bytes"] = at_bytes
         rv = study.reference_variant
         if rv is not None and rv != variant.name:
             base = out[rv]["strategies"]
@@ -710,23 +765,106 @@ def _differences(
             if metric not in stats or stats[metric]["n"] != len(base):
                 continue
             values = stats[metric]["values"]
-            diffs = [v - b for v, b in zip(values, base, strict=True)]
-            mean = statistics.fmean(diffs)
-            test = paired_test(diffs)
-            rows[strategy] = {
-                "mean": mean,
-                "min": min(diffs),
-                "max": max(diffs),
-                "decided": test["decided"],
-                "t": test["t"],
-                "df": test["df"],
-                "p": test["p"],
-                "beyond_spread": beyond_spread(diffs),
-                "ranges_disjoint": ranges_disjoint(values, base),
-                "better": (mean > 0) == higher and mean != 0,
-            }
+            rows[strategy] = _difference_row(values, base, higher)
         out[metric] = rows
     return out
+
+
+def _difference_row(values: Sequence[float], base: Sequence[float], higher: bool) -> dict[str, Any]:
+    """The seed-paired difference ``values − base``: its mean, range, paired t-test and whether
+    it favours ``values`` (``higher``: a larger metric is better)."""
+    diffs = [v - b for v, b in zip(values, base, strict=True)]
+    mean = statistics.fmean(diffs)
+    test = paired_test(diffs)
+    return {
+        "mean": mean,
+        "min": min(diffs),
+        "max": max(diffs),
+        "decided": test["decided"],
+        "t": test["t"],
+        "df": test["df"],
+        "p": test["p"],
+        "beyond_spread": beyond_spread(diffs),
+        "ranges_disjoint": ranges_disjoint(values, base),
+        "better": (mean > 0) == higher and mean != 0,
+    }
+
+
+def value_within_bytes(
+    cell: dict[str, Any], metric: str, budget: float
+) -> tuple[int, float] | None:
+    """``(round, value)`` of ``metric`` at the last evaluated round of ``cell`` (a study JSON's
+    cell: ``per_round`` and ``cumulative_bytes``) whose cumulative bytes, up and down over all
+    clients, do not exceed ``budget``; None when no evaluated round is within it. A step, not an
+    interpolation: the value a run had actually reached once it had exchanged that much."""
+    points = {int(r): float(v) for r, v in cell.get("per_round", {}).get(metric, {}).items()}
+    spent = {int(r): float(b) for r, b in cell.get("cumulative_bytes", {}).items()}
+    within = [r for r in points if r in spent and spent[r] <= budget]
+    return (max(within), points[max(within)]) if within else None
+
+
+def _total_bytes(cell: dict[str, Any]) -> float | None:
+    """The bytes a run exchanged in all, None for a run that exchanged none (centralized)."""
+    spent = {int(r): float(b) for r, b in cell.get("cumulative_bytes", {}).items()}
+    total = spent[max(spent)] if spent else 0.0
+    return total if total > 0 else None
+
+
+def differences_at_bytes(
+    cells: Sequence[dict[str, Any]], metrics: Sequence[str], reference: str
+) -> dict[str, dict[str, Any]]:
+    """Per metric, per strategy whose traffic differs from ``reference``'s: the seed-paired
+    difference at equal bytes. On each seed the budget is the smaller of the two runs' total
+    bytes (up and down, all clients); each run is scored at its last evaluation within that
+    budget (:func:`value_within_bytes`), so the method that exchanged more is judged where it
+    stood when it had exchanged as much as the other did in the whole run. ``cells`` are one
+    variant's cells as a study JSON keeps them. Strategies without traffic (centralized,
+    standalone) or with the reference's exact traffic have no row."""
+    by: dict[str, dict[int, dict[str, Any]]] = {}
+    for c in cells:
+        by.setdefault(c["strategy"], {})[int(c["seed"])] = c
+    base = by.get(reference, {})
+    out: dict[str, dict[str, Any]] = {}
+    for metric in metrics:
+        rows = {}
+        for strategy, mine in by.items():
+            seeds = sorted(set(mine) & set(base))
+            if strategy == reference or not seeds or set(mine) != set(base):
+                continue
+            row = _paired_at_bytes([mine[s] for s in seeds], [base[s] for s in seeds], metric)
+            if row is None:
+                continue
+            rows[strategy] = row
+        if rows:
+            out[metric] = rows
+    return out
+
+
+def _paired_at_bytes(
+    mine: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]], metric: str
+) -> dict[str, Any] | None:
+    """:func:`differences_at_bytes`'s row for seed-paired cells ``mine`` and ``base``; None when
+    a run has no traffic or no evaluation within the budget, or the traffic is the same."""
+    values, refs, rounds, ref_rounds, budgets, same = [], [], [], [], [], True
+    for a, b in zip(mine, base, strict=True):
+        spent_a, spent_b = _total_bytes(a), _total_bytes(b)
+        if spent_a is None or spent_b is None:
+            return None
+        same = same and spent_a == spent_b
+        budget = min(spent_a, spent_b)
+        x, y = value_within_bytes(a, metric, budget), value_within_bytes(b, metric, budget)
+        if x is None or y is None:
+            return None
+        rounds.append(x[0])
+        values.append(x[1])
+        ref_rounds.append(y[0])
+        refs.append(y[1])
+        budgets.append(budget / 1e6)
+    if same:
+        return None
+    row = _difference_row(values, refs, higher_is_better(metric))
+    row.update(budget_mb=spread(budgets), rounds=rounds, reference_rounds=ref_rounds)
+    return row
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -780,6 +918,7 @@ def study_markdown(result: StudyResult, stats: dict[str, Any], png: str) -> str:
             )
         for key, what in (
             ("differences", f"{study.reference} in this variant"),
+            ("differences_at_bytes", f"{study.reference} at equal bytes"),
             ("differences_from_variant", f"the same strategy in variant {study.reference_variant}"),
         ):
             diffs = stats[variant.name].get(key)
@@ -833,10 +972,17 @@ def _tuning_table(tuning: dict[str, dict[str, dict[str, Any]]], tune: Tune) -> l
 
 
 def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[str]) -> list[str]:
+    budget = ""
+    if what.endswith("at equal bytes"):
+        budget = (
+            " On each seed both runs are scored at their last evaluation within the smaller of "
+            "the two runs' total bytes (up and down, all clients); the budget, in MB, and the "
+            "rounds each method had reached follow each cell."
+        )
     lines = [
         f"Difference from {what}, seed by seed (mean [min, max]); **bold**: decided, a two-sided "
         "paired t-test over the seeds at 95 % (p < 0.05, n − 1 degrees of freedom); †: the seed "
-        "ranges are also disjoint; never with one seed:",
+        "ranges are also disjoint; never with one seed." + budget,
         "",
         "| strategy | " + " | ".join(diffs) + " |",
         "|---" * (len(diffs) + 1) + "|",
@@ -850,9 +996,20 @@ def _difference_table(diffs: dict[str, dict[str, Any]], what: str, order: list[s
                 continue
             text = f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}]"
             text = f"**{text}**" if d.get("decided", d["beyond_spread"]) else text
-            cells.append(text + (" †" if d["ranges_disjoint"] else ""))
+            text += " †" if d["ranges_disjoint"] else ""
+            if "budget_mb" in d:
+                text += (
+                    f" ({d['budget_mb']['mean']:.3g} MB; rounds {_rounds(d['rounds'])} vs "
+                    f"{_rounds(d['reference_rounds'])})"
+                )
+            cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _rounds(rounds: Sequence[int]) -> str:
+    low, high = min(rounds), max(rounds)
+    return str(low) if low == high else f"{low}–{high}"
 
 
 def plot_study(
@@ -938,22 +1095,7 @@ def write_study(result: StudyResult, out: Path) -> dict[str, Path]:
             for v in study.variants
         },
         "against_bytes": study.against_bytes,
-        "cells": [
-            {
-                "variant": c.variant,
-                "strategy": c.strategy,
-                "seed": c.seed,
-                "final": {m: c.final(m) for m in study.metrics},
-                "seconds": c.seconds,
-                "reused": c.reused,
-                "update_norm": c.update_norm,
-                "per_round": c.summary.get("per_round", {}),
-                "communication": c.summary.get("communication", {}),
-                "cumulative_bytes": c.summary.get("cumulative_bytes", {}),
-                **{k: c.summary[k] for k in SUMMARY_EXTRAS if k in c.summary},
-            }
-            for c in result.cells
-        ],
+        "cells": [c.record(study.metrics) for c in result.cells],
         "configs": result.configs,
     }
     paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
