@@ -23,6 +23,7 @@ from fedlora.bench.study import (
     recheck_decisions,
     run_study,
     spread,
+    tuning_from,
     tuning_key,
     value_within_bytes,
 )
@@ -573,3 +574,46 @@ def test_methods_whose_traffic_differs_are_also_compared_at_equal_bytes(tmp_path
     [again] = recheck_at_bytes(tmp_path)
     assert again["strategy"] == "cheap" and again["mean"] == pytest.approx(row["mean"])
     assert again["final_mean"] == 0.3 and again["final_decided"] is True
+
+
+def test_a_seeds_study_takes_each_strategys_lr_from_the_first_tuning_file_that_has_it(
+    tmp_path: Path,
+) -> None:
+    def tuning(path: Path, bests: dict[str, str]) -> Path:
+        entries = {
+            s: {"metric": "loss", "scores": {lr: 1.0}, "best": lr} for s, lr in bests.items()
+        }
+        path.write_text(json.dumps({"tuning": {"het": entries}}))
+        return path
+
+    rerun = tuning(tmp_path / "rerun.json", {"zeropad": "0.01"})  # a rerun of one method
+    first = tuning(tmp_path / "first.json", {"flora": "0.003", "zeropad": "0.001"})
+    path = tune_file(tmp_path, f'results = ["{rerun}", "{first}"]\nfixed = false')
+
+    study = load_study(path)
+
+    assert study.tune is not None and study.tune.results == (rerun, first)
+    picked = {s: e["best"] for s, e in tuning_from(study, study.tune.results)["het"].items()}
+    assert picked == {"flora": "0.003", "zeropad": "0.01"}
+    only_rerun = tune_file(tmp_path, f'results = ["{rerun}"]\nfixed = false')
+    with pytest.raises(ConfigError, match="no tuned lr for variant 'het', strategy 'flora'"):
+        run_study(load_study(only_rerun), tmp_path / "w")
+    with pytest.raises(ConfigError, match="a list of paths"):
+        load_study(tune_file(tmp_path, "results = [1]\nfixed = false"))
+
+
+def test_a_finished_run_in_another_compute_dtype_is_run_again_not_reused(tmp_path: Path) -> None:
+    from fedlora.bench.study import _done, _dtype_now
+    from fedlora.config import load_config
+
+    cfg = load_config(TINY, ["model.dtype=auto"])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(to_dict(cfg)))
+    here = _dtype_now(cfg)
+    other = "bfloat16" if here == "float32" else "float32"
+    (out / "summary.json").write_text(json.dumps({"dtype": here, "final": 1.0}))
+    assert _done(out, cfg) == {"dtype": here, "final": 1.0}
+    (out / "summary.json").write_text(json.dumps({"dtype": other, "final": 1.0}))
+    assert _done(out, cfg) is None  # "auto" resolved otherwise where it ran: not this cell
+    assert _done(out, load_config(TINY, ["model.dtype=auto", "rounds=7"])) is None

@@ -106,8 +106,10 @@ class Tune:
     """Also run every variant at the config's own lr (the fixed-lr table)."""
     only: bool = False
     """Run the grid and report it, nothing else (a tuning study of its own)."""
-    results: Path | None = None
-    """Take the best lrs from this tuning study's JSON instead of running a grid."""
+    results: tuple[Path, ...] | None = None
+    """Take the best lrs from these tuning studies' JSON instead of running a grid; each
+    strategy's from the first file that tuned it (a rerun of some methods, say, beside the
+    study that tuned the rest)."""
     variant: str | None = None
     """Tune on this variant alone; every variant's strategies then run at its best lrs (each
     method tuned once, where the variants differ only by, say, the rank distribution)."""
@@ -291,12 +293,20 @@ def _tune(
                 f"{variant!r} does not tune"
             )
     if "results" in raw:
-        if not isinstance(raw["results"], str) or only or "lrs" in raw:
+        named = raw["results"]
+        paths = [named] if isinstance(named, str) else named
+        if (
+            not isinstance(paths, list)
+            or not paths
+            or not all(isinstance(x, str) for x in paths)
+            or only
+            or "lrs" in raw
+        ):
             raise ConfigError(
-                f"{where}: results names a tuning study's JSON (a path), and goes without lrs "
-                "and only"
+                f"{where}: results names a tuning study's JSON (a path, or a list of paths), and "
+                "goes without lrs and only"
             )
-        results = (folder / raw["results"]).resolve()
+        results = tuple((folder / x).resolve() for x in paths)
         return Tune([], seed, metric, fixed, only, results, variant)
     lrs = raw.get("lrs")
     if (
@@ -308,9 +318,7 @@ def _tune(
     return Tune([float(x) for x in dict.fromkeys(lrs)], seed, metric, fixed, only, None, variant)
 
 
-def tuning_from(study: Study, path: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """The lr tuning a tuning study wrote to its JSON ``path``, for every variant and strategy of
-    ``study`` (a ConfigError names the file and what it lacks)."""
+def _read_tuning(path: Path) -> dict[str, Any]:
     try:
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -318,20 +326,30 @@ def tuning_from(study: Study, path: Path) -> dict[str, dict[str, dict[str, Any]]
     tuning = payload.get("tuning") if isinstance(payload, dict) else None
     if not isinstance(tuning, dict) or not tuning:
         raise ConfigError(f"[tune] results {path}: holds no lr tuning (run its study first)")
+    return tuning
+
+
+def tuning_from(study: Study, paths: Sequence[Path]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The lr tuning the tuning studies wrote to their JSON ``paths``, for every variant and
+    strategy of ``study``, each strategy's from the first file that tuned it (a ConfigError names
+    the files and what they lack)."""
+    tunings = [_read_tuning(path) for path in paths]
     assert study.tune is not None
     on = {v.name: study.tune.tuned_on(v.name) for v in study.variants}
+    out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in dict.fromkeys(on.values())}
     for v in study.variants:
         for s in v.strategies:
-            if "best" not in tuning.get(on[v.name], {}).get(s, {}):
+            found = [
+                t[on[v.name]][s] for t in tunings if "best" in t.get(on[v.name], {}).get(s, {})
+            ]
+            if not found:
+                files = ", ".join(str(p) for p in paths)
                 raise ConfigError(
-                    f"[tune] results {path}: no tuned lr for variant {on[v.name]!r}, strategy {s!r}"
+                    f"[tune] results {files}: no tuned lr for variant {on[v.name]!r}, "
+                    f"strategy {s!r}"
                 )
-    return {
-        name: {
-            s: tuning[name][s] for v in study.variants if on[v.name] == name for s in v.strategies
-        }
-        for name in dict.fromkeys(on.values())
-    }
+            out[on[v.name]][s] = found[0]
+    return out
 
 
 def with_seeds(study: Study, seeds: Sequence[int] | None) -> Study:
@@ -531,13 +549,25 @@ def _with_tuned_variants(study: Study, tuning: dict[str, dict[str, dict[str, Any
 
 
 def _done(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The summary of a finished run of ``cfg`` in ``out``, or None."""
+    """The summary of a finished run of ``cfg`` in ``out``, or None. A run of the same config in
+    another compute dtype is not reused: ``model.dtype = "auto"`` is bfloat16 on one CPU and
+    float32 on another, and a study resumed on another machine must not mix them."""
     try:
         summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
         ran = config_from_json((out / "config.json").read_text(), str(out / "config.json"))
     except (OSError, json.JSONDecodeError, ConfigError):
         return None
-    return summary if to_dict(ran) == to_dict(cfg) else None
+    if to_dict(ran) != to_dict(cfg):
+        return None
+    return summary if summary.get("dtype", _dtype_now(cfg)) == _dtype_now(cfg) else None
+
+
+def _dtype_now(cfg: RunConfig) -> str:
+    """The compute dtype a run of ``cfg`` gets on this machine."""
+    from fedlora.devices import resolve_device
+    from fedlora.precision import dtype_name, resolve_dtype
+
+    return dtype_name(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device)))
 
 
 def adapter_update_norm(folder: Path) -> float | None:
@@ -937,7 +967,9 @@ def _tuning_table(tuning: dict[str, dict[str, dict[str, Any]]], tune: Tune) -> l
     lrs = list(
         dict.fromkeys(lr for per in tuning.values() for e in per.values() for lr in e["scores"])
     )
-    source = f" (from `{tune.results.name}`)" if tune.results is not None else ""
+    source = ""
+    if tune.results is not None:
+        source = " (from " + ", ".join(f"`{path.name}`" for path in tune.results) + ")"
     if tune.variant is not None:
         source += f", on the variant `{tune.variant}` alone, whose lrs every variant takes"
     then = (
@@ -1130,11 +1162,17 @@ def _header(result: StudyResult) -> dict[str, Any]:
         "provenance": provenance(),
         "seconds": result.seconds,
         "gpu": _has_gpu(),
-        "tune": {k: str(v) if isinstance(v, Path) else v for k, v in tune.items()}
-        if tune
-        else None,
+        "tune": {k: _paths_as_text(v) for k, v in tune.items()} if tune else None,
         "tuning": result.tuning,
     }
+
+
+def _paths_as_text(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple) and all(isinstance(x, Path) for x in value):
+        return [str(x) for x in value]
+    return value
 
 
 def _intro(study: Study) -> list[str]:
