@@ -29,7 +29,7 @@ from fedlora import devices
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
-from fedlora.strategies import REGISTRY
+from fedlora.methods import REGISTRY
 
 SRC = Path(__file__).parent.parent / "src" / "fedlora"
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"

@@ -17,7 +17,7 @@ from fedlora.config import PrivacyConfig, RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies.flora import FLoRA
+from fedlora.methods.flora import FLoRA
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 SHAPES = {"q": (12, 10), "v": (12, 10)}
@@ -237,7 +237,7 @@ def test_every_strategy_whose_uploads_are_all_noised_runs_privately(
 
 
 def test_the_allowed_list_is_every_strategy_the_config_accepts() -> None:
-    from fedlora.strategies import REGISTRY
+    from fedlora.methods import REGISTRY
 
     accepted = []
     for name in sorted(REGISTRY):

@@ -231,7 +231,7 @@ def attach_adalora(
 ) -> Any:
     """Wrap ``model`` in a fresh PEFT AdaLoRA of initial rank ``rank`` whose budget shrinks to an
     average of ``target_rank`` per module over ``total_steps`` optimizer steps; ``options`` is
-    :class:`fedlora.clients.adalora.AdaLoRAOptions` (schedule fractions, EMA betas,
+    :class:`fedlora.methods.flora_adalora.AdaLoRAOptions` (schedule fractions, EMA betas,
     orthogonality weight).
     Call ``peft_model.base_model.update_and_allocate(step)`` after every optimizer step."""
     _fitting_ranks(model, targets, rank)

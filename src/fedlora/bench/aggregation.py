@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from fedlora.clients import hook_for
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import REGISTRY, GlobalState, Strategy, get_strategy
+from fedlora.methods import REGISTRY, get_strategy, hook_for
+from fedlora.strategies import GlobalState, Strategy
 from fedlora.weighting import client_weights
 
 DEFAULT_RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
