@@ -281,11 +281,8 @@ def test_given_uniform_and_example_weights_differ_as_they_should(name: str) -> N
 
 
 def test_unknown_strategy_lists_the_available_ones() -> None:
-    with pytest.raises(
-        ValueError,
-        match="available: fedex, fedit, fedsa, ffa, flexlora, flora, flora-adalora, florist, hafl, "
-        "hafl-freeze, hafl-truncate, hetlora, rolora, zeropad",
-    ):
+    assert {"flora", "fedit", "hafl-freeze"} <= set(REGISTRY)
+    with pytest.raises(ValueError, match="available: " + ", ".join(sorted(REGISTRY)) + "$"):
         get_strategy("fedavg")
 
 
