@@ -30,11 +30,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.linalg import svd_factors, truncate
-from fedlora.lora import LoRAFactors
+from fedlora.lora import LoRAFactors, held_frozen
 from fedlora.methods.ffa import FreezeAClient
 from fedlora.methods.zeropad import zero_padded_mean
 from fedlora.schema import method_options
@@ -89,11 +87,7 @@ class FedSVD(Strategy):
                         client=update.client_id,
                         module=module,
                     )
-                tol = 4 * torch.finfo(f.A.dtype).eps
-                A = held.A.to(f.A.device, torch.float64)
-                if not torch.allclose(
-                    f.A.to(torch.float64), A, rtol=tol, atol=tol * float(A.abs().max())
-                ):
+                if not held_frozen(f.A, held.A):
                     raise UpdateError(
                         "A differs from the server's A; FedSVD's clients hold A frozen (train B "
                         "only)",

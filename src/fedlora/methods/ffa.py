@@ -19,7 +19,7 @@ import torch
 
 from fedlora.clients.base import ClientHook, Scalar
 from fedlora.errors import UpdateError
-from fedlora.lora import LoRAFactors
+from fedlora.lora import LoRAFactors, held_frozen
 from fedlora.methods.zeropad import zero_padded_mean
 from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 
@@ -57,11 +57,7 @@ class FFALoRA(Strategy):
                         client=update.client_id,
                         module=module,
                     )
-                tol = 4 * torch.finfo(f.A.dtype).eps
-                expected = A0[: f.rank].to(f.A.device, torch.float64)
-                if not torch.allclose(
-                    f.A.to(torch.float64), expected, rtol=tol, atol=tol * float(A0.abs().max())
-                ):
+                if not held_frozen(f.A, A0[: f.rank]):
                     raise UpdateError(
                         "A differs from the shared A_0; FFA-LoRA needs A frozen (train B only)",
                         client=update.client_id,
