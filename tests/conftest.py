@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from fedlora.clients import hook_for
 from fedlora.lora import ClientUpdate, LoRAFactors, fold_scaling
-from fedlora.strategies import GlobalState, Strategy, get_strategy
+from fedlora.methods import get_strategy, hook_for
+from fedlora.strategies import GlobalState, Strategy
 
 MODULES = {"q_proj": (12, 10), "v_proj": (6, 10)}  # name -> (d_out, d_in)
 

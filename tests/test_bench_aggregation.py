@@ -9,7 +9,7 @@ import pytest
 
 from fedlora.bench.aggregation import format_table, run_aggregation_bench
 from fedlora.cli import main
-from fedlora.strategies import REGISTRY
+from fedlora.methods import REGISTRY
 
 
 def test_benchmark_times_every_strategy_and_checks_the_factored_svd() -> None:

@@ -603,7 +603,7 @@ def test_a_seeds_study_takes_each_strategys_lr_from_the_first_tuning_file_that_h
 
 
 def test_a_finished_run_in_another_compute_dtype_is_run_again_not_reused(tmp_path: Path) -> None:
-    from fedlora.bench.study import _done, _dtype_now
+    from fedlora.bench.study.run import _done, _dtype_now
     from fedlora.config import load_config
 
     cfg = load_config(TINY, ["model.dtype=auto"])

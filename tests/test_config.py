@@ -8,6 +8,7 @@ import pytest
 
 from fedlora.config import RunConfig, load_config, parse_override
 from fedlora.errors import ConfigError
+from fedlora.methods import REGISTRY
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
@@ -34,7 +35,7 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["rounds=0"], "rounds must be >= 1"),
-        (["strategy=fedavg"], "choose one of fedex, fedit, fedsa, ffa, flexlora"),
+        (["strategy=fedavg"], "choose one of " + ", ".join(sorted(REGISTRY))),
         (["clients.rankz=[4]"], "unknown config key 'clients.rankz'.*allowed in clients: alpha"),
         (["nosuch=1"], "unknown config key 'nosuch'; allowed in the top level"),
         (["rounds=two"], "rounds: expected int, got 'two'"),

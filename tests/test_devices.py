@@ -29,7 +29,7 @@ from fedlora import devices
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
-from fedlora.strategies import REGISTRY
+from fedlora.methods import REGISTRY
 
 SRC = Path(__file__).parent.parent / "src" / "fedlora"
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
@@ -86,14 +86,11 @@ def _quick(*overrides: str) -> RunConfig:
     return load_config(TINY, ["rounds=2", "train.steps=2", "eval.batch_size=16", *overrides])
 
 
-EQUAL_RANKS = {"fedit", "fedex", "fedsa", "rolora"}
-
-
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_runs_two_rounds_with_nothing_on_the_default_device(
     name: str, meta_default: None, tmp_path: Path
 ) -> None:
-    ranks = ["clients.ranks=[4]"] if name in EQUAL_RANKS else []
+    ranks = [] if REGISTRY[name].traits.mixed_ranks else ["clients.ranks=[4]"]
     summary = run_experiment(_quick(f"strategy={name}", *ranks), tmp_path / "run", progress=False)
 
     assert summary["rounds"] == 2 and summary["device"] == "cpu"

@@ -16,10 +16,10 @@ from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, dense_delta
+from fedlora.methods.flora import FLoRA
 from fedlora.rounds import ClientInfo, Failure, LocalPlan, Task, Workbench
 from fedlora.simulation import Runner, injected_fault
 from fedlora.strategies import GlobalState
-from fedlora.strategies.flora import FLoRA
 from fedlora.weighting import client_weights
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from conftest import examples, make_updates, rel_err
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import GlobalState, fedit_aggregation_error, get_strategy
+from fedlora.methods import fedit_aggregation_error, get_strategy
+from fedlora.strategies import GlobalState
 
 
 def scalar_update(cid: str, a: float, b: float, n: int) -> ClientUpdate:

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 from conftest import MODULES, make_updates
 from fedlora import adapters
-from fedlora.clients import LocalPlan, Session, hook_for
+from fedlora.clients import LocalPlan, Session
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
 from fedlora.federation import build_federation, server_bench
 from fedlora.lora import LoRAFactors
+from fedlora.methods import get_strategy, hook_for
 from fedlora.models import build_tiny
-from fedlora.strategies import get_strategy
 from fedlora.weighting import client_weights
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"

@@ -8,7 +8,8 @@ import torch
 from conftest import MODULES, exact_delta, make_updates, rel_err, setup_round
 from fedlora.errors import UpdateError
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import GlobalState, get_strategy
+from fedlora.methods import get_strategy
+from fedlora.strategies import GlobalState
 from fedlora.weighting import client_weights
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import exact_delta, make_updates, rel_err
-from fedlora.strategies import GlobalState, get_strategy
+from fedlora.methods import get_strategy
+from fedlora.strategies import GlobalState
 from fedlora.weighting import client_weights
 
 RANKS = [8, 4, 4, 2, 1]  # R = 19 < min(d) below

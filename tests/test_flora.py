@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import exact_delta, examples, make_updates, rel_err
 from fedlora.lora import LoRAFactors
-from fedlora.strategies import GlobalState, get_strategy
+from fedlora.methods import get_strategy
+from fedlora.strategies import GlobalState
 from fedlora.weighting import client_weights
 
 

@@ -10,14 +10,15 @@ import torch
 
 from fedlora import adapters
 from fedlora.clients import Callbacks
-from fedlora.clients.adalora import AdaLoRAOptions as AdaLoRAConfig
 from fedlora.config import TrainConfig, load_config
 from fedlora.data import Example, encode
 from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate
+from fedlora.methods import get_strategy
+from fedlora.methods.flora_adalora import AdaLoRAOptions as AdaLoRAConfig
 from fedlora.models import build_tiny
-from fedlora.strategies import GlobalState, get_strategy
+from fedlora.strategies import GlobalState
 from fedlora.train import train_local
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"

@@ -15,8 +15,9 @@ from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.federation import strategy_of
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import GlobalState, get_strategy
-from fedlora.strategies.florist import FloristOptions, energy_rank
+from fedlora.methods import get_strategy
+from fedlora.methods.florist import FloristOptions, energy_rank
+from fedlora.strategies import GlobalState
 from fedlora.weighting import client_weights
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"

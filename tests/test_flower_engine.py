@@ -33,7 +33,7 @@ from fedlora.flower.launch import (
     submit,
     write_connection,
 )
-from fedlora.strategies import REGISTRY
+from fedlora.methods import REGISTRY
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 RANKS = [8, 4, 2]

@@ -8,7 +8,8 @@ import torch
 from conftest import make_updates
 from fedlora.errors import UpdateError
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import GlobalState, get_strategy
+from fedlora.methods import get_strategy
+from fedlora.strategies import GlobalState
 
 
 def ones(rank: int, value: float) -> LoRAFactors:

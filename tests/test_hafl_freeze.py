@@ -13,9 +13,10 @@ from fedlora.config import TrainConfig, load_config
 from fedlora.data import Example, encode
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.methods import get_strategy
+from fedlora.methods.hafl import HAFLFreeze
 from fedlora.models import build_tiny
-from fedlora.strategies import GlobalState, get_strategy
-from fedlora.strategies.hafl_freeze import HAFLFreeze
+from fedlora.strategies import GlobalState
 from fedlora.train import train_local
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"

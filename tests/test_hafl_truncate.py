@@ -11,8 +11,9 @@ import torch
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import GlobalState, get_strategy
-from fedlora.strategies.hafl_truncate import HAFLTruncate
+from fedlora.methods import get_strategy
+from fedlora.methods.hafl import HAFLTruncate
+from fedlora.strategies import GlobalState
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 

@@ -12,9 +12,10 @@ from fedlora import adapters
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, LoRAFactors
+from fedlora.methods import get_strategy
+from fedlora.methods.hetlora import norm_weights, pruned_rank, self_prune, tail_norm
 from fedlora.models import build_tiny
-from fedlora.strategies import GlobalState, get_strategy
-from fedlora.strategies.hetlora import norm_weights, pruned_rank, self_prune, tail_norm
+from fedlora.strategies import GlobalState
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 

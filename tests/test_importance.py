@@ -11,8 +11,9 @@ from fedlora.config import TrainConfig
 from fedlora.data import Example, encode
 from fedlora.importance import ComponentImportance, SmoothedSensitivity, component_scores
 from fedlora.lora import LoRAFactors
+from fedlora.methods import get_strategy
 from fedlora.models import build_tiny
-from fedlora.strategies import GlobalState, get_strategy
+from fedlora.strategies import GlobalState
 from fedlora.train import train_local
 
 

@@ -148,7 +148,7 @@ def test_the_quantization_bench_measures_each_client_in_a_process_of_its_own(
 def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_warnings_pass(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import fedlora  # noqa: F401  (installs the filter)
+    import fedlora.adapters  # noqa: F401  (installs the filter before importing PEFT)
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING, logger=logger.name):

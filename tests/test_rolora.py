@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from conftest import MODULES, exact_delta, make_updates, rel_err
-from fedlora.clients import hook_for
 from fedlora.config import load_config
 from fedlora.errors import UpdateError
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import get_strategy
+from fedlora.methods import get_strategy, hook_for
 from fedlora.weighting import client_weights
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"

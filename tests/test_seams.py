@@ -1,8 +1,10 @@
-"""A method's seams: its server file (a strategy) and its client hook; nothing else names it.
+"""A method's seams: one file of :mod:`fedlora.methods` (its strategy, client hook and options);
+nothing else names it.
 
 The runners (rounds, simulation, Flower apps and records, experiment) must hold no method's name
-and import no method's module; the package's module-level imports form no cycle; config errors of
-the rank and method-option kinds are found by ``load_config``, before anything loads.
+and import no method's module; the package's imports, deferred ones included, form no cycle;
+config errors of the rank and method-option kinds are found by ``load_config``, before anything
+loads.
 """
 
 from __future__ import annotations
@@ -16,33 +18,42 @@ import pytest
 import torch
 
 from fedlora import privacy
-from fedlora.clients import HOOKS, ClientHook, hook_for
-from fedlora.clients.adalora import AdaLoRAOptions
-from fedlora.clients.hetlora import HetLoRAOptions
+from fedlora.clients import ClientHook
 from fedlora.config import METHOD_OPTIONS, PrivacyConfig, load_config, options_of, to_dict
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors
-from fedlora.strategies import REGISTRY
+from fedlora.methods import HOOKS, REGISTRY, hook_for
+from fedlora.methods.flora_adalora import AdaLoRAOptions
+from fedlora.methods.hetlora import HetLoRAOptions
 
 PACKAGE = Path(__file__).parents[1] / "src" / "fedlora"
 RUNNERS = ["rounds.py", "simulation.py", "experiment.py", "train.py", "flower/apps.py"]
 RUNNERS += ["flower/records.py", "flower/launch.py", "checkpoint.py", "privacy.py"]
 RUNNERS += ["federation.py"]
-METHOD_MODULES = {p.stem for p in (PACKAGE / "strategies").glob("*.py")} - {"__init__", "base"}
-METHOD_MODULES |= {p.stem for p in (PACKAGE / "clients").glob("*.py")} - {"__init__", "base"}
+METHOD_MODULES = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__"}
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    rel = path.relative_to(package.parent).with_suffix("")
     parts = list(rel.parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def top_level_imports(path: Path) -> set[str]:
-    """fedlora modules imported at module level (not inside functions or TYPE_CHECKING)."""
+def imports_of(path: Path) -> set[str]:
+    """fedlora modules ``path`` imports anywhere: at module level and deferred inside functions
+    alike (a deferred import is a cycle postponed, not removed); only ``if TYPE_CHECKING:``
+    blocks, which never run, are left out."""
     out: set[str] = set()
     tree = ast.parse(path.read_text())
-    for node in tree.body:
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for n in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("fedlora")}
         elif (
@@ -54,6 +65,45 @@ def top_level_imports(path: Path) -> set[str]:
             out.add(node.module)
             out |= {f"{node.module}.{a.name}" for a in node.names}
     return out
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Each module of ``package`` and the modules of it that it imports (``from pkg import x``
+    counts as importing ``pkg.x`` where that is a module, else ``pkg``)."""
+    modules = {module_name(p, package): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for m, p in modules.items():
+        edges = set()
+        for name in imports_of(p):
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != m:
+                edges.add(name)
+        graph[m] = edges
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return [*stack[stack.index(n) :], n]
+            if n not in state and (found := visit(n)) is not None:
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)) is not None:
+            return found
+    return None
 
 
 def test_every_hook_belongs_to_a_registered_strategy_and_others_get_the_default() -> None:
@@ -77,45 +127,54 @@ def test_the_runners_name_no_method_and_import_no_method_module() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
                 mod = node.module.split(".")
-                if mod[:2] in (["fedlora", "strategies"], ["fedlora", "clients"]) and len(mod) > 2:
-                    assert mod[2] in ("base",), f"{rel} imports {node.module}"
+                if mod[:2] == ["fedlora", "methods"] and len(mod) > 2:
+                    raise AssertionError(f"{rel} imports {node.module}")
 
 
-def test_nothing_outside_strategies_and_clients_imports_a_method_module() -> None:
+def test_nothing_outside_the_methods_imports_a_method_module() -> None:
+    assert {"flora", "hetlora", "hafl", "flora_adalora"} <= METHOD_MODULES
     for path in PACKAGE.rglob("*.py"):
-        if path.parent.name in ("strategies", "clients"):
+        if path.parent.name == "methods":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 mod = node.module.split(".")
-                if mod[:2] in (["fedlora", "strategies"], ["fedlora", "clients"]) and len(mod) > 2:
+                if mod[:2] == ["fedlora", "methods"] and len(mod) > 2:
                     assert mod[2] not in METHOD_MODULES, f"{path.name} imports {node.module}"
 
 
-def test_the_package_has_no_module_level_import_cycle() -> None:
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {
-        m: {i for i in top_level_imports(p) if i in modules and i != m} for m, p in modules.items()
-    }
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(m: str) -> None:
-        state[m] = 1
-        stack.append(m)
-        for n in sorted(graph[m]):
-            if state.get(n) == 1:
-                cycle = [*stack[stack.index(n) :], n]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if n not in state:
-                visit(n)
-        stack.pop()
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m)
+def test_the_package_has_no_import_cycle_deferred_imports_included() -> None:
+    graph = import_graph(PACKAGE)
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
     assert "fedlora.rounds" in graph and "fedlora.privacy" in graph
+    # the schema is the bottom: it imports no method, and every method imports it, not the loader
+    assert graph["fedlora.schema"] <= {"fedlora.errors"}
+    for name in METHOD_MODULES:
+        assert "fedlora.config" not in graph[f"fedlora.methods.{name}"], name
+
+
+def test_the_cycle_check_sees_a_cycle_made_of_deferred_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "fedlora"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import fedlora.b\n")
+    (pkg / "b.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import fedlora.a\n"  # never runs: no edge
+        "def f():\n    from fedlora.c import g\n"
+    )
+    (pkg / "c.py").write_text("def g():\n    from fedlora import a\n")
+    graph = import_graph(pkg)
+    assert graph == {
+        "fedlora": set(),
+        "fedlora.a": {"fedlora.b"},
+        "fedlora.b": {"fedlora.c"},
+        "fedlora.c": {"fedlora", "fedlora.a"},  # from fedlora import a: the package, then a
+    }
+    assert import_cycle(graph) == ["fedlora.a", "fedlora.b", "fedlora.c", "fedlora.a"]
+    (pkg / "c.py").write_text("def g():\n    return 1\n")
+    assert import_cycle(import_graph(pkg)) is None
 
 
 def test_one_driver_serves_both_engines_and_flower_never_loads_the_inprocess_one() -> None:
@@ -136,10 +195,12 @@ def test_one_driver_serves_both_engines_and_flower_never_loads_the_inprocess_one
 def test_reading_a_config_registers_the_method_options_without_loading_peft() -> None:
     code = (
         "import sys; from fedlora.config import load_config, METHOD_OPTIONS; load_config(); "
-        "print(sorted(METHOD_OPTIONS), 'peft' in sys.modules, 'transformers' in sys.modules)"
+        "print(*sorted(METHOD_OPTIONS), 'peft' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['adalora', 'florist', 'hetlora'] False False"
+    *sections, peft, transformers = out.stdout.split()
+    assert sections == sorted(METHOD_OPTIONS) and {"adalora", "florist", "hetlora"} <= set(sections)
+    assert (peft, transformers) == ("False", "False")
 
 
 def test_method_options_are_read_typed_and_written_back_at_the_top_level() -> None:

@@ -12,9 +12,9 @@ from fedlora import adapters
 from fedlora.config import RunConfig, load_config
 from fedlora.experiment import compare_strategies, run_experiment
 from fedlora.federation import build_federation
+from fedlora.methods import REGISTRY
 from fedlora.models import build_tiny
 from fedlora.simulation import Runner
-from fedlora.strategies import REGISTRY
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 MODES = [*sorted(REGISTRY), "centralized", "standalone"]

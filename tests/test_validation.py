@@ -24,8 +24,8 @@ from fedlora.lora import (
     screen_update,
     update_norm,
 )
+from fedlora.methods import get_strategy
 from fedlora.rounds import ClientInfo, Failure, FederatedRounds, LocalResult, Task
-from fedlora.strategies import get_strategy
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 RANKS = [4, 4, 2]

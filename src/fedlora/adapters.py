@@ -9,11 +9,28 @@ Module names are those of the base model (``model.layers.0.self_attn.q_proj``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+class _HubKernelNotice(logging.Filter):
+    """Drops bitsandbytes' import-time warning that it could not fetch its optional 4-bit CPU
+    kernel from the hub (``kernels-community``) on a CPU with AVX512-BF16. bitsandbytes then
+    uses its own kernel; without a network the line would open every command (``import peft``
+    imports bitsandbytes wherever it is installed) whether a client is quantized or not. Its
+    other warnings pass. Installed here, before this module imports PEFT, the one import that
+    triggers it, rather than by importing the package."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNotice())
+
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
@@ -231,7 +248,7 @@ def attach_adalora(
 ) -> Any:
     """Wrap ``model`` in a fresh PEFT AdaLoRA of initial rank ``rank`` whose budget shrinks to an
     average of ``target_rank`` per module over ``total_steps`` optimizer steps; ``options`` is
-    :class:`fedlora.clients.adalora.AdaLoRAOptions` (schedule fractions, EMA betas,
+    :class:`fedlora.methods.flora_adalora.AdaLoRAOptions` (schedule fractions, EMA betas,
     orthogonality weight).
     Call ``peft_model.base_model.update_and_allocate(step)`` after every optimizer step."""
     _fitting_ranks(model, targets, rank)

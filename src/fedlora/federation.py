@@ -18,10 +18,11 @@ from fedlora import adapters
 from fedlora.config import RunConfig, check, options_of
 from fedlora.data import Example, load_examples, partition, split_heldout
 from fedlora.errors import ConfigError
+from fedlora.methods import REGISTRY, get_strategy
 from fedlora.models import LoadedModel, load_configured
 from fedlora.ranks import client_ranks
 from fedlora.rounds import Benchmark, Client, ClientInfo, FederatedRounds, Workbench
-from fedlora.strategies import REGISTRY, Strategy, get_strategy
+from fedlora.strategies import Strategy
 from fedlora.weighting import client_id, configured_weighting
 
 VALIDATION = "validation"

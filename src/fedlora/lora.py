@@ -262,6 +262,16 @@ class Expected:
     """Bound on the example count a client may claim (None: no bound)."""
 
 
+def held_frozen(factor: torch.Tensor, reference: torch.Tensor, ulps: int = 4) -> bool:
+    """``factor`` equals ``reference`` within ``ulps`` units of ``factor``'s dtype's rounding
+    (relatively, and absolutely at the reference's scale): a factor a client held frozen, after
+    its trip through the client's compute dtype, compared in float64 on ``factor``'s device."""
+    tol = ulps * torch.finfo(factor.dtype).eps
+    ref = reference.to(factor.device, torch.float64)
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return torch.allclose(factor.to(torch.float64), ref, rtol=tol, atol=tol * scale)
+
+
 def update_norm(f: LoRAFactors) -> float:
     """``‖B A‖_F`` from the factors: ``√Σ (BᵀB) ⊙ (A Aᵀ)``, two ``r × r`` Gram matrices."""
     A, B = f.A.double(), f.B.double()

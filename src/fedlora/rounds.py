@@ -21,7 +21,7 @@ import torch
 
 from fedlora import adapters, devices, privacy, seeds
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
-from fedlora.clients import ClientState, LocalPlan, Session, hook_for
+from fedlora.clients import ClientState, LocalPlan, Session
 from fedlora.comm import BYTES_PER_PARAM, Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
 from fedlora.data import Example
@@ -29,6 +29,7 @@ from fedlora.data.encode import LazyEncoded
 from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
 from fedlora.lora import BaseDelta, ClientUpdate, Expected, LoRAFactors, screen_update
+from fedlora.methods import hook_for
 from fedlora.precision import MergedBase
 from fedlora.seeds import derive_seed
 from fedlora.strategies import GlobalState, Strategy

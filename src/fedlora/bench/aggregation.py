@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from fedlora.clients import hook_for
 from fedlora.lora import ClientUpdate, LoRAFactors
-from fedlora.strategies import REGISTRY, GlobalState, Strategy, get_strategy
+from fedlora.methods import REGISTRY, get_strategy, hook_for
+from fedlora.strategies import GlobalState, Strategy
 from fedlora.weighting import client_weights
 
 DEFAULT_RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
@@ -148,14 +148,17 @@ def run_aggregation_bench(
     notes: dict[str, str] = {}
     for name in sorted(REGISTRY):
         strategy = get_strategy(name)
-        state = strategy.init_state({MODULE: (d_out, d_in)}, max(ranks), generator)
-        clients = updates
-        if "A" not in hook_for(name).sent(strategy.client_options(state)):  # A frozen: A_0
-            clients = synthetic_updates(d_in, d_out, ranks, generator, state.factors[MODULE])
-        elif not strategy.traits.mixed_ranks:
+        mine = list(ranks)
+        if not strategy.traits.mixed_ranks:
             homogeneous = int(statistics.median(ranks))
-            clients = synthetic_updates(d_in, d_out, [homogeneous] * len(ranks), generator)
+            mine = [homogeneous] * len(ranks)
             notes[name] = f"homogeneous rank {homogeneous} (needs equal ranks)"
+        state = strategy.init_state({MODULE: (d_out, d_in)}, max(mine), generator)
+        clients = updates
+        if "A" not in hook_for(name).sent(strategy.client_options(state)):  # A frozen: the state's
+            clients = synthetic_updates(d_in, d_out, mine, generator, state.factors[MODULE])
+        elif mine != list(ranks):
+            clients = synthetic_updates(d_in, d_out, mine, generator)
         say(f"timing {name}")
         timings[name] = _median_seconds(partial(_round_trip, strategy, state, clients), repeat)
 

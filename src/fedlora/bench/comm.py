@@ -7,8 +7,9 @@ in every round (full participation, FLoRA's setting), counted as :mod:`fedlora.c
 
 - up: client ``k``'s factors, ``r_k (d_in + d_out)`` per module (``r_k d_out`` when ``A`` is the
   frozen shared ``A_0`` of FFA-LoRA, which every party derives from the seed);
-- down: its start, the first ``r_k`` components of the global adapter (only ``B`` for FFA-LoRA;
-  all ``r_g`` components for ``hafl-freeze``, whose frozen ones travel too); for FLoRA, no
+- down: its start, the first ``r_k`` components of the global adapter (only ``B`` where the
+  method's ``A`` is fixed; all ``r_g`` components where its traits say
+  ``downloads_global_rank``, hafl-freeze's frozen ones travelling too); for FLoRA, no
   adapter but the previous round's stacked update, ``R (d_in + d_out)`` with ``R = Σ_j r_j``, or
   the dense ``d_out d_in`` when that is smaller, and nothing in round 1.
 - ratio to full fine-tuning: ``(up + down) / (2 P)``, full fine-tuning sending all ``P``
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.bench.provenance import provenance
-from fedlora.clients import hook_for
+from fedlora.methods import REGISTRY, hook_for
 from fedlora.ranks import FLORA_RANKS, client_ranks
-from fedlora.strategies import REGISTRY, GlobalState
+from fedlora.strategies import GlobalState
 
 Shapes = Mapping[str, tuple[int, int]]
 """``{module: (d_out, d_in)}``."""
@@ -63,7 +64,7 @@ def planned_traffic(
                 )
             elif traits.fixed_a:
                 down = sum(r * d_out for d_out, _ in shapes.values())
-            elif strategy == "hafl-freeze":
+            elif traits.downloads_global_rank:
                 down = sum(r_global * (d_in + d_out) for d_out, d_in in shapes.values())
             else:
                 down = sum(r * (d_in + d_out) for d_out, d_in in shapes.values())

@@ -187,7 +187,7 @@ def _tiny_run(
 
 
 def _strategies(where: torch.device, folder: Path, names: Sequence[str]) -> dict[str, Any]:
-    from fedlora.strategies import REGISTRY
+    from fedlora.methods import REGISTRY
 
     results: dict[str, Any] = {}
     for dtype in ("float32", "bfloat16"):

@@ -1,33 +1,15 @@
-"""Client hooks, one file per method whose clients do more than train a plain LoRA, registered
-by strategy name in :data:`HOOKS` (:mod:`fedlora.clients.base`)."""
+"""The client half of every method: the :class:`ClientHook` steps a client runs around its local
+training, and what travels (:class:`Upload`, :class:`LocalPlan`). A method's own hook lives in its
+file in :mod:`fedlora.methods` (its strategy's ``client``); take ``hook_for`` from there.
+"""
 
-from fedlora.clients import adalora, fedsa, ffa, hafl, hetlora, rolora
 from fedlora.clients.base import (
-    HOOKS,
     Callbacks,
     ClientHook,
     ClientState,
     LocalPlan,
     Session,
     Upload,
-    hook_for,
-    register_hook,
 )
 
-__all__ = [
-    "HOOKS",
-    "Callbacks",
-    "ClientHook",
-    "ClientState",
-    "LocalPlan",
-    "Session",
-    "Upload",
-    "adalora",
-    "fedsa",
-    "ffa",
-    "hafl",
-    "hetlora",
-    "hook_for",
-    "register_hook",
-    "rolora",
-]
+__all__ = ["Callbacks", "ClientHook", "ClientState", "LocalPlan", "Session", "Upload"]

@@ -1,10 +1,10 @@
 """The client half of a method: what one client does around its local training.
 
-A method is a server file (its :class:`fedlora.strategies.Strategy`, pure math) and, where its
-clients do more than train a plain LoRA from the start the server sends, a client hook: a
-:class:`ClientHook` subclass registered under the strategy's name with :func:`register_hook`, in
-its own file of this package, with the method's options (a dataclass registered with
-:func:`fedlora.config.method_options`) beside it. :meth:`fedlora.rounds.Workbench.train` runs
+A method is one file of :mod:`fedlora.methods`: its strategy (a
+:class:`fedlora.strategies.Strategy`, pure math), its options (a dataclass registered with
+:func:`fedlora.schema.method_options`) and, where its clients do more than train a plain LoRA
+from the start the server sends, a client hook: a :class:`ClientHook` subclass that the strategy
+names as its ``client``. :meth:`fedlora.rounds.Workbench.train` runs
 the same steps for every method and asks the hook at each of them:
 
 1. :meth:`ClientHook.attach`: wrap the base model in a fresh adapter of the plan's rank (PEFT's
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
 import torch
 
@@ -171,27 +171,3 @@ class ClientHook:
     def finish(self, upload: Upload) -> Upload:
         """The upload after privacy's noise, detached from the model."""
         return upload
-
-
-HOOKS: dict[str, type[ClientHook]] = {}
-
-H = TypeVar("H", bound=type[ClientHook])
-
-
-def register_hook(*strategies: str) -> Callable[[H], H]:
-    """Class decorator: ``cls`` is the client side of each of ``strategies``."""
-
-    def wrap(cls: H) -> H:
-        for name in strategies:
-            if name in HOOKS:
-                raise ValueError(f"client hook for strategy {name!r} registered twice")
-            HOOKS[name] = cls
-        return cls
-
-    return wrap
-
-
-def hook_for(strategy: str) -> type[ClientHook]:
-    """The client hook of ``strategy`` (the default :class:`ClientHook` for a method without
-    one, and for ``centralized`` and ``standalone`` training)."""
-    return HOOKS.get(strategy, ClientHook)

@@ -34,7 +34,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.clients import hook_for
 from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
 from fedlora.data import load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
@@ -52,6 +51,7 @@ from fedlora.flower.records import (
     task_content,
 )
 from fedlora.lora import BaseDelta, LoRAFactors
+from fedlora.methods import hook_for
 from fedlora.models import QUANTIZATIONS, LoadedModel, load_configured
 from fedlora.precision import MergedBase
 from fedlora.ranks import client_ranks

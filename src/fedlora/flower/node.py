@@ -49,9 +49,9 @@ from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedlora.config import FlowerConfig
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.flower import CONFIG_KEY
+from fedlora.schema import FlowerConfig
 
 KEEP_MODEL = "keep-model"
 """The node-config key that turns the keeper on."""

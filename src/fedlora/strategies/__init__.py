@@ -1,51 +1,8 @@
-"""Aggregation strategies, one file each, selected by name from :data:`REGISTRY`."""
+"""The server half of every method: the :class:`Strategy` base (pure aggregation math), its
+:class:`Traits` and the registry the methods fill. The methods themselves, one file each, are in
+:mod:`fedlora.methods`; take ``REGISTRY`` and ``get_strategy`` from there, which imports them.
+"""
 
-from fedlora.strategies import (
-    fedex,
-    fedit,
-    fedsa,
-    ffa,
-    flexlora,
-    flora,
-    florist,
-    hafl,
-    hafl_freeze,
-    hafl_truncate,
-    hetlora,
-    rolora,
-    zeropad,
-)
-from fedlora.strategies.base import (
-    REGISTRY,
-    GlobalState,
-    RankSpec,
-    Start,
-    Strategy,
-    Traits,
-    get_strategy,
-)
-from fedlora.strategies.fedit import fedit_aggregation_error
+from fedlora.strategies.base import GlobalState, RankSpec, Start, Strategy, Traits
 
-__all__ = [
-    "REGISTRY",
-    "GlobalState",
-    "RankSpec",
-    "Start",
-    "Strategy",
-    "Traits",
-    "fedex",
-    "fedit",
-    "fedit_aggregation_error",
-    "fedsa",
-    "ffa",
-    "flexlora",
-    "flora",
-    "florist",
-    "get_strategy",
-    "hafl",
-    "hafl_freeze",
-    "hafl_truncate",
-    "hetlora",
-    "rolora",
-    "zeropad",
-]
+__all__ = ["GlobalState", "RankSpec", "Start", "Strategy", "Traits"]

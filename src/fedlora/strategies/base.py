@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias, TypeVar
+from typing import Any, ClassVar, Literal, TypeAlias, TypeVar
 
 import torch
 
@@ -45,6 +45,15 @@ class Traits:
     """``A`` stays at the shared init of :meth:`Strategy.init_state`; only ``B`` trains."""
     component_level: bool = False
     """Aggregates per rank-1 component and honours :attr:`ClientUpdate.component_index`."""
+    downloads_global_rank: bool = False
+    """Every client receives all ``r_g`` components of the global adapter, not the first ``r_k``
+    (hafl-freeze: the components it does not train travel too, frozen): what traffic accounting
+    (``fedlora bench comm``) counts for its download."""
+    exact: Literal["always", "equal_ranks", "no"] = "no"
+    """Whether one round's global update equals ``Σ p_k ΔW_k`` of the clients' updates: for any
+    ranks (``always``), when the clients share one rank (``equal_ranks``), or not (``no``: the
+    factors are averaged, or the sum is truncated; see :meth:`Strategy.error_bound`). The
+    invariant tests hold every method to what it declares here, both ways."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,11 @@ class Strategy(ABC):
     traits: ClassVar[Traits]
     Options: ClassVar[type[Any] | None] = None
     """The dataclass of the strategy's own config section (registered with
-    :func:`fedlora.config.method_options`), passed to the constructor as ``options``; None: the
+    :func:`fedlora.schema.method_options`), passed to the constructor as ``options``; None: the
     strategy takes no options."""
+    client: ClassVar[type[Any] | None] = None
+    """The method's client hook (a :class:`fedlora.clients.base.ClientHook` subclass in the same
+    file), where its clients do more than train a plain LoRA; None: the default hook."""
 
     def __init__(self, weighting: Weighting = "examples") -> None:
         self.weighting = weighting
@@ -119,6 +131,12 @@ class Strategy(ABC):
         if self.traits.fresh_client_adapters:
             return GlobalState()
         return GlobalState(factors=shared_init(shapes, rank, generator))
+
+    def error_bound(self) -> float | None:
+        """For a method whose round truncates the exact sum (:attr:`Traits.exact` ``no``): the
+        bound it guarantees on ``‖ΔW − Σ p_k ΔW_k‖_F / ‖Σ p_k ΔW_k‖_F`` per module; None: no
+        bound (or exact)."""
+        return None
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         """Combine one round's client updates into the next global state."""
@@ -249,7 +267,9 @@ def register(cls: S) -> S:
 
 
 def get_strategy(name: str, **options: Any) -> Strategy:
-    """The strategy registered as ``name``, built with ``options`` (e.g. ``weighting``)."""
+    """The strategy registered as ``name``, built with ``options`` (e.g. ``weighting``); the
+    methods register when :mod:`fedlora.methods` is imported, which is where callers take this
+    function from."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(sorted(REGISTRY))}")
     factory: Callable[..., Strategy] = REGISTRY[name]

@@ -22,7 +22,7 @@ from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 @register
 class FlexLoRA(Strategy):
     name = "flexlora"
-    traits = Traits(paper="Bai et al. 2024 (FlexLoRA)", mixed_ranks=True)
+    traits = Traits(paper="Bai et al. 2024 (FlexLoRA)", mixed_ranks=True, exact="always")
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
         return svd_factors(stack(rnd.factors(module), rnd.weights))

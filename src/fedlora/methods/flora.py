@@ -27,6 +27,7 @@ class FLoRA(Strategy):
         mixed_ranks=True,
         merges_into_base=True,
         fresh_client_adapters=True,
+        exact="always",
     )
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
@@ -35,19 +36,3 @@ class FLoRA(Strategy):
     def _aggregate(self, rnd: RoundInput) -> GlobalState:
         delta = {m: compact(self._combine(rnd, m)) for m in rnd.modules}
         return GlobalState(base_delta=delta, round=rnd.state.round + 1)
-
-
-@register
-class FLoRAAdaLoRA(FLoRA):
-    """FLoRA with AdaLoRA clients (FLoRA's appendix): each client trains PEFT's AdaLoRA from its
-    rank ``r_k``, which prunes components during local training by importance; the client sends
-    the components it kept (singular values folded into ``A``), whatever their number per module,
-    and stacking is exact for them as for any ranks."""
-
-    name = "flora-adalora"
-    traits = Traits(
-        paper="Wang et al. 2024 (FLoRA, AdaLoRA clients)",
-        mixed_ranks=True,
-        merges_into_base=True,
-        fresh_client_adapters=True,
-    )

@@ -6,22 +6,38 @@ Rule: every client's ``A`` is frozen at one shared, seeded initialisation ``A_0`
 ``Σ_k p_k B_k A_0[:r_k] = B̄ A_0`` with ``B̄ = Σ_k p_k pad(B_k)``: averaging ``B`` is exact, for
 mixed ranks too. Clients start from ``(A_0[:r_k], B̄[:, :r_k])``. An update whose ``A`` moved away
 from ``A_0`` is rejected, since averaging its ``B`` would no longer be exact.
+
+The client side (:class:`FreezeAClient`): ``A`` stays at the shared ``A_0``, only ``B`` trains and
+travels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from fedlora.clients.base import ClientHook, Scalar
 from fedlora.errors import UpdateError
-from fedlora.lora import LoRAFactors
+from fedlora.lora import LoRAFactors, held_frozen
+from fedlora.methods.zeropad import zero_padded_mean
 from fedlora.strategies.base import RoundInput, Strategy, Traits, register
-from fedlora.strategies.zeropad import zero_padded_mean
+
+
+class FreezeAClient(ClientHook):
+    @classmethod
+    def sent(cls, options: Mapping[str, Scalar]) -> tuple[str, ...]:
+        del options
+        return ("B",)
 
 
 @register
 class FFALoRA(Strategy):
     name = "ffa"
-    traits = Traits(paper="Sun et al. 2024 (FFA-LoRA)", mixed_ranks=True, fixed_a=True)
+    client = FreezeAClient
+    traits = Traits(
+        paper="Sun et al. 2024 (FFA-LoRA)", mixed_ranks=True, fixed_a=True, exact="always"
+    )
 
     def _check(self, rnd: RoundInput) -> None:
         state = rnd.state
@@ -41,11 +57,7 @@ class FFALoRA(Strategy):
                         client=update.client_id,
                         module=module,
                     )
-                tol = 4 * torch.finfo(f.A.dtype).eps
-                expected = A0[: f.rank].to(f.A.device, torch.float64)
-                if not torch.allclose(
-                    f.A.to(torch.float64), expected, rtol=tol, atol=tol * float(A0.abs().max())
-                ):
+                if not held_frozen(f.A, A0[: f.rank]):
                     raise UpdateError(
                         "A differs from the shared A_0; FFA-LoRA needs A frozen (train B only)",
                         client=update.client_id,

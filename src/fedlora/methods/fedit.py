@@ -17,6 +17,7 @@ import torch
 from fedlora.errors import ConfigError
 from fedlora.linalg import stack
 from fedlora.lora import ClientUpdate, LoRAFactors, update_norm
+from fedlora.methods.zeropad import ZeroPad, zero_padded_mean
 from fedlora.strategies.base import (
     GlobalState,
     RankSpec,
@@ -25,7 +26,6 @@ from fedlora.strategies.base import (
     module_rank,
     register,
 )
-from fedlora.strategies.zeropad import ZeroPad, zero_padded_mean
 from fedlora.weighting import Weighting, client_weights
 
 

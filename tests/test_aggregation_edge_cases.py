@@ -16,7 +16,10 @@ from fedlora.errors import ConfigError, UpdateError
 from fedlora.importance import ComponentImportance, SmoothedSensitivity
 from fedlora.linalg import compact, componentwise_mean, factored_svd, indexed_mean, stack
 from fedlora.lora import LoRAFactors
-from fedlora.strategies import GlobalState, get_strategy
+from fedlora.methods import get_strategy
+from fedlora.methods.florist import energy_rank
+from fedlora.methods.hafl import aggregate_importance
+from fedlora.strategies import GlobalState
 from fedlora.strategies.base import (
     REGISTRY,
     RoundInput,
@@ -26,8 +29,6 @@ from fedlora.strategies.base import (
     register,
     shared_init,
 )
-from fedlora.strategies.florist import energy_rank
-from fedlora.strategies.hafl import aggregate_importance
 from fedlora.weighting import client_weights
 
 # --- weighting ---

@@ -6,24 +6,74 @@ Frobenius norm of its update there, ``p_k ∝ ‖B_k A_k‖_F`` (computed from t
 whose update carries more signal count more; clients get their first ``r_k`` components back
 (truncation). If every client's update of a module is zero, the configured weighting is used.
 
-Rank self-pruning on the client (decisions where the paper leaves room are in docs/algorithms.md):
-local training adds ``λ Σ_modules ‖B_tail‖_F ‖A_tail‖_F`` to the loss, where the tail is the
-components ``⌊γ r_k⌋ … r_k − 1``; after training, if the tail's norm is smaller than it was at the
-start of the round, the client drops the tail and keeps rank ``max(1, ⌊γ r_k⌋)`` from then on.
-The decision is the pure function :func:`self_prune`; the runner applies it.
+The client side (:class:`HetLoRAClient`), rank self-pruning (decisions where the paper leaves
+room are in docs/algorithms.md): local training adds ``λ Σ_modules ‖B_tail‖_F ‖A_tail‖_F`` to the
+loss, the tail being the components ``⌊γ r_k⌋ … r_k − 1``; after training (and after privacy's
+noise, on what is sent), if the tail's norm is smaller than at the start of the round, the client
+drops the tail and trains rank ``max(1, ⌊γ r_k⌋)`` from then on. The decision is the pure
+function :func:`self_prune`; the hook applies it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from fedlora.clients.base import Callbacks, ClientHook, Upload
+from fedlora.errors import ConfigError
 from fedlora.linalg import truncate
 from fedlora.lora import ClientUpdate, LoRAFactors, update_norm
+from fedlora.methods.zeropad import zero_padded_mean
+from fedlora.schema import method_options, options_of
 from fedlora.strategies.base import RoundInput, Strategy, Traits, register
-from fedlora.strategies.zeropad import zero_padded_mean
+
+
+@method_options("hetlora")
+@dataclass
+class HetLoRAOptions:
+    """HetLoRA's rank self-pruning on the client (strategy ``hetlora``)."""
+
+    prune: bool = True
+    gamma: float = 0.9
+    """A client that prunes keeps rank ``max(1, ⌊γ r⌋)``; the tail is the components beyond."""
+    reg: float = 0.01
+    """λ of the regulariser ``λ Σ ‖B_tail‖_F ‖A_tail‖_F`` added to the local loss."""
+
+    def check(self) -> None:
+        if not 0 < self.gamma < 1:
+            raise ConfigError(f"hetlora.gamma must be in (0, 1), got {self.gamma}")
+        if self.reg < 0:
+            raise ConfigError(f"hetlora.reg must be >= 0, got {self.reg}")
+
+
+class HetLoRAClient(ClientHook):
+    shrinks_rank = True
+
+    def prepare(self, peft_model: Any) -> Callbacks:
+        from fedlora import adapters
+
+        super().prepare(peft_model)
+        o = options_of(self.session.cfg, HetLoRAOptions)
+        if not o.prune or o.reg == 0:
+            return Callbacks()
+        keep = {n: pruned_rank(self.session.plan.rank, o.gamma) for n in self.session.modules}
+        tail = adapters.tail_penalty(peft_model, keep)
+        reg = o.reg
+        return Callbacks(penalty=lambda: reg * tail())
+
+    def finish(self, upload: Upload) -> Upload:
+        o = options_of(self.session.cfg, HetLoRAOptions)
+        if not o.prune:
+            return upload
+        pruned = self_prune(self.session.plan.start, upload.factors, o.gamma)
+        if pruned is None:
+            return upload
+        kept = {n: f.rank for n, f in pruned.items()}
+        return Upload(pruned, kept, upload.importance, next_rank=min(kept.values()))
 
 
 def norm_weights(
@@ -40,6 +90,7 @@ def norm_weights(
 @register
 class HetLoRA(Strategy):
     name = "hetlora"
+    client = HetLoRAClient
     traits = Traits(paper="Cho et al. 2024 (HetLoRA)", mixed_ranks=True)
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:

@@ -8,7 +8,7 @@ clients share the frozen factor, averaging the trained one is exact:
 ``B`` (``B_0 = 0`` would give ``A`` no gradient). The phase follows the
 rounds aggregated so far (``state.round``), so a skipped round does not break the alternation,
 and reaches the clients as the plan option ``train`` (``"A"`` or ``"B"``); their hook
-(:mod:`fedlora.clients.rolora`) trains and sends that factor only. An update whose frozen factor
+(:class:`AlternatingClient`) trains and sends that factor only. An update whose frozen factor
 moved from the global one is rejected, since averaging the other would no longer be exact.
 
 Mixed ranks (fedlora's extension; the paper's clients share one rank): a rank-``r_k`` client
@@ -24,17 +24,30 @@ ranks the two are the same mean, exact as above; with mixed ranks the result is 
 Deviation: the paper alternates within a round (several local epochs of ``B``, then of ``A``)
 in one variant and across rounds in another; this is the across-rounds variant, whose
 aggregation is exact every round at equal ranks. Neither the paper's text nor its code (none
-found public) says how rounds are structured beyond that.
+found public) says how rounds are structured beyond that. The default hook freezes the other factor,
+privacy noises only the sent one and traffic counts only it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from fedlora.clients.base import ClientHook, Scalar
 from fedlora.errors import UpdateError
 from fedlora.linalg import indexed_mean
 from fedlora.lora import LoRAFactors
 from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
+
+
+class AlternatingClient(ClientHook):
+    @classmethod
+    def sent(cls, options: Mapping[str, Scalar]) -> tuple[str, ...]:
+        part = options.get("train")
+        if part not in ("A", "B"):
+            raise ValueError(f"rolora: the plan option 'train' must be 'A' or 'B', got {part!r}")
+        return (str(part),)
 
 
 def phase(state: GlobalState) -> str:
@@ -45,7 +58,8 @@ def phase(state: GlobalState) -> str:
 @register
 class RoLoRA(Strategy):
     name = "rolora"
-    traits = Traits(paper="Chen et al. 2025 (RoLoRA)", mixed_ranks=True)
+    client = AlternatingClient
+    traits = Traits(paper="Chen et al. 2025 (RoLoRA)", mixed_ranks=True, exact="equal_ranks")
 
     def client_options(self, state: GlobalState) -> dict[str, bool | int | float | str]:
         return {"train": phase(state)}

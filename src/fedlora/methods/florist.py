@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.config import method_options
 from fedlora.errors import ConfigError
 from fedlora.linalg import compact, stack, svd_factors, truncate
 from fedlora.lora import LoRAFactors
+from fedlora.schema import method_options
 from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
 from fedlora.weighting import Weighting
 
@@ -86,6 +86,10 @@ class FLoRIST(Strategy):
         super().__init__(weighting)
         self.options = options or FloristOptions()
         self.options.check()
+
+    def error_bound(self) -> float:
+        """``√(1 − τ)``: the pair keeps at least ``τ`` of the stack's energy."""
+        return float((1 - self.options.tau) ** 0.5)
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
         """The round's thresholded pair: ``(A_p: (p, d_in), B_p: (d_out, p))``."""

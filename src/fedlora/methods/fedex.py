@@ -23,15 +23,18 @@ from __future__ import annotations
 
 from fedlora.linalg import compact, stack
 from fedlora.lora import LoRAFactors
+from fedlora.methods.fedit import FedIT
 from fedlora.strategies.base import GlobalState, RoundInput, Traits, register
-from fedlora.strategies.fedit import FedIT
 
 
 @register
 class FedExLoRA(FedIT):
     name = "fedex"
     traits = Traits(
-        paper="Singhal et al. 2025 (FedEx-LoRA)", mixed_ranks=False, merges_into_base=True
+        paper="Singhal et al. 2025 (FedEx-LoRA)",
+        mixed_ranks=False,
+        merges_into_base=True,
+        exact="always",
     )
 
     def _aggregate(self, rnd: RoundInput) -> GlobalState:

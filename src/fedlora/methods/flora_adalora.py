@@ -1,15 +1,19 @@
-"""AdaLoRA clients, for FLoRA with AdaLoRA clients (``flora-adalora``, FLoRA's appendix): each
-client trains PEFT's AdaLoRA from its rank ``r_k``, which prunes components during local
-training by importance, and sends the components it kept (singular values folded into ``A``)."""
+"""FLoRA with AdaLoRA clients (``flora-adalora``, FLoRA's appendix): the server stacks exactly as
+:mod:`fedlora.methods.flora` does; each client trains PEFT's AdaLoRA from its rank ``r_k``, which
+prunes components during local training by importance, and sends the components it kept
+(singular values folded into ``A``), whatever their number per module.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.clients.base import Callbacks, ClientHook, register_hook
-from fedlora.config import method_options, options_of
+from fedlora.clients.base import Callbacks, ClientHook
 from fedlora.errors import ConfigError
+from fedlora.methods.flora import FLoRA
+from fedlora.schema import method_options, options_of
+from fedlora.strategies.base import Traits, register
 
 
 @method_options("adalora")
@@ -42,7 +46,6 @@ class AdaLoRAOptions:
             raise ConfigError(f"adalora.delta_t must be >= 1, got {self.delta_t}")
 
 
-@register_hook("flora-adalora")
 class AdaLoRAClient(ClientHook):
     shrinks_rank = True
     also_sends = "AdaLoRA's kept ranks"
@@ -58,3 +61,21 @@ class AdaLoRAClient(ClientHook):
 
     def prepare(self, peft_model: Any) -> Callbacks:
         return Callbacks(after_step=peft_model.base_model.update_and_allocate)
+
+
+@register
+class FLoRAAdaLoRA(FLoRA):
+    """FLoRA with AdaLoRA clients (FLoRA's appendix): each client trains PEFT's AdaLoRA from its
+    rank ``r_k``, which prunes components during local training by importance; the client sends
+    the components it kept (singular values folded into ``A``), whatever their number per module,
+    and stacking is exact for them as for any ranks."""
+
+    name = "flora-adalora"
+    client = AdaLoRAClient
+    traits = Traits(
+        paper="Wang et al. 2024 (FLoRA, AdaLoRA clients)",
+        mixed_ranks=True,
+        merges_into_base=True,
+        fresh_client_adapters=True,
+        exact="always",
+    )
