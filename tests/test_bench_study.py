@@ -75,6 +75,10 @@ def test_a_study_runs_its_grid_and_reports_mean_and_spread_over_seeds(
     prov = payload["provenance"]
     assert prov["versions"]["torch"] and prov["versions"]["fedlora"]
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
+    from fedlora.precision import cpu_has_native_bf16
+
+    assert prov["machine"]["cpu_native_bf16"] is cpu_has_native_bf16()  # what auto follows
+    assert prov["machine"]["cpu_model"] is None or prov["machine"]["cpu_model"]
     assert len(payload["cells"]) == 8 and not any(c["reused"] for c in payload["cells"])
     for variant, strategies in (("het", ["flora", "zeropad"]), ("hom", ["flora", "fedit"])):
         for strategy in strategies:

@@ -25,9 +25,24 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name as ``/proc/cpuinfo`` gives it (None where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        return None
+    return None
+
+
 def provenance() -> dict[str, Any]:
-    """The commit (and whether the tree had uncommitted changes), versions, machine, time."""
+    """The commit (and whether the tree had uncommitted changes), versions, machine (with the
+    CPU's model and whether it has native bfloat16, which decides what ``auto`` computes in),
+    time."""
     import torch
+
+    from fedlora.precision import cpu_has_native_bf16
 
     versions: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in PACKAGES:
@@ -43,6 +58,8 @@ def provenance() -> dict[str, Any]:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "cpu_native_bf16": cpu_has_native_bf16(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
