@@ -259,7 +259,8 @@ def _done(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
         return None
     if to_dict(ran) != to_dict(cfg):
         return None
-    return summary if summary.get("dtype", _dtype_now(cfg)) == _dtype_now(cfg) else None
+    here = _dtype_now(cfg)
+    return summary if summary.get("dtype", here) == here else None
 
 
 def _dtype_now(cfg: RunConfig) -> str:
