@@ -127,3 +127,19 @@ def test_configs_are_shipped() -> None:
 def test_every_range_check_names_its_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_single_party_runs_are_a_mode_and_strategy_names_them_as_shorthand() -> None:
+    centralized = load_config(None, ["mode=centralized"])
+    shorthand = load_config(None, ["strategy=centralized"])
+
+    assert (centralized.mode, centralized.label) == ("centralized", "centralized")
+    assert shorthand == centralized and shorthand.strategy == RunConfig.strategy
+    assert load_config().mode == "federated" and load_config().label == "flora"
+    assert centralized.running("fedit").label == "fedit"
+    assert centralized.running("fedit").mode == "federated"
+    assert load_config().running("standalone").mode == "standalone"
+    with pytest.raises(ConfigError, match="mode = 'federate' is not allowed; choose one of"):
+        load_config(None, ["mode=federate"])
+    with pytest.raises(ConfigError, match="strategy = 'standalone' and mode = 'centralized'"):
+        load_config(None, ["mode=centralized", "strategy=standalone"])

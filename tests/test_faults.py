@@ -17,7 +17,7 @@ from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.lora import ClientUpdate, dense_delta
 from fedlora.methods.flora import FLoRA
-from fedlora.rounds import ClientInfo, Failure, LocalPlan, Task, Workbench
+from fedlora.rounds import ClientInfo, Failure, LocalPlan, PartyModel, Task
 from fedlora.simulation import Runner, injected_fault
 from fedlora.strategies import GlobalState
 from fedlora.weighting import client_weights
@@ -133,15 +133,15 @@ def test_a_round_without_enough_clients_in_any_try_is_skipped_and_changes_nothin
 def test_stragglers_deliver_partial_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     steps: list[int] = []
-    train = Workbench.train
+    train = PartyModel.train
 
     def spy(
-        self: Workbench, client: Any, plan: Any, t: int, local: Any = None, state: Any = None
+        self: PartyModel, client: Any, plan: Any, t: int, local: Any = None, state: Any = None
     ) -> Any:
         steps.append((local or self.cfg.train).steps)
         return train(self, client, plan, t, local, state)
 
-    monkeypatch.setattr(Workbench, "train", spy)
+    monkeypatch.setattr(PartyModel, "train", spy)
     cfg = tiny(rounds=1, **{"faults.straggler": 1.0, "faults.straggler_work": 0.34})
     run_experiment(cfg, tmp_path / "run", progress=False)
     assert steps == [1, 1, 1]  # 3 local steps × 0.34, at least one
@@ -168,13 +168,13 @@ def test_a_client_that_times_out_trains_but_its_update_never_arrives(
     # every client times out in every try: the round trains three clients twice, then skips
     cfg = tiny(**{"faults.timeout": 1.0, "clients.retries": 1, "rounds": 1})
     trained: list[str] = []
-    train = Workbench.train
+    train = PartyModel.train
 
     def training(self: Any, client: Any, *args: Any, **kwargs: Any) -> Any:
         trained.append(client.cid)
         return train(self, client, *args, **kwargs)
 
-    monkeypatch.setattr(Workbench, "train", training)
+    monkeypatch.setattr(PartyModel, "train", training)
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
 
     last = rows(tmp_path / "run")[-1]

@@ -14,7 +14,7 @@ from fedlora import adapters
 from fedlora.clients import LocalPlan, Session
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
-from fedlora.federation import build_federation, server_bench
+from fedlora.federation import build_federation, server_party
 from fedlora.lora import LoRAFactors
 from fedlora.methods import get_strategy, hook_for
 from fedlora.models import build_tiny
@@ -64,7 +64,7 @@ def _prepared(state: MemoryState) -> tuple[dict[str, LoRAFactors], dict[str, LoR
     session = Session(cfg, LocalPlan(4, start), 2, 8.0, 1, 1, tuple(shapes), state)
     hook = hook_for("fedsa")(session)
     peft_model = hook.attach(model)
-    adapters.write_factors(peft_model, start)  # as Workbench.train loads the start
+    adapters.write_factors(peft_model, start)  # as PartyModel.train loads the start
     hook.prepare(peft_model)
     hook.read(peft_model)
     got = adapters.read_factors(peft_model)
@@ -132,11 +132,11 @@ def test_a_tiny_run_keeps_each_clients_b_on_disk_and_scores_it(tmp_path: Path) -
     assert last["eval_personal_local_loss"] != pytest.approx(last["eval_personal_loss"])
     shared = adapters.read_adapter(tmp_path / "run" / "adapter")  # (Ā, B̄) of the last round
     fed = build_federation(cfg)
-    bench = server_bench(cfg, fed.loaded, fed.heldout, fed.kind, False, fed.scored)
+    party = server_party(cfg, fed.loaded, fed.heldout, fed.kind, False, fed.scored)
     scores = []
     for file in own:
         mine = {
             m: LoRAFactors(A=f.A, B=file[f"factors/{m}/B"].to(f.B.dtype)) for m, f in shared.items()
         }
-        scores.append(bench.evaluate_with(mine)["loss"])
+        scores.append(party.evaluate_with(mine)["loss"])
     assert last["eval_personal_loss"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)

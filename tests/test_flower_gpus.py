@@ -176,7 +176,7 @@ def test_a_node_config_device_is_the_nodes_device() -> None:
 
 
 class Loaded(Exception):
-    """Stops ``node_workbench`` where it loads the model."""
+    """Stops ``node_party`` where it loads the model."""
 
 
 def test_a_node_loads_its_model_on_its_node_config_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,7 +190,7 @@ def test_a_node_loads_its_model_on_its_node_config_device(monkeypatch: pytest.Mo
     cfg = tiny()
     for node in ({"partition-id": 1, "device": "cuda:3"}, {"partition-id": 1}):
         with pytest.raises(Loaded):
-            apps.node_workbench(cfg, node)
+            apps.node_party(cfg, node)
 
     assert [a["device"] for a in asked] == ["cuda:3", "auto"]
     assert asked[0] | {"device": "auto"} == asked[1]  # nothing else of [model] changes

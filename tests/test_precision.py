@@ -246,7 +246,7 @@ def test_after_several_flora_rounds_in_bfloat16_the_base_is_w0_plus_every_update
     assert outcome.export is not None
     for name, factors in outcome.export.items():
         total = factors.delta().double()  # Σ_t ΔW_t, the exported adapter (float32 factors)
-        held = runner.bench.base.delta(name)  # what the forward pass adds to W₀
+        held = runner.party.base.delta(name)  # what the forward pass adds to W₀
         assert held is not None and held.dtype == torch.float32
         assert rel_err(held, total) <= 1e-4
         assert torch.equal(runner.model.get_submodule(name).weight, w0[name])

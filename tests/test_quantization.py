@@ -110,7 +110,7 @@ def test_a_flower_node_holds_its_base_as_its_node_config_or_the_run_config_says(
     cfg = load_config(TINY, ['clients.quantization=["none", "8bit"]'])
 
     def layer(node_config: dict[str, object]) -> str:
-        _, bench = apps.node_workbench(cfg, node_config)
+        _, bench = apps.node_party(cfg, node_config)
         return type(bench.model.model.layers[0].self_attn.q_proj).__name__
 
     assert layer({"partition-id": 0}) == "Linear"
@@ -118,7 +118,7 @@ def test_a_flower_node_holds_its_base_as_its_node_config_or_the_run_config_says(
     assert layer({"partition-id": 2}) == "Linear"
     assert layer({"partition-id": 0, "quantization": "4bit"}) == "Linear4bit"
     with pytest.raises(ConfigError, match=r"node config quantization must be one of none, 8bit"):
-        apps.node_workbench(cfg, {"partition-id": 0, "quantization": "2bit"})
+        apps.node_party(cfg, {"partition-id": 0, "quantization": "2bit"})
 
 
 def test_the_quantization_bench_measures_each_client_in_a_process_of_its_own(

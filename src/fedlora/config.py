@@ -16,6 +16,7 @@ from fedlora.errors import ConfigError
 from fedlora.methods import REGISTRY, hook_for  # importing the methods registers their options
 from fedlora.schema import (
     METHOD_OPTIONS,
+    SINGLE_PARTY,
     ClientsConfig,
     DataConfig,
     EvalConfig,
@@ -41,6 +42,7 @@ from fedlora.schema import (
 __all__ = [
     "LOGGERS",
     "METHOD_OPTIONS",
+    "SINGLE_PARTY",
     "ClientsConfig",
     "DataConfig",
     "EvalConfig",
@@ -110,8 +112,7 @@ def check(config: RunConfig) -> None:
     from fedlora.models import resolve_device
     from fedlora.precision import resolve_attention, resolve_dtype
 
-    modes = [*sorted(REGISTRY), "centralized", "standalone"]
-    _allowed("strategy", config.strategy, modes)
+    _allowed("strategy", config.strategy, [*sorted(REGISTRY), *SINGLE_PARTY])
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     resolve_attention(config.model.attention, device, dtype, config.model.max_length)
@@ -131,10 +132,6 @@ def check(config: RunConfig) -> None:
     if weights is not None and (not weights or min(weights) <= 0):
         raise ConfigError(f"clients.weights must be positive numbers, got {weights}")
     _allowed("data.partition", config.data.partition, ["iid", "dirichlet", "classes", "task"])
-    if config.data.kind is not None:
-        _allowed(
-            "data.kind", config.data.kind, ["instruction", "classification", "multiple-choice"]
-        )
     for key, value, low in [
         ("rounds", config.rounds, 1),
         ("clients.num_clients", config.clients.num_clients, 1),
@@ -264,9 +261,9 @@ def _check_privacy(config: RunConfig) -> None:
                 "σ × clip_norm, so set privacy.clip_norm too"
             )
         return
-    if config.strategy in ("centralized", "standalone"):
+    if config.mode in SINGLE_PARTY:
         raise ConfigError(
-            f"privacy applies to what clients send; strategy {config.strategy!r} sends nothing"
+            f"privacy applies to what clients send; mode {config.mode!r} sends nothing"
         )
     sends = hook_for(config.strategy).also_sends
     if sends is not None:
@@ -286,9 +283,9 @@ def _check_quantization(config: RunConfig) -> None:
         _allowed("clients.quantization", q, list(QUANTIZATIONS))
     if not used:
         return
-    if config.strategy in ("centralized", "standalone"):
+    if config.mode in SINGLE_PARTY:
         raise ConfigError(
-            f"clients.quantization is for federated clients; {config.strategy!r} trains on the "
+            f"clients.quantization is for federated clients; {config.mode!r} trains on the "
             "server's full-precision model"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -305,7 +302,7 @@ def _check_rank_mix(config: RunConfig) -> None:
 
     c = config.clients
     ranks = client_ranks(c.ranks, c.num_clients, c.rank_set, config.seed)
-    if config.strategy not in REGISTRY or REGISTRY[config.strategy].traits.mixed_ranks:
+    if config.mode in SINGLE_PARTY or REGISTRY[config.strategy].traits.mixed_ranks:
         return
     if len(set(ranks)) > 1:
         raise ConfigError(

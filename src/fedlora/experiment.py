@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from fedlora.models import load_configured, published_name
 from fedlora.precision import MergedBase, dtype_name
 from fedlora.privacy import privacy_summary
 from fedlora.report import RunWriter, comparison, headline_metric, model_card, summarize
-from fedlora.rounds import OnRound, RoundRecord, RunOutcome, Snapshot, Workbench
+from fedlora.rounds import OnRound, PartyModel, RoundRecord, RunOutcome, Snapshot
 
 
 def run_experiment(
@@ -50,7 +49,7 @@ def run_experiment(
         # every client trains on the server's model, or a quantized one on the same device
         "client_devices": [str(device_of(fed.loaded.model))],
     }
-    return finish_run(cfg, writer, outcome, runner.bench, clients, facts, start)
+    return finish_run(cfg, writer, outcome, runner.party, clients, facts, start)
 
 
 def checkpointing(writer: RunWriter, cfg: RunConfig) -> OnRound:
@@ -102,7 +101,7 @@ def finish_run(
     cfg: RunConfig,
     writer: RunWriter,
     outcome: RunOutcome,
-    bench: Workbench,
+    party: PartyModel,
     clients: list[dict[str, Any]],
     facts: dict[str, Any],
     start: float,
@@ -112,15 +111,15 @@ def finish_run(
         "clients": clients,
         **facts,
         "model": cfg.model.name,
-        "dtype": dtype_name(bench.model.dtype),
+        "dtype": dtype_name(party.model.dtype),
         "eval_split": cfg.eval.split,
-        "targets": adapters.resolve_targets(bench.model, cfg.model.targets),
+        "targets": adapters.resolve_targets(party.model, cfg.model.targets),
     }
     folder = None
     if outcome.export:
         base_name = published_name(cfg.model.name)
         folder = adapters.export_adapter(
-            bench.model, outcome.export, cfg.model.targets, writer.out / "adapter", base_name
+            party.model, outcome.export, cfg.model.targets, writer.out / "adapter", base_name
         )
         extra["adapter"] = str(folder)
         extra["adapter_ranks"] = sorted({f.rank for f in outcome.export.values()})
@@ -128,25 +127,25 @@ def finish_run(
             extra["adapter_relative_error"] = outcome.export_error
     if cfg.save_merged:
         merge = outcome.export if outcome.unmerged is None else outcome.unmerged
-        extra["merged_model"] = str(save_merged(bench, merge, writer.out / "merged"))
+        extra["merged_model"] = str(save_merged(party, merge, writer.out / "merged"))
     if cfg.privacy.clip_norm > 0:
         extra["privacy"] = privacy_summary(cfg.privacy, writer.rows)
     extra["seconds"] = time.perf_counter() - start
-    metric = headline_metric(bench.kind, cfg.eval.rouge_samples > 0)
-    summary = summarize(cfg.strategy, bench.kind, metric, writer.rows, extra)
+    metric = headline_metric(party.kind, cfg.eval.rouge_samples > 0)
+    summary = summarize(cfg.label, party.kind, metric, writer.rows, extra)
     if folder is not None:
         card = model_card(to_dict(cfg), summary, published_name(cfg.model.name))
         (folder / "README.md").write_text(card)
     return writer.finish(summary)
 
 
-def save_merged(bench: Workbench, unmerged: Any, folder: Path) -> Path:
+def save_merged(party: PartyModel, unmerged: Any, folder: Path) -> Path:
     """The full model with the global update merged (``unmerged``: what the base weights do not
     hold yet; FLoRA's update is already in them), saved in float32 with ``W₀ + Σ_t ΔW_t`` in
     each merged weight: whatever the compute dtype, no part of the update is rounded away."""
     if unmerged:
-        bench.merge(unmerged)
-    return _save_full(bench.model, bench.tokenizer, bench.base, folder)
+        party.merge(unmerged)
+    return _save_full(party.model, party.tokenizer, party.base, folder)
 
 
 def _save_full(model: Any, tokenizer: Any, base: MergedBase, folder: Path) -> Path:
@@ -192,7 +191,7 @@ def compare_strategies(
     for ``--engine flower``)."""
     summaries = {}
     for name in strategies:
-        run_cfg = dataclasses.replace(cfg, strategy=name)
+        run_cfg = cfg.running(name)
         if run is None:
             summaries[name] = run_experiment(run_cfg, out / name, progress=progress)
         else:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from fedlora import adapters
 from fedlora.config import RunConfig, check, options_of
-from fedlora.data import Example, load_examples, partition, split_heldout
+from fedlora.data import Example, TaskKind, load_examples, partition, split_heldout
 from fedlora.errors import ConfigError
 from fedlora.methods import REGISTRY, get_strategy
 from fedlora.models import LoadedModel, load_configured
 from fedlora.ranks import client_ranks
-from fedlora.rounds import Benchmark, Client, ClientInfo, FederatedRounds, Workbench
+from fedlora.rounds import Client, ClientInfo, EvalSet, FederatedRounds, PartyModel
 from fedlora.strategies import Strategy
 from fedlora.weighting import client_id, configured_weighting
 
@@ -37,12 +37,12 @@ class Federation:
 
     cfg: RunConfig
     loaded: LoadedModel
-    kind: str
+    kind: TaskKind
     clients: list[Client]
     heldout: list[Example]
     shapes: dict[str, tuple[int, int]]
     model_params: int
-    scored: list[Benchmark]
+    scored: list[EvalSet]
     """The sets scored beside ``heldout`` from the data config (validation, held-out
     categories)."""
 
@@ -72,8 +72,8 @@ class FederationData:
     heldout: list[Example]
     """What runs are scored on: the test split, or the validation split with
     ``eval.split = "validation"``."""
-    kind: str
-    scored: list[Benchmark]
+    kind: TaskKind
+    scored: list[EvalSet]
     """Scored beside ``heldout``: the validation split (``validation_*`` metrics, when it is not
     ``heldout`` itself) and the held-out categories (``unseen_*``)."""
 
@@ -98,12 +98,12 @@ def federation_data(cfg: RunConfig) -> FederationData:
         if cfg.eval.split == "validation":
             heldout = validation
         else:
-            scored.append(Benchmark(VALIDATION, validation, kind, rouge=True))
+            scored.append(EvalSet(VALIDATION, validation, kind, rouge=True))
     if unseen:
         if len(unseen) > cfg.data.heldout:
             picked = sorted(random.Random(cfg.seed).sample(range(len(unseen)), cfg.data.heldout))
             unseen = [unseen[i] for i in picked]
-        scored.append(Benchmark(UNSEEN, unseen, kind, rouge=True))
+        scored.append(EvalSet(UNSEEN, unseen, kind, rouge=True))
     parts = partition(
         train,
         cfg.clients.num_clients,
@@ -115,10 +115,10 @@ def federation_data(cfg: RunConfig) -> FederationData:
     return FederationData([list(p) for p in parts], heldout, kind, scored)
 
 
-def _source_examples(cfg: RunConfig) -> tuple[list[Example], str]:
+def _source_examples(cfg: RunConfig) -> tuple[list[Example], TaskKind]:
     examples, kind = load_examples(
         cfg.data.source,
-        kind=cfg.data.kind,  # type: ignore[arg-type]
+        kind=cfg.data.kind,
         columns=cfg.data.columns,
         limit=cfg.data.limit,
         seed=cfg.seed,
@@ -157,14 +157,14 @@ def strategy_of(cfg: RunConfig) -> Strategy:
     return get_strategy(cfg.strategy, weighting=weighting, options=options_of(cfg, options))
 
 
-def benchmark_of(cfg: RunConfig) -> Benchmark | None:
+def benchmark_of(cfg: RunConfig) -> EvalSet | None:
     """The ``eval.benchmark`` examples: one fixed sample (seed 0), whatever the run's seed."""
     source = cfg.eval.benchmark
     if source is None:
         return None
     examples, kind = load_examples(source, limit=cfg.eval.benchmark_examples, seed=0)
     name = Path(source).stem.replace("-", "_") if "." in source else source.replace("-", "_")
-    return Benchmark(name, examples, kind)
+    return EvalSet(name, examples, kind)
 
 
 def check_client_ranks(clients: Sequence[ClientInfo], shapes: dict[str, tuple[int, int]]) -> None:
@@ -178,26 +178,26 @@ def check_client_ranks(clients: Sequence[ClientInfo], shapes: dict[str, tuple[in
                 )
 
 
-def server_bench(
+def server_party(
     cfg: RunConfig,
     loaded: LoadedModel,
     heldout: Sequence[Example],
-    kind: str,
+    kind: TaskKind,
     progress: bool,
-    scored: Sequence[Benchmark] = (),
-) -> Workbench:
+    scored: Sequence[EvalSet] = (),
+) -> PartyModel:
     """The server's model: merged into, and evaluated on the held-out set, the benchmark
     (``eval.benchmark``) and the data's other ``scored`` sets (:class:`FederationData`)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     benchmark = benchmark_of(cfg)
     sets = [*([benchmark] if benchmark is not None else []), *scored]
-    return Workbench(model, tokenizer, cfg, kind, heldout, progress, sets)
+    return PartyModel(model, tokenizer, cfg, kind, heldout, progress, sets)
 
 
 def server_rounds(
-    cfg: RunConfig, clients: Sequence[ClientInfo], bench: Workbench, model_params: int
+    cfg: RunConfig, clients: Sequence[ClientInfo], party: PartyModel, model_params: int
 ) -> FederatedRounds:
     """The server's side of ``cfg.strategy``'s rounds over ``clients``, after checking that every
     client's rank fits every target module."""
-    check_client_ranks(clients, bench.shapes)
-    return FederatedRounds(cfg, strategy_of(cfg), clients, bench.shapes, model_params, bench)
+    check_client_ranks(clients, party.shapes)
+    return FederatedRounds(cfg, strategy_of(cfg), clients, party.shapes, model_params, party)

@@ -16,7 +16,7 @@ exactly one ``ArrayRecord`` whose keys equal the reply's, and take the update ag
 record. fedlora's train message also carries the plan, frozen components and the merged base
 updates a node missed, and a FLoRA client starts from a fresh seeded adapter the server never
 sends, so a mod cannot see where the client started. The same clipping and noise run inside the
-client's training step instead (:meth:`fedlora.rounds.Workbench.train`), on both engines. The
+client's training step instead (:meth:`fedlora.rounds.PartyModel.train`), on both engines. The
 noise is drawn from a ``torch.Generator`` seeded from the OS's entropy, not from NumPy's global
 generator as in Flower's ``add_gaussian_noise_inplace``: fedlora seeds that one from the
 run's seed, which the server knows.

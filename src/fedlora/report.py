@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.schema import TaskKind
+
 HIGHER_IS_BETTER = {"accuracy": True, "rougeL": True, "loss": False, "perplexity": False}
 
 
@@ -17,7 +19,7 @@ def higher_is_better(metric: str) -> bool:
     return HIGHER_IS_BETTER.get(metric.rsplit("_", 1)[-1], True)
 
 
-def headline_metric(kind: str, rouge: bool) -> str:
+def headline_metric(kind: TaskKind, rouge: bool) -> str:
     """The metric a run is judged by: accuracy for scored choices, else Rouge-L or loss."""
     if kind in ("classification", "multiple-choice"):
         return "accuracy"
@@ -114,7 +116,11 @@ def curve(rows: Sequence[dict[str, Any]], metric: str) -> list[tuple[int, float]
 
 
 def summarize(
-    strategy: str, kind: str, metric: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any]
+    strategy: str,
+    kind: TaskKind,
+    metric: str,
+    rows: Sequence[dict[str, Any]],
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """``{"metric", "base", "final", "rounds", ...}`` from the per-round rows."""
     points = curve(rows, metric)

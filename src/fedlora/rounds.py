@@ -3,8 +3,8 @@
 The path of a round is ``sample → plan → train → aggregate → (merge) → evaluate``. The server side
 (:class:`FederatedRounds`) samples clients, plans each one's local work from the strategy's traits
 and state, aggregates what comes back with the strategy and records the round. The client side
-(:meth:`Workbench.train`) trains one plan on one client's data. An engine only moves plans and
-results between the two: the in-process runner calls the workbench directly
+(:meth:`PartyModel.train`) trains one plan on one client's data. An engine only moves plans and
+results between the two: the in-process runner calls the party model directly
 (:mod:`fedlora.simulation`), Flower sends them as messages (:mod:`fedlora.flower`). All math lives
 in :mod:`fedlora.strategies`.
 """
@@ -24,7 +24,7 @@ from fedlora.checkpoint import put_deltas, take_deltas, take_factors
 from fedlora.clients import ClientState, LocalPlan, Session
 from fedlora.comm import BYTES_PER_PARAM, Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
-from fedlora.data import Example
+from fedlora.data import Example, TaskKind
 from fedlora.data.encode import LazyEncoded
 from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
@@ -190,17 +190,17 @@ def sample_clients(clients: Sequence[C], fraction: float, generator: torch.Gener
 
 
 @dataclass(frozen=True)
-class Benchmark:
+class EvalSet:
     """Another evaluation set (``eval.benchmark``, ``data.heldout_categories``): its metric
     prefix, examples and kind; ``rouge``: also Rouge-L on ``eval.rouge_samples`` of them."""
 
     name: str
     examples: list[Example]
-    kind: str
+    kind: TaskKind
     rouge: bool = False
 
 
-class Workbench:
+class PartyModel:
     """The model a party works on: a client trains plans on it, the server merges into it and
     evaluates it. ``heldout`` is empty on a client that only trains."""
 
@@ -209,21 +209,21 @@ class Workbench:
         model: Any,
         tokenizer: Any,
         cfg: RunConfig,
-        kind: str,
+        kind: TaskKind,
         heldout: Sequence[Example] = (),
         progress: bool = True,
-        benchmarks: Sequence[Benchmark] = (),
+        eval_sets: Sequence[EvalSet] = (),
         base: MergedBase | None = None,
     ) -> None:
         self.model = model
         self.base = base if base is not None else MergedBase(model)
         """The merged base weights, exact in float32 whatever the compute dtype; ``base``: one
-        that outlives this workbench (a Flower node's, kept with its model)."""
+        that outlives this party model (a Flower node's, kept with its model)."""
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.kind = kind
         self.heldout = list(heldout)
-        self.benchmarks = list(benchmarks)
+        self.eval_sets = list(eval_sets)
         self.progress = progress
         self.pad_id = int(tokenizer.pad_token_id)
         self.shapes = adapters.target_shapes(model, cfg.model.targets)
@@ -240,27 +240,27 @@ class Workbench:
             self.model,
             self.tokenizer,
             self.heldout,
-            self.kind,  # type: ignore[arg-type]
+            self.kind,
             batch_size=e.batch_size,
             max_length=self.cfg.model.max_length,
             rouge_samples=e.rouge_samples,
             max_new_tokens=e.max_new_tokens,
             progress=self.progress,
         )
-        for bench in self.benchmarks:
+        for extra in self.eval_sets:
             scores = evaluate(
                 self.model,
                 self.tokenizer,
-                bench.examples,
-                bench.kind,  # type: ignore[arg-type]
+                extra.examples,
+                extra.kind,
                 batch_size=e.batch_size,
                 max_length=self.cfg.model.max_length,
-                rouge_samples=e.rouge_samples if bench.rouge else 0,
+                rouge_samples=e.rouge_samples if extra.rouge else 0,
                 max_new_tokens=e.max_new_tokens,
                 progress=self.progress,
-                label=f"evaluate {bench.name}",
+                label=f"evaluate {extra.name}",
             )
-            metrics.update({f"{bench.name}_{k}": v for k, v in scores.items()})
+            metrics.update({f"{extra.name}_{k}": v for k, v in scores.items()})
         return metrics
 
     def evaluate_with(self, factors: dict[str, LoRAFactors] | None) -> dict[str, float]:
@@ -347,7 +347,7 @@ class FederatedRounds:
 
     Holds the strategy's state, the client sampler, each client's current rank (HetLoRA's pruning
     persists) and, for strategies that merge into the base, every merged update and how many of
-    them each client has received. ``bench`` is the server's model: merged into, and evaluated.
+    them each client has received. ``party`` is the server's model: merged into, and evaluated.
     """
 
     def __init__(
@@ -357,14 +357,14 @@ class FederatedRounds:
         clients: Sequence[ClientInfo],
         shapes: dict[str, tuple[int, int]],
         model_params: int,
-        bench: Workbench,
+        party: PartyModel,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy
         self.clients = list(clients)
         self.shapes = dict(shapes)
         self.model_params = model_params
-        self.bench = bench
+        self.party = party
         self.sampler = seeds.generator(cfg.seed, seeds.SAMPLER)
         self.ranks = {c.cid: c.rank for c in self.clients}
         """Each client's current rank (HetLoRA's self-pruning lowers it)."""
@@ -380,14 +380,14 @@ class FederatedRounds:
 
     def start(self) -> RoundRecord:
         """Round 0: the base model's metrics."""
-        return RoundRecord(0, self.bench.evaluate())
+        return RoundRecord(0, self.party.evaluate())
 
     def run_round(self, t: int, execute: Execute) -> RoundRecord:
         """Round ``t``: plan, ``execute`` (the engine), aggregate over the clients that delivered.
         With fewer than ``clients.min_clients`` of them, the round is tried again with a fresh
         sample up to ``clients.retries`` times, then skipped; the record says which clients
         failed and why."""
-        device = self.bench.device
+        device = self.party.device
         devices.reset_peak_memory(device)
         record = self._run_round(t, execute)
         record.peak_memory_mb = devices.peak_memory_mb(device)
@@ -478,7 +478,7 @@ class FederatedRounds:
 
     def _metrics(self, t: int) -> dict[str, float]:
         """The global model's held-out metrics when round ``t`` is due for evaluation."""
-        return self.bench.evaluate_with(dict(self.state.factors)) if self.due(t) else {}
+        return self.party.evaluate_with(dict(self.state.factors)) if self.due(t) else {}
 
     def tasks(self, t: int, attempt: int = 0) -> list[Task]:
         """Sample round ``t``'s clients and plan each one's local work."""
@@ -533,7 +533,7 @@ class FederatedRounds:
                 self.ranks[client.cid] = local.next_rank
         self.state = strategy.aggregate(self.state, updates)
         if traits.merges_into_base:
-            self.bench.merge(dict(self.state.base_delta))
+            self.party.merge(dict(self.state.base_delta))
             self.merged.append(dict(self.state.base_delta))
         metrics = self._metrics(t)
         metrics.update(_mean_of("personal_local_", [r.personal for r in results if r.personal]))
@@ -558,7 +558,7 @@ class FederatedRounds:
                 continue
             shared = self.state.factors
             mine = {m: LoRAFactors(A=shared[m].A.to(f.B.dtype), B=f.B) for m, f in r.own.items()}
-            scores.append(self.bench.evaluate_with(mine))
+            scores.append(self.party.evaluate_with(mine))
         return scores
 
     def drive(
@@ -623,7 +623,7 @@ class FederatedRounds:
         )
         self.merged = [take_deltas(tensors, f"merged/{i}") for i in range(int(meta["merged"]))]
         for delta in self.merged:
-            self.bench.merge(delta)
+            self.party.merge(delta)
         self.sampler.set_state(tensors["sampler"])
         self.ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
         self.received = {str(k): int(v) for k, v in meta["received"].items()}

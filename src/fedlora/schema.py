@@ -17,9 +17,19 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Literal, TypeAlias, TypeVar, Union
 
 from fedlora.errors import ConfigError
+
+TaskKind: TypeAlias = Literal["instruction", "classification", "multiple-choice"]
+"""What a data set asks of the model: ``instruction`` (generate the response), ``classification``
+(one of a fixed set of labels) or ``multiple-choice`` (one of each example's own options)."""
+TASK_KINDS: tuple[TaskKind, ...] = typing.get_args(TaskKind)
+
+Mode: TypeAlias = Literal["federated", "centralized", "standalone"]
+"""How a run trains: federated (``strategy`` aggregates the clients' adapters), or one of the
+single-party reference points."""
+SINGLE_PARTY: tuple[Mode, ...] = ("centralized", "standalone")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,7 +73,7 @@ class ModelConfig:
 class DataConfig:
     source: str = "chatterbot"
     """``mmlu``, ``chatterbot``, ``bbc-news``, a .jsonl/.csv/.parquet path, or ``hub:NAME``."""
-    kind: str | None = None
+    kind: TaskKind | None = None
     """``instruction``, ``classification`` or ``multiple-choice``; default: the source's own."""
     columns: dict[str, str] | None = None
     """For files: Example field → column, e.g. {prompt = "question", response = "answer"}."""
@@ -222,9 +232,15 @@ class FlowerConfig:
 
 @dataclass
 class RunConfig:
+    mode: Mode = "federated"
+    """``federated``: clients train, ``strategy`` aggregates. Or a single-party reference point:
+    ``centralized`` (every client's data pooled, one LoRA) or ``standalone`` (every client alone,
+    nothing aggregated; the mean of their scores is reported); ``strategy`` is then unused."""
     strategy: str = "flora"
-    """An aggregation strategy (a name in :data:`fedlora.strategies.REGISTRY`: flora, fedit,
-    fedex, flexlora, …), or ``centralized`` / ``standalone``."""
+    """An aggregation strategy (a name in :data:`fedlora.methods.REGISTRY`: flora, fedit, fedex,
+    flexlora, …). Where a list names what to run (``fedlora compare --strategies``, a study's
+    ``strategies``), ``centralized`` and ``standalone`` stand for the modes: ``strategy =
+    "centralized"`` is read as ``mode = "centralized"``."""
     rounds: int = 2
     seed: int = 0
     weighting: str = "examples"
@@ -253,6 +269,27 @@ class RunConfig:
     """Each method's own options by section (``[hetlora]``, ``[adalora]``): written at the top
     level of a config like the other sections, defined and checked beside their method
     (:func:`method_options`)."""
+
+    def __post_init__(self) -> None:
+        for mode in SINGLE_PARTY:  # ``strategy = "centralized"``: a list's shorthand
+            if self.strategy == mode:
+                if self.mode not in ("federated", mode):
+                    raise ConfigError(
+                        f"strategy = {mode!r} and mode = {self.mode!r} disagree; "
+                        f"set mode = {mode!r} alone"
+                    )
+                self.mode, self.strategy = mode, RunConfig.strategy
+
+    @property
+    def label(self) -> str:
+        """What the run is called in tables, folders and progress bars: its strategy, or the mode
+        of a single-party run."""
+        return self.strategy if self.mode == "federated" else self.mode
+
+    def running(self, label: str) -> RunConfig:
+        """This config running ``label``: a strategy (federated) or a single-party mode, as
+        ``fedlora compare --strategies`` and a study's ``strategies`` name them."""
+        return dataclasses.replace(self, mode="federated", strategy=label)
 
 
 METHOD_OPTIONS: dict[str, type[Any]] = {}
@@ -371,6 +408,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     """``value`` as type ``hint`` (int, float, str, bool, list[...], dict[str, str], unions)."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if len(options) == 1 and typing.get_origin(options[0]) is Literal and value is not None:
+            return None if value == "none" else coerce(value, options[0], key)
         errors = []
         for option in typing.get_args(hint):
             try:
@@ -378,6 +418,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: {value!r} is not a valid {_describe(hint)}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value in allowed:
+            return value
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(allowed)}")
     if hint is type(None):
         if value is None or value == "none":
             return None
@@ -410,6 +455,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if hint is type(None):
         return "none"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"list of {_describe(typing.get_args(hint)[0])}"
     return getattr(hint, "__name__", str(hint))

@@ -22,7 +22,7 @@ from fedlora import seeds
 from fedlora.checkpoint import put_deltas, take_factors
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.federation import Federation, server_bench, server_rounds
+from fedlora.federation import Federation, server_party, server_rounds
 from fedlora.lora import LoRAFactors
 from fedlora.models import load_configured
 from fedlora.rounds import (
@@ -32,11 +32,11 @@ from fedlora.rounds import (
     LocalPlan,
     LocalResult,
     OnRound,
+    PartyModel,
     RoundRecord,
     RunOutcome,
     Snapshot,
     Task,
-    Workbench,
     eval_due,
     sample_clients,
 )
@@ -56,45 +56,45 @@ class Runner:
         self.cfg = fed.cfg
         self.workdir = workdir
         self.progress = progress
-        self.bench = server_bench(fed.cfg, fed.loaded, fed.heldout, fed.kind, progress, fed.scored)
+        self.party = server_party(fed.cfg, fed.loaded, fed.heldout, fed.kind, progress, fed.scored)
         self.states: AdapterStore | None = None
         """Each client's own state across rounds, for a hook that keeps one."""
         self.server: FederatedRounds | None = None
-        self.quantized: dict[str, tuple[Workbench, list[int]]] = {}
+        self.quantized: dict[str, tuple[PartyModel, list[int]]] = {}
         """Per quantization of some client: the model those clients train on (loaded on first
         use) and how many of the server's merged updates it holds."""
 
-    def bench_of(self, index: int) -> Workbench:
+    def party_of(self, index: int) -> PartyModel:
         """The model client ``index`` trains on: the server's, or one loaded in the client's
         quantization, holding every merged update so far as float32 terms beside its quantized
         weights (the same deltas the server merged, in the same order)."""
         q = self.cfg.clients.quantization_of(index)
         if q == "none":
-            return self.bench
+            return self.party
         if q not in self.quantized:
             loaded = load_configured(self.cfg.model, self.cfg.seed, q)
             fed = self.fed  # the server's sets, for a hook that scores each client's own model
-            bench = server_bench(fed.cfg, loaded, fed.heldout, fed.kind, False, fed.scored)
-            self.quantized[q] = (bench, [0])
-        bench, held = self.quantized[q]
+            party = server_party(fed.cfg, loaded, fed.heldout, fed.kind, False, fed.scored)
+            self.quantized[q] = (party, [0])
+        party, held = self.quantized[q]
         merged = self.server.merged if self.server is not None else []
         for delta in merged[held[0] :]:
-            bench.merge(delta)
+            party.merge(delta)
         held[0] = len(merged)
-        return bench
+        return party
 
     @property
     def model(self) -> Any:
-        return self.bench.model
+        return self.party.model
 
     @property
     def tokenizer(self) -> Any:
-        return self.bench.tokenizer
+        return self.party.tokenizer
 
     def rounds(self, first: int = 1) -> Any:
         return tqdm(
             range(first, self.cfg.rounds + 1),
-            desc=self.cfg.strategy,
+            desc=self.cfg.label,
             disable=not self.progress,
             initial=first - 1,
             total=self.cfg.rounds,
@@ -104,13 +104,13 @@ class Runner:
         return eval_due(self.cfg, t)
 
     def run(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
-        if resume is not None and resume[1].get("mode") != self.cfg.strategy:
+        if resume is not None and resume[1].get("mode") != self.cfg.label:
             raise ConfigError(
-                f"the checkpoint is of a {resume[1].get('mode')!r} run, not {self.cfg.strategy!r}"
+                f"the checkpoint is of a {resume[1].get('mode')!r} run, not {self.cfg.label!r}"
             )
-        if self.cfg.strategy == "centralized":
+        if self.cfg.mode == "centralized":
             return self.run_centralized(on_round, resume)
-        if self.cfg.strategy == "standalone":
+        if self.cfg.mode == "standalone":
             return self.run_standalone(on_round, resume)
         return self.run_federated(on_round, resume)
 
@@ -118,7 +118,7 @@ class Runner:
         """The rounds of :class:`fedlora.rounds.FederatedRounds`, each client trained here in
         turn on the shared model (so merged base updates are already in it)."""
         fed = self.fed
-        server = self.server = server_rounds(self.cfg, fed.clients, self.bench, fed.model_params)
+        server = self.server = server_rounds(self.cfg, fed.clients, self.party, fed.model_params)
         after = None
         if server.hook.keeps_state:  # each client's own state, as of the checkpoint's round
             states = self.states = AdapterStore(self.workdir / "clients")
@@ -146,8 +146,8 @@ class Runner:
             state = None
             if self.states is not None:
                 state = StoredState(self.states, client.cid, task.round)
-            bench = self.bench_of(client.index)
-            result = bench.train(client, task.plan, task.round, local, state=state)
+            party = self.party_of(client.index)
+            result = party.train(client, task.plan, task.round, local, state=state)
             if fault == "crash_after":
                 out.append(Failure("injected fault: crashed after training, before replying"))
             elif fault == "timeout":
@@ -173,14 +173,14 @@ class Runner:
         factors: dict[str, LoRAFactors] | None = None
         first = 1
         if resume is None:
-            on_round(RoundRecord(0, self.bench.evaluate()), snapshot(0, None))
+            on_round(RoundRecord(0, self.party.evaluate()), snapshot(0, None))
         else:
             factors = take_factors(resume[0], "factors") or None
             first = int(resume[1]["round"]) + 1
         for t in self.rounds(first):
-            result = self.bench.train(central, LocalPlan(rank, factors), t, local)
+            result = self.party.train(central, LocalPlan(rank, factors), t, local)
             factors = result.factors
-            metrics = self.bench.evaluate_with(factors) if self.due(t) else {}
+            metrics = self.party.evaluate_with(factors) if self.due(t) else {}
             on_round(RoundRecord(t, metrics, result.loss, ["centralized"]), snapshot(t, factors))
         return RunOutcome(factors)
 
@@ -197,7 +197,7 @@ class Runner:
 
         first = 1
         if resume is None:
-            on_round(RoundRecord(0, self.bench.evaluate()), snapshot(0))
+            on_round(RoundRecord(0, self.party.evaluate()), snapshot(0))
         else:
             sampler.set_state(resume[0]["sampler"])
             first = int(resume[1]["round"]) + 1
@@ -208,11 +208,11 @@ class Runner:
             losses = []
             for client in sampled:
                 start = store.load(client.cid)
-                result = self.bench.train(client, LocalPlan(client.rank, start), t)
+                result = self.party.train(client, LocalPlan(client.rank, start), t)
                 store.save(client.cid, t, result.factors)
                 losses.append(result.loss)
                 if self.due(t):
-                    per_client.append(self.bench.evaluate_with(result.factors))
+                    per_client.append(self.party.evaluate_with(result.factors))
             metrics = (
                 {k: sum(m[k] for m in per_client) / len(per_client) for k in per_client[0]}
                 if per_client

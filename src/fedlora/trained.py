@@ -19,7 +19,7 @@ import torch
 
 from fedlora import adapters
 from fedlora.config import RunConfig, config_with
-from fedlora.data import Example, load_examples
+from fedlora.data import Example, TaskKind, load_examples
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors
 from fedlora.models import LoadedModel, load_configured
@@ -68,7 +68,7 @@ def evaluate_trained(
     split, and beside it the benchmark, validation and held-out categories it scored), or, with
     ``data``, on every example of that source (``data.limit`` caps it with a seeded sample, which
     ``scored`` then says; ``data.kind`` and ``data.columns`` apply)."""
-    from fedlora.federation import federation_data, server_bench
+    from fedlora.federation import federation_data, server_party
 
     cfg = trained.cfg
     if data is None:
@@ -78,7 +78,7 @@ def evaluate_trained(
     else:
         loaded_examples, kind = load_examples(
             data,
-            kind=cfg.data.kind,  # type: ignore[arg-type]
+            kind=cfg.data.kind,
             columns=cfg.data.columns,
             limit=cfg.data.limit,
             seed=cfg.seed,
@@ -87,14 +87,14 @@ def evaluate_trained(
         what = f"every example of {data}"
         if cfg.data.limit is not None and len(examples) >= cfg.data.limit:
             what = f"a sample of {data} (data.limit, drawn with seed {cfg.seed})"
-    bench = server_bench(cfg, trained.loaded, examples, kind, progress, scored)
+    party = server_party(cfg, trained.loaded, examples, kind, progress, scored)
     return {
         "run_adapter": str(trained.adapter),
         "scored": what,
         "examples": len(examples),
         "kind": kind,
-        "base": bench.evaluate(),
-        "trained": bench.evaluate_with(trained.factors),
+        "base": party.evaluate(),
+        "trained": party.evaluate_with(trained.factors),
     }
 
 
@@ -168,11 +168,11 @@ def harness_check(
 
     cfg, loaded = trained.cfg, trained.loaded
     examples: Sequence[Example]
-    kind: str
+    kind: TaskKind
     if data is not None:
         examples, kind = load_examples(
             data,
-            kind=cfg.data.kind,  # type: ignore[arg-type]
+            kind=cfg.data.kind,
             columns=cfg.data.columns,
             limit=cfg.data.limit,
             seed=cfg.seed,
@@ -197,7 +197,7 @@ def harness_check(
             model,
             loaded.tokenizer,
             examples,
-            kind,  # type: ignore[arg-type]
+            kind,
             batch_size=cfg.eval.batch_size,
             max_length=longest,
         )

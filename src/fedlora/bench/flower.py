@@ -149,7 +149,7 @@ def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
         return bool(abs(summary["final"] - inproc["final"]) <= 1e-5 * abs(inproc["final"]))
 
     return FlowerBench(
-        strategy=cfg.strategy,
+        strategy=cfg.label,
         model=cfg.model.name,
         clients=cfg.clients.num_clients,
         rounds=cfg.rounds,

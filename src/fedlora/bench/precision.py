@@ -208,7 +208,7 @@ def flora_merge_errors(cfg: RunConfig, workdir: Path) -> dict[str, float]:
     runner.run(lambda record, snapshot: snapshots.append(snapshot))
     tensors, meta = snapshots[-1]
     merged_deltas = [take_deltas(tensors, f"merged/{i}") for i in range(int(meta["merged"]))]
-    merged = runner.bench.base
+    merged = runner.party.base
     worst = {"held": 0.0, "merged_in_dtype": 0.0}
     for name, weight in w0.items():
         deltas = [dense_delta(d[name], weight.device).float() for d in merged_deltas]

@@ -84,7 +84,7 @@ def flower_command(args: argparse.Namespace) -> int:
     quiet_libraries(True)
     workdir = args.workdir or timestamped("bench-flower")
     progress(
-        f"{cfg.strategy}, {cfg.rounds} rounds: in-process, then Flower's simulation engine, "
+        f"{cfg.label}, {cfg.rounds} rounds: in-process, then Flower's simulation engine, "
         "then a local Flower deployment"
     )
     result = run_flower_bench(cfg, workdir)

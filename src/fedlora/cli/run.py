@@ -4,7 +4,6 @@ identical federations, in-process or on Flower."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,7 @@ def run_command(args: argparse.Namespace) -> int:
         return _resume(args)
     cfg = load_config(args.config, _with_loggers(args))
     quiet_libraries(args.quiet)
-    out = args.out or timestamped(cfg.strategy)
+    out = args.out or timestamped(cfg.label)
     if args.engine == "flower":
         summary = _run_flower(args, cfg, out, resume=False)
     else:
@@ -156,11 +155,11 @@ def compare_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _with_loggers(args))
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for name in names:  # validate every name before any run starts
-        check(dataclasses.replace(cfg, strategy=name))
+        check(cfg.running(name))
         if args.engine == "flower":
             from fedlora.flower.apps import check_flower
 
-            check_flower(dataclasses.replace(cfg, strategy=name))
+            check_flower(cfg.running(name))
     quiet_libraries(args.quiet)
     out = args.out or timestamped("compare")
     if args.engine == "flower":

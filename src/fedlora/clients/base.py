@@ -4,7 +4,7 @@ A method is one file of :mod:`fedlora.methods`: its strategy (a
 :class:`fedlora.strategies.Strategy`, pure math), its options (a dataclass registered with
 :func:`fedlora.schema.method_options`) and, where its clients do more than train a plain LoRA
 from the start the server sends, a client hook: a :class:`ClientHook` subclass that the strategy
-names as its ``client``. :meth:`fedlora.rounds.Workbench.train` runs
+names as its ``client``. :meth:`fedlora.rounds.PartyModel.train` runs
 the same steps for every method and asks the hook at each of them:
 
 1. :meth:`ClientHook.attach`: wrap the base model in a fresh adapter of the plan's rank (PEFT's

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
 
-TaskKind: TypeAlias = Literal["instruction", "classification", "multiple-choice"]
-TASK_KINDS: tuple[TaskKind, ...] = ("instruction", "classification", "multiple-choice")
+from fedlora.schema import TASK_KINDS, TaskKind
+
+__all__ = ["TASK_KINDS", "Example", "TaskKind"]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """fedlora's Flower ``ServerApp`` and what its ``ClientApp`` runs (Flower's Message API).
 
 The server side is :class:`fedlora.rounds.FederatedRounds`, the client side
-:meth:`fedlora.rounds.Workbench.train`, exactly as in the in-process runner; this module only
+:meth:`fedlora.rounds.PartyModel.train`, exactly as in the in-process runner; this module only
 turns their plans and results into Flower messages and back (:mod:`fedlora.flower.records`).
 The ``ClientApp`` itself is :mod:`fedlora.flower.client`, light to import: it runs
 :func:`node_handle` here, or hands the message to the node's model keeper
@@ -34,10 +34,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
-from fedlora.data import load_examples
+from fedlora.config import SINGLE_PARTY, ModelConfig, RunConfig, config_from_json, to_dict
+from fedlora.data import TaskKind, load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
-from fedlora.federation import FederationData, federation_data, server_bench, server_rounds
+from fedlora.federation import FederationData, federation_data, server_party, server_rounds
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
 from fedlora.flower.records import (
     array_part,
@@ -61,9 +61,9 @@ from fedlora.rounds import (
     ClientInfo,
     Failure,
     LocalResult,
+    PartyModel,
     RoundRecord,
     Task,
-    Workbench,
 )
 from fedlora.weighting import client_id
 
@@ -95,9 +95,9 @@ def check_flower(cfg: RunConfig, resume: bool = False) -> None:
             "starts without; a resumed run would not continue the same clients (run it again, "
             "or in-process, where each client's state is a file of the run folder)"
         )
-    if cfg.strategy in ("centralized", "standalone"):
+    if cfg.mode in SINGLE_PARTY:
         raise ConfigError(
-            f"strategy {cfg.strategy!r} is a single-party reference point; run it in-process "
+            f"mode {cfg.mode!r} is a single-party reference point; run it in-process "
             "(fedlora run without --engine flower)"
         )
 
@@ -117,9 +117,9 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)
     loaded = load_configured(cfg.model, cfg.seed)
     data = _federation_data(json.dumps(to_dict(cfg)))
-    bench = server_bench(cfg, loaded, data.heldout, data.kind, False, data.scored)
+    party = server_party(cfg, loaded, data.heldout, data.kind, False, data.scored)
     params = sum(p.numel() for p in loaded.model.parameters())
-    rounds = server_rounds(cfg, clients, bench, params)
+    rounds = server_rounds(cfg, clients, party, params)
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     if snapshot is not None:
         print(f"fedlora: resuming after round {snapshot[1]['round']}", flush=True)
@@ -152,7 +152,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
     }
-    summary = finish_run(cfg, writer, outcome, bench, info, facts, start)
+    summary = finish_run(cfg, writer, outcome, party, info, facts, start)
     print(f"fedlora: run folder {out}", flush=True)
     return summary
 
@@ -304,13 +304,13 @@ def node_query(context: Context) -> RecordDict:
 
 def node_train(content: RecordDict, context: Context) -> RecordDict:
     """Train this node's client on the plan in ``content``, on the base as merged so far."""
-    client, bench = node_workbench(_config(context), context.node_config)
+    client, party = node_party(_config(context), context.node_config)
     plan, t, base = content_plan(content)
     for i, delta in base.items():  # keep every merged update this node has received
         context.state[f"base.{i}"] = factors_record(delta)
-    _restore_base(bench, _received_base(context))
-    result = bench.train(client, plan, t, state=NodeState(context))
-    return result_content(result, device=str(bench.device))
+    _restore_base(party, _received_base(context))
+    result = party.train(client, plan, t, state=NodeState(context))
+    return result_content(result, device=str(party.device))
 
 
 class NodeState:
@@ -347,7 +347,7 @@ def _federation_data(config_json: str) -> FederationData:
     return federation_data(config_from_json(config_json, "the run's config"))
 
 
-def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, str]:
+def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, TaskKind]:
     """The client a node is, from its node config (see the module docstring) and ``cfg``, and
     the kind of its data."""
     if "partition-id" not in node_config:
@@ -365,11 +365,11 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"node config rank must be an int >= 1, got {rank!r}")
     alpha = float(node_config.get("alpha") or cfg.clients.alpha_for(rank))
-    kind: str
+    kind: TaskKind
     if "data" in node_config:
         examples, kind = load_examples(
             str(node_config["data"]),
-            kind=cfg.data.kind,  # type: ignore[arg-type]
+            kind=cfg.data.kind,
             columns=cfg.data.columns,
             limit=None,
             seed=cfg.seed,
@@ -404,13 +404,13 @@ def _loaded(
 
 
 def model_loads() -> int:
-    """How many times this process has loaded a model (``node_workbench`` keeps it)."""
+    """How many times this process has loaded a model (``node_party`` keeps it)."""
     return _loaded.cache_info().misses
 
 
-def node_workbench(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, Workbench]:
+def node_party(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, PartyModel]:
     """What a ClientApp process sets up before it trains: the node's client (its data) and a
-    workbench on the model (loaded once per process; Flower's deployment starts a new process
+    party model on the model (loaded once per process; Flower's deployment starts a new process
     for every message, its simulation engine keeps them)."""
     client, kind = node_client(cfg, node_config)
     model = dataclasses.replace(cfg.model, device=node_device(cfg, node_config))
@@ -422,7 +422,7 @@ def node_workbench(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Clie
             f"{quantization!r}"
         )
     loaded, base = _loaded(settings, cfg.seed, str(quantization))
-    return client, Workbench(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
+    return client, PartyModel(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
 
 
 def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
@@ -436,10 +436,10 @@ def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
     ]
 
 
-def _restore_base(bench: Workbench, deltas: list[dict[str, BaseDelta]]) -> None:
+def _restore_base(party: PartyModel, deltas: list[dict[str, BaseDelta]]) -> None:
     """Target weights back to the pristine base, then every merged update in order (the server
     merged the same updates in the same order with the same float32 arithmetic, so both hold
     the same base, bitwise)."""
-    bench.base.reset(list(bench.shapes))
+    party.base.reset(list(party.shapes))
     for delta in deltas:
-        bench.merge(delta)
+        party.merge(delta)

@@ -60,7 +60,7 @@ build-backend = "hatchling.build"
 [project]
 name = "fedlora-run"
 version = "1.0.0"
-description = "fedlora {cfg.strategy} on Flower"
+description = "fedlora {cfg.label} on Flower"
 license = "Apache-2.0"
 dependencies = []  # fedlora and torch are installed on every host already
 
