@@ -202,6 +202,40 @@ def test_bad_study_files_name_the_file_and_key(tmp_path: Path, body: str, messag
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("find", "replace", "message"),
+    [
+        ("seeds = [0, 1]", 'seeds = [0, "1"]', r"seeds\[1\]: expected int, got '1'"),
+        ('title = "A tiny study"', "title = 3", "title: 3 is not a valid str or none"),
+        (
+            'reference = "flora"',
+            'reference = "flora"\nagainst_bytes = "yes"',
+            "against_bytes: expected bool",
+        ),
+        (
+            'name = "hom"',
+            'name = "hom"\ncolour = 1',
+            r"variant 2: unknown key 'colour'; allowed in a \[\[variant\]\]: name, set, strategies",
+        ),
+        (
+            'strategies = ["flora", "fedit"]',
+            'strategies = "flora"',
+            "variant 2: strategies: expected a list of str",
+        ),
+    ],
+)
+def test_a_study_file_is_typed_like_a_run_config(
+    tmp_path: Path, find: str, replace: str, message: str
+) -> None:
+    path = study_file(tmp_path)
+    assert find in path.read_text()
+    path.write_text(path.read_text().replace(find, replace))
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_study(path)
+    assert str(err.value).startswith(str(path))
+
+
 def test_a_bad_config_key_in_a_study_fails_before_any_run(tmp_path: Path) -> None:
     path = study_file(tmp_path)
     path.write_text(path.read_text().replace('"train.steps=2"', '"train.stepz=2"'))
@@ -225,7 +259,7 @@ def test_the_shipped_study_files_load_and_build_every_config(name: str) -> None:
     for variant in study.variants:
         for strategy in variant.strategies:
             cfg = study.run_config(variant, strategy, study.seeds[0])
-            assert cfg.strategy == strategy
+            assert cfg.label == strategy
             tune = study.tune
             for lr in tune.lrs if tune is not None else []:
                 assert tune is not None

@@ -369,8 +369,15 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
-def build(cls: type[Any], raw: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``raw``, checking keys and types recursively."""
+def build(
+    cls: type[Any], raw: Any, where: str, *, noun: str = "config key", scope: str | None = None
+) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw``, checking keys and types recursively.
+
+    ``where``: the keys' prefix (``clients.``); ``noun`` and ``scope`` word an unknown key's
+    error (``unknown config key 'x'; allowed in SCOPE: …``; ``scope`` defaults to the prefix, or
+    the top level). A field's ``metadata["expects"]`` words a value's type error instead of
+    the type (``expected a path, or a list of paths``)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'} must be a table of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -384,8 +391,8 @@ def build(cls: type[Any], raw: Any, where: str) -> Any:
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(
-            f"unknown config key {where + name!r}; allowed in "
-            f"{where.rstrip('.') or 'the top level'}: "
+            f"unknown {noun} {where + name!r}; allowed in "
+            f"{scope or where.rstrip('.') or 'the top level'}: "
             f"{', '.join(sorted([*fields, *(METHOD_OPTIONS if sections else ())]))}"
         )
     values: dict[str, Any] = {}
@@ -399,13 +406,20 @@ def build(cls: type[Any], raw: Any, where: str) -> Any:
         key = f"{where}{name}"
         if dataclasses.is_dataclass(hint) and isinstance(hint, type):
             values[name] = build(hint, value, f"{key}.")
-        else:
+            continue
+        expects = fields[name].metadata.get("expects")
+        try:
             values[name] = coerce(value, hint, key)
+        except ConfigError:
+            if expects is None:
+                raise
+            raise ConfigError(f"{key}: expected {expects}, got {value!r}") from None
     return cls(**values)
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
-    """``value`` as type ``hint`` (int, float, str, bool, list[...], dict[str, str], unions)."""
+    """``value`` as type ``hint`` (int, float, str, bool, a ``Literal``, list[...], dict[str, str],
+    dict[str, Any] (a table, built by its owner), unions)."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [o for o in typing.get_args(hint) if o is not type(None)]
@@ -433,6 +447,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list of {_describe(item)}, got {value!r}")
         return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        if typing.get_args(hint)[1] is Any and isinstance(value, dict):
+            return dict(value)  # a table its owner builds itself
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{key}: expected a table of strings, got {value!r}")
         return dict(value)

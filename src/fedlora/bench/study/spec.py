@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import RunConfig, load_config, read_toml
+from fedlora.config import RunConfig, build, load_config, read_toml
 from fedlora.errors import ConfigError
 
 
@@ -111,106 +111,133 @@ def _has_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _strings(raw: dict[str, Any], key: str, where: str) -> list[str]:
-    value = raw.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
-    return list(value)
+@dataclass
+class VariantFile:
+    """A ``[[variant]]`` of a study file, as written."""
+
+    name: str = ""
+    set: list[str] = field(default_factory=list)
+    strategies: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TuneFile:
+    """A study file's ``[tune]`` section, as written (:class:`Tune` is what it resolves to)."""
+
+    lrs: list[float] | None = None
+    seed: int | None = None
+    """Default: the study's first seed."""
+    metric: str | None = None
+    """Default: the study's first metric."""
+    fixed: bool = True
+    only: bool = False
+    results: str | list[str] | None = field(
+        default=None, metadata={"expects": "a tuning study's JSON (a path, or a list of paths)"}
+    )
+    variant: str | None = None
+
+
+@dataclass
+class StudyFile:
+    """A study file, as written: the keys, their types and defaults; :func:`load_study` builds it
+    with the run config's own machinery (:func:`fedlora.schema.build`), then checks what types
+    cannot say and resolves it to a :class:`Study`."""
+
+    name: str = ""
+    title: str | None = None
+    """Default: the name."""
+    config: str | None = None
+    """The base run config, relative to the study file (None: the defaults)."""
+    set: list[str] = field(default_factory=list)
+    """``--set`` overrides for every run."""
+    gpu_set: list[str] = field(default_factory=list)
+    """More overrides where a GPU is present."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    metrics: list[str] = field(default_factory=list)
+    """Default: ``["loss"]``."""
+    reference: str | None = None
+    reference_variant: str | None = None
+    notes: str = ""
+    against_bytes: bool = False
+    tune: dict[str, Any] | None = None
+    """A :class:`TuneFile`, built by :func:`load_study` to name its errors ``[tune]``."""
+    variant: list[dict[str, Any]] = field(default_factory=list)
+    """:class:`VariantFile` s, built by :func:`load_study` to name each one's errors."""
+
+
+def _built(cls: type[Any], raw: Any, where: str, scope: str) -> Any:
+    """``cls`` built from ``raw``, its errors naming ``where`` (the file, and the section)."""
+    try:
+        return build(cls, raw, "", noun="key", scope=scope)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_study(path: Path) -> Study:
     """Read and check a study file; every cell's config is built once, so a bad key fails
     before any run starts."""
-    raw = read_toml(path)
     where = str(path)
-    known = {"name", "title", "config", "set", "gpu_set", "seeds", "metrics", "reference",
-             "reference_variant", "variant", "notes", "tune", "against_bytes"}  # fmt: skip
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {sorted(known)}")
-    if not isinstance(raw.get("name"), str) or not raw["name"]:
+    raw: StudyFile = _built(StudyFile, read_toml(path), where, "a study file")
+    if not raw.name:
         raise ConfigError(f"{where}: name must be a non-empty string")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if not raw.seeds:
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {raw.seeds!r}")
     variants = []
-    for i, v in enumerate(raw.get("variant", [])):
+    for i, v in enumerate(raw.variant):
         vwhere = f"{where}: variant {i + 1}"
-        if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+        vfile: VariantFile = _built(VariantFile, v, vwhere, "a [[variant]]")
+        if not vfile.name:
             raise ConfigError(f"{vwhere}: needs a name")
-        extra = sorted(set(v) - {"name", "set", "strategies"})
-        if extra:
-            raise ConfigError(f"{vwhere}: unknown key {extra[0]!r}; expected name, set, strategies")
-        strategies = _strings(v, "strategies", vwhere)
-        if not strategies:
+        if not vfile.strategies:
             raise ConfigError(f"{vwhere}: strategies must list at least one strategy")
-        variants.append(Variant(v["name"], _strings(v, "set", vwhere), strategies))
+        variants.append(Variant(vfile.name, vfile.set, vfile.strategies))
     if not variants:
         raise ConfigError(f"{where}: needs at least one [[variant]]")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: variant names repeat: {names}")
-    if raw.get("reference_variant") not in (None, *names):
+    if raw.reference_variant not in (None, *names):
         raise ConfigError(
-            f"{where}: reference_variant {raw['reference_variant']!r} is not a variant ({names})"
+            f"{where}: reference_variant {raw.reference_variant!r} is not a variant ({names})"
         )
-    config = raw.get("config")
-    metrics = _strings(raw, "metrics", where) or ["loss"]
+    metrics = raw.metrics or ["loss"]
     by_name = {v.name: v.strategies for v in variants}
-    tune = (
-        _tune(raw["tune"], seeds, metrics, by_name, where, path.parent) if "tune" in raw else None
-    )
-    study = Study(
-        name=raw["name"],
-        title=str(raw.get("title", raw["name"])),
-        config=(path.parent / config).resolve() if config else None,
-        overrides=_strings(raw, "set", where),
-        gpu_overrides=_strings(raw, "gpu_set", where),
-        seeds=seeds,
+    tune = None
+    if raw.tune is not None:
+        tfile: TuneFile = _built(TuneFile, raw.tune, f"{where}: [tune]", "[tune]")
+        tune = _tune(tfile, raw.seeds, metrics, by_name, f"{where}: [tune]", path.parent)
+    return Study(
+        name=raw.name,
+        title=raw.title or raw.name,
+        config=(path.parent / raw.config).resolve() if raw.config else None,
+        overrides=raw.set,
+        gpu_overrides=raw.gpu_set,
+        seeds=raw.seeds,
         metrics=metrics,
-        reference=raw.get("reference"),
-        reference_variant=raw.get("reference_variant"),
+        reference=raw.reference,
+        reference_variant=raw.reference_variant,
         variants=variants,
-        notes=str(raw.get("notes", "")),
+        notes=raw.notes,
         source=path,
         tune=tune,
-        against_bytes=_flag(raw, "against_bytes", where),
+        against_bytes=raw.against_bytes,
     )
-    return study
-
-
-def _flag(raw: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-    return value
 
 
 def _tune(
-    raw: Any,
+    raw: TuneFile,
     seeds: list[int],
     metrics: list[str],
     variants: dict[str, list[str]],
     where: str,
     folder: Path,
 ) -> Tune:
-    where = f"{where}: [tune]"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    keys = ["lrs", "seed", "metric", "fixed", "only", "results", "variant"]
-    extra = sorted(set(raw) - set(keys))
-    if extra:
-        raise ConfigError(f"{where}: unknown key {extra[0]!r}; expected {', '.join(keys)}")
-    seed = raw.get("seed", seeds[0])
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
-    metric = raw.get("metric", metrics[0])
+    seed = seeds[0] if raw.seed is None else raw.seed
+    metric = raw.metric or metrics[0]
     if metric not in metrics:
         raise ConfigError(f"{where}: metric {metric!r} is not one of the study's metrics {metrics}")
-    fixed = _flag(raw, "fixed", where, default=True)
-    only = _flag(raw, "only", where)
-    variant = raw.get("variant")
-    if variant is not None and "results" not in raw and variant not in variants:
+    variant = raw.variant
+    if variant is not None and raw.results is None and variant not in variants:
         raise ConfigError(f"{where}: variant {variant!r} is not a variant ({list(variants)})")
     tuned = variants.get(variant, []) if variant is not None else []
     for name, strategies in variants.items() if variant in variants else []:
@@ -220,30 +247,19 @@ def _tune(
                 f"{where}: variant {name!r} runs {missing[0]!r}, which the tuned variant "
                 f"{variant!r} does not tune"
             )
-    if "results" in raw:
-        named = raw["results"]
-        paths = [named] if isinstance(named, str) else named
-        if (
-            not isinstance(paths, list)
-            or not paths
-            or not all(isinstance(x, str) for x in paths)
-            or only
-            or "lrs" in raw
-        ):
+    if raw.results is not None:
+        paths = [raw.results] if isinstance(raw.results, str) else raw.results
+        if not paths or raw.only or raw.lrs is not None:
             raise ConfigError(
                 f"{where}: results names a tuning study's JSON (a path, or a list of paths), and "
                 "goes without lrs and only"
             )
         results = tuple((folder / x).resolve() for x in paths)
-        return Tune([], seed, metric, fixed, only, results, variant)
-    lrs = raw.get("lrs")
-    if (
-        not isinstance(lrs, list)
-        or len(set(lrs)) < 2
-        or not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in lrs)
-    ):
+        return Tune([], seed, metric, raw.fixed, raw.only, results, variant)
+    lrs = raw.lrs
+    if lrs is None or len(set(lrs)) < 2 or not all(x > 0 for x in lrs):
         raise ConfigError(f"{where}: lrs must list at least two distinct lrs > 0, got {lrs!r}")
-    return Tune([float(x) for x in dict.fromkeys(lrs)], seed, metric, fixed, only, None, variant)
+    return Tune(list(dict.fromkeys(lrs)), seed, metric, raw.fixed, raw.only, None, variant)
 
 
 def with_seeds(study: Study, seeds: Sequence[int] | None) -> Study:
