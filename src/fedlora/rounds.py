@@ -517,7 +517,7 @@ class FederatedRounds:
         traffic = []
         for task, local in zip(tasks, results, strict=True):
             client = task.client
-            up = factor_params(local.factors, self.hook.sent(task.plan.options))
+            up = self.hook.upload_params(local.factors, task.plan)
             traffic.append(
                 Traffic(
                     client.cid,

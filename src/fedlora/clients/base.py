@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
 import torch
 
+from fedlora.comm import factor_params
 from fedlora.lora import LoRAFactors
 from fedlora.strategies.base import Start
 
@@ -140,6 +141,14 @@ class ClientHook:
         the others stay as they started (and are not counted as traffic)."""
         del options
         return PARTS
+
+    @classmethod
+    def upload_params(cls, factors: Mapping[str, LoRAFactors], plan: LocalPlan) -> int:
+        """What a reply's ``factors`` cost on the wire, in numbers (traffic accounting, on the
+        server, which knows the ``plan`` it sent): the factors of :meth:`sent`, dense. A hook
+        whose clients encode their upload (a sparse delta from the plan's start) counts its
+        own."""
+        return factor_params(factors, cls.sent(plan.options))
 
     @classmethod
     def received(cls, options: Mapping[str, Scalar]) -> tuple[str, ...] | None:
