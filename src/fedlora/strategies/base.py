@@ -49,6 +49,11 @@ class Traits:
     """Every client receives all ``r_g`` components of the global adapter, not the first ``r_k``
     (hafl-freeze: the components it does not train travel too, frozen): what traffic accounting
     (``fedlora bench comm``) counts for its download."""
+    projects: bool = False
+    """One factor carries a round's update and the other is held (FedSRD): the global update is
+    the clients' aggregate projected onto the held factor's span, so even a single client's update
+    is not reproduced. The invariant tests hold such a method to that (and every other method to
+    reproducing a single client)."""
     exact: Literal["always", "equal_ranks", "no"] = "no"
     """Whether one round's global update equals ``Σ p_k ΔW_k`` of the clients' updates: for any
     ranks (``always``), when the clients share one rank (``equal_ranks``), or not (``no``: the
