@@ -12,6 +12,7 @@ from fedlora.clients.base import ClientHook
 from fedlora.methods import fedex as fedex
 from fedlora.methods import fedit as fedit
 from fedlora.methods import fedsa as fedsa
+from fedlora.methods import fedsrd as fedsrd
 from fedlora.methods import fedsvd as fedsvd
 from fedlora.methods import ffa as ffa
 from fedlora.methods import flexlora as flexlora
