@@ -239,6 +239,9 @@ def _check_faults(config: RunConfig) -> None:
         raise ConfigError(f"validation.max_norm must be > 0, got {v.max_norm}")
     if v.max_examples is not None and v.max_examples < 1:
         raise ConfigError(f"validation.max_examples must be >= 1, got {v.max_examples}")
+    for key, ratio in (("norm_ratio", v.norm_ratio), ("weight_ratio", v.weight_ratio)):
+        if ratio is not None and not ratio >= 1:
+            raise ConfigError(f"validation.{key} must be >= 1 (or none: off), got {ratio}")
     if not 0 < f.straggler_work <= 1:
         raise ConfigError(f"faults.straggler_work must be in (0, 1], got {f.straggler_work}")
 

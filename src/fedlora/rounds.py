@@ -12,6 +12,8 @@ in :mod:`fedlora.strategies`.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +30,14 @@ from fedlora.data import Example, TaskKind
 from fedlora.data.encode import LazyEncoded
 from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
-from fedlora.lora import BaseDelta, ClientUpdate, Expected, LoRAFactors, screen_update
+from fedlora.lora import (
+    BaseDelta,
+    ClientUpdate,
+    Expected,
+    LoRAFactors,
+    screen_update,
+    update_norm,
+)
 from fedlora.methods import hook_for
 from fedlora.precision import MergedBase
 from fedlora.seeds import derive_seed
@@ -374,6 +383,10 @@ class FederatedRounds:
         self.merged: list[dict[str, BaseDelta]] = []
         self.received = {c.cid: 0 for c in self.clients}
         """How many of :attr:`merged` each client has received."""
+        self.examples = {c.cid: len(c.examples) for c in self.clients if isinstance(c, Client)}
+        """Each client's example count, fixed when it joins: the partition the server gave it
+        (in-process), or its first report (a Flower node with its own data); what it reports
+        later does not change its weight."""
         self._started = time.perf_counter()
         self.done = 0
         """Rounds finished."""
@@ -399,7 +412,7 @@ class FederatedRounds:
         need = self.cfg.clients.min_clients
         for attempt in range(self.cfg.clients.retries + 1):
             tasks = self.tasks(t, attempt)
-            screened = [self.screen(task, r) for task, r in zip(tasks, execute(tasks), strict=True)]
+            screened = self.screened(tasks, execute(tasks))
             lost = {
                 task.client.cid: r.reason
                 for task, (r, _) in zip(tasks, screened, strict=True)
@@ -408,14 +421,24 @@ class FederatedRounds:
             failed.update(lost)
             for cid, reason in lost.items():
                 log.warning("round %d: client %s failed: %s", t, cid, reason)
-            if len(tasks) - len(lost) >= need:
-                done = [
-                    (task, r, u)
-                    for task, (r, u) in zip(tasks, screened, strict=True)
-                    if isinstance(r, LocalResult) and u is not None
-                ]
+            done = [
+                (task, r, u)
+                for task, (r, u) in zip(tasks, screened, strict=True)
+                if isinstance(r, LocalResult) and u is not None
+            ]
+            state = None
+            while len(done) >= need and state is None:
+                try:
+                    state = self.aggregated([d[2] for d in done])
+                except UpdateError as exc:
+                    if exc.client not in {d[0].client.cid for d in done}:
+                        return self._skipped(t, failed, attempt + 1, str(exc))
+                    failed[exc.client] = f"rejected in aggregation: {exc}"
+                    log.warning("round %d: client %s failed: %s", t, exc.client, exc)
+                    done = [d for d in done if d[0].client.cid != exc.client]
+            if state is not None:
                 record = self.finish(
-                    [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
+                    [d[0] for d in done], [d[1] for d in done], [d[2] for d in done], state
                 )
                 record.failed, record.attempts = failed, attempt + 1
                 return record
@@ -423,7 +446,7 @@ class FederatedRounds:
                 "round %d, try %d: %d of %d clients delivered, clients.min_clients = %d",
                 t,
                 attempt + 1,
-                len(tasks) - len(lost),
+                len(done),
                 len(tasks),
                 need,
             )
@@ -431,47 +454,141 @@ class FederatedRounds:
             f"fewer than clients.min_clients = {need} clients delivered in each of "
             f"{self.cfg.clients.retries + 1} tries"
         )
+        return self._skipped(t, failed, self.cfg.clients.retries + 1, reason)
+
+    def _skipped(self, t: int, failed: dict[str, str], attempts: int, reason: str) -> RoundRecord:
+        """Round ``t`` without an update to the global state, and why."""
         log.warning("round %d skipped: %s", t, reason)
         self.done = t
         return RoundRecord(
             t,
             self._metrics(t),
             failed=failed,
-            attempts=self.cfg.clients.retries + 1,
+            attempts=attempts,
             skipped=reason,
             seconds=time.perf_counter() - self._started,
         )
 
+    def aggregated(self, updates: Sequence[ClientUpdate]) -> GlobalState:
+        """The strategy's next state from ``updates``, checked finite before anything applies it;
+        an :class:`UpdateError` naming a client where the strategy finds one at fault (the round
+        then goes on without it), or naming none for a non-finite aggregate."""
+        state = self.strategy.aggregate(self.state, updates)
+        for kind, parts in (("factors", state.factors), ("base_delta", state.base_delta)):
+            for module, value in parts.items():
+                tensors = (value.A, value.B) if isinstance(value, LoRAFactors) else (value,)
+                if not all(bool(torch.isfinite(x).all()) for x in tensors):
+                    raise UpdateError(
+                        f"the aggregate's {kind} is not finite; the global state is kept",
+                        module=module,
+                    )
+        return state
+
     def update_of(self, task: Task, local: LocalResult) -> ClientUpdate:
-        """The update a client's result makes, as the strategy will see it."""
+        """The update a client's result makes, as the strategy will see it: its example count
+        the one fixed when it joined (:attr:`examples`), capped (:meth:`weighed_examples`)."""
         index = self.strategy.component_indices(self.state, task.plan.rank)
         if index is not None:  # pruning keeps the first components of each
             index = {n: i[: local.factors[n].rank] for n, i in index.items() if n in local.factors}
         return ClientUpdate(
             task.client.cid,
             local.factors,
-            local.num_examples,
+            self.weighed_examples(task.client.cid),
             {"loss": local.loss},
             component_index=index,
             importance=local.importance,
         )
 
-    def screen(
-        self, task: Task, result: LocalResult | Failure
-    ) -> tuple[LocalResult | Failure, ClientUpdate | None]:
-        """A result and its update; a result whose update is not what the server expects
-        becomes a :class:`Failure` with the reason, so it never reaches the global state
-        (:func:`screen_update`)."""
+    def weighed_examples(self, cid: str) -> int:
+        """The example count client ``cid`` is weighed by: the one fixed when it joined, at most
+        ``validation.weight_ratio`` times the median count of the clients the server knows."""
+        n = self.examples[cid]
+        ratio = self.cfg.validation.weight_ratio
+        if ratio is None:
+            return n
+        cap = ratio * statistics.median(self.examples.values())
+        return min(n, max(1, math.floor(cap)))
+
+    def screen(self, task: Task, result: LocalResult | Failure) -> LocalResult | Failure:
+        """A result, or a :class:`Failure` with the reason where its update is not what the
+        server expects, so that it never reaches the global state (:func:`screen_update`). The
+        example count it reports is checked, then fixed for good the first time
+        (:attr:`examples`)."""
         if isinstance(result, Failure):
-            return result, None
+            return result
         v = self.cfg.validation
         expected = Expected(self.shapes, task.plan.rank, torch.float32, v.max_norm, v.max_examples)
-        update = self.update_of(task, result)
+        cid = task.client.cid
         try:
-            screen_update(update, expected)
+            screen_update(ClientUpdate(cid, result.factors, result.num_examples), expected)
         except UpdateError as exc:
-            return Failure(f"rejected update: {exc}"), None
-        return result, update
+            return Failure(f"rejected update: {exc}")
+        known = self.examples.setdefault(cid, result.num_examples)
+        if result.num_examples != known:
+            log.warning(
+                "client %s reports %d examples; it is weighed by the %d it joined with",
+                cid,
+                result.num_examples,
+                known,
+            )
+        return result
+
+    def screened(
+        self, tasks: Sequence[Task], results: Sequence[LocalResult | Failure]
+    ) -> list[tuple[LocalResult | Failure, ClientUpdate | None]]:
+        """Each task's result screened (:meth:`screen`), with its update once every reply's
+        count is known (the cap is relative to them), then screened by norm
+        (:meth:`screen_norms`)."""
+        checked = [self.screen(task, r) for task, r in zip(tasks, results, strict=True)]
+        return self.screen_norms(
+            [
+                (r, None if isinstance(r, Failure) else self.update_of(task, r))
+                for task, r in zip(tasks, checked, strict=True)
+            ]
+        )
+
+    def screen_norms(
+        self, screened: list[tuple[LocalResult | Failure, ClientUpdate | None]]
+    ) -> list[tuple[LocalResult | Failure, ClientUpdate | None]]:
+        """The round's screened results, a client whose ``‖B A‖_F`` in some module is more than
+        ``validation.norm_ratio`` times that module's median over the round's updates now a
+        :class:`Failure` naming the module (from 3 updates on: with 2, the median is their
+        mean)."""
+        ratio = self.cfg.validation.norm_ratio
+        updates = [u for _, u in screened if u is not None]
+        if ratio is None or len(updates) < 3:
+            return screened
+        norms = {u.client_id: {m: update_norm(f) for m, f in u.factors.items()} for u in updates}
+        medians = {
+            m: statistics.median(n[m] for n in norms.values() if m in n)
+            for m in {m for n in norms.values() for m in n}
+        }
+        out: list[tuple[LocalResult | Failure, ClientUpdate | None]] = []
+        for result, update in screened:
+            over = (
+                None
+                if update is None
+                else next(
+                    (
+                        (m, norm)
+                        for m, norm in sorted(norms[update.client_id].items())
+                        if norm > ratio * medians[m]
+                    ),
+                    None,
+                )
+            )
+            if over is None:
+                out.append((result, update))
+                continue
+            m, norm = over
+            error = UpdateError(
+                f"‖B A‖_F = {norm:.4g} is more than validation.norm_ratio = {ratio:g} times the "
+                f"round's median {medians[m]:.4g}",
+                client=update.client_id if update is not None else None,
+                module=m,
+            )
+            out.append((Failure(f"rejected update: {error}"), None))
+        return out
 
     def due(self, t: int) -> bool:
         return eval_due(self.cfg, t)
@@ -508,11 +625,12 @@ class FederatedRounds:
         tasks: Sequence[Task],
         results: Sequence[LocalResult],
         updates: Sequence[ClientUpdate],
+        state: GlobalState,
     ) -> RoundRecord:
-        """Aggregate one round's screened updates (in the order of ``tasks``), merge, evaluate,
-        record. Engines call :meth:`run_round`, which calls this with the clients that
-        delivered."""
-        strategy, traits = self.strategy, self.strategy.traits
+        """Apply one round's aggregate ``state`` (of the screened ``updates``, in the order of
+        ``tasks``), merge, evaluate, record. Engines call :meth:`run_round`, which calls this
+        with the clients that delivered and their :meth:`aggregated` state."""
+        traits = self.strategy.traits
         t = tasks[0].round
         traffic = []
         for task, local in zip(tasks, results, strict=True):
@@ -531,7 +649,7 @@ class FederatedRounds:
             self.received[client.cid] = len(self.merged)
             if local.next_rank is not None:  # a pruned rank stays pruned
                 self.ranks[client.cid] = local.next_rank
-        self.state = strategy.aggregate(self.state, updates)
+        self.state = state
         if traits.merges_into_base:
             self.party.merge(dict(self.state.base_delta))
             self.merged.append(dict(self.state.base_delta))
@@ -608,6 +726,7 @@ class FederatedRounds:
             "merged": len(self.merged),
             "ranks": dict(self.ranks),
             "received": dict(self.received),
+            "examples": dict(self.examples),
         }
         return tensors, meta
 
@@ -627,6 +746,7 @@ class FederatedRounds:
         self.sampler.set_state(tensors["sampler"])
         self.ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
         self.received = {str(k): int(v) for k, v in meta["received"].items()}
+        self.examples.update({str(k): int(v) for k, v in meta.get("examples", {}).items()})
         self.done = int(meta["round"])
 
     def export(self) -> tuple[dict[str, LoRAFactors], float | None]:
