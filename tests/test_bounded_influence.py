@@ -14,7 +14,7 @@ import torch
 from conftest import MODULES
 from fedlora.config import load_config
 from fedlora.errors import ConfigError
-from fedlora.lora import LoRAFactors
+from fedlora.lora import LoRAFactors, update_norm
 from fedlora.rounds import Failure, FederatedRounds, LocalResult, Task
 from fedlora.strategies import GlobalState
 from test_validation import TINY, results_for, server
@@ -107,6 +107,14 @@ def test_an_update_far_above_the_rounds_median_norm_is_rejected_by_name(strategy
     assert_same_state(attacked.state, reference.state)
     mild = server(strategy)
     assert not mild.run_round(1, scaled(1, 2.0)).failed  # twice the norm is honest enough
+    ranks = server(strategy)  # ranks 4, 4, 2 (test_validation.RANKS): compared per component
+    norms = [
+        update_norm(f) / f.rank**0.5
+        for r in results_for(ranks.tasks(1), 0)
+        if isinstance(r, LocalResult)
+        for f in r.factors.values()
+    ]
+    assert max(norms) / min(norms) < 10
 
 
 def test_an_error_found_during_aggregation_drops_its_client_not_the_round() -> None:

@@ -550,15 +550,19 @@ class FederatedRounds:
     def screen_norms(
         self, screened: list[tuple[LocalResult | Failure, ClientUpdate | None]]
     ) -> list[tuple[LocalResult | Failure, ClientUpdate | None]]:
-        """The round's screened results, a client whose ``‖B A‖_F`` in some module is more than
-        ``validation.norm_ratio`` times that module's median over the round's updates now a
+        """The round's screened results, a client whose ``‖B A‖_F / √r`` in some module is more
+        than ``validation.norm_ratio`` times that module's median over the round's updates now a
         :class:`Failure` naming the module (from 3 updates on: with 2, the median is their
-        mean)."""
+        mean). Per component (``/ √r``, ``r`` the update's rank), so that honest clients of
+        ranks 64 and 4 in one round (whose products grow with the rank) stay comparable."""
         ratio = self.cfg.validation.norm_ratio
         updates = [u for _, u in screened if u is not None]
         if ratio is None or len(updates) < 3:
             return screened
-        norms = {u.client_id: {m: update_norm(f) for m, f in u.factors.items()} for u in updates}
+        norms = {
+            u.client_id: {m: update_norm(f) / math.sqrt(f.rank) for m, f in u.factors.items()}
+            for u in updates
+        }
         medians = {
             m: statistics.median(n[m] for n in norms.values() if m in n)
             for m in {m for n in norms.values() for m in n}
@@ -582,8 +586,8 @@ class FederatedRounds:
                 continue
             m, norm = over
             error = UpdateError(
-                f"‖B A‖_F = {norm:.4g} is more than validation.norm_ratio = {ratio:g} times the "
-                f"round's median {medians[m]:.4g}",
+                f"‖B A‖_F / √r = {norm:.4g} is more than validation.norm_ratio = {ratio:g} "
+                f"times the round's median {medians[m]:.4g}",
                 client=update.client_id if update is not None else None,
                 module=m,
             )

@@ -189,9 +189,9 @@ class ValidationConfig:
     max_examples: int | None = None
     """Reject a client that claims more examples than this (None: no bound)."""
     norm_ratio: float | None = 10.0
-    """Reject a client whose ``‖B A‖_F`` in some module is more than this many times the median
-    of that module over the round's clients (None: off). Needs no tuning; it bites from 3 clients
-    a round (with 2, the median is the mean of the two)."""
+    """Reject a client whose ``‖B A‖_F / √r`` (per component) in some module is more than this
+    many times the median of that module over the round's clients (None: off). Needs no tuning;
+    it bites from 3 clients a round (with 2, the median is the mean of the two)."""
     weight_ratio: float | None = 10.0
     """Weigh no client by more examples than this many times the median example count of the
     clients the server knows (None: no cap). A client's count is fixed when it joins: the size of
