@@ -188,3 +188,19 @@ def test_the_joined_counts_survive_a_checkpoint() -> None:
 
     assert again.examples == rounds.examples and again.examples["client-0000"] == 30
     assert set(MODULES) == set(again.state.factors)
+
+
+def test_a_client_may_shrink_its_rank_never_grow_it() -> None:
+    rounds = server("hetlora")
+
+    def growing(tasks: list[Task]) -> list[LocalResult | Failure]:
+        results = results_for(tasks, 0)
+        first = results[0]
+        assert isinstance(first, LocalResult)
+        results[0] = dataclasses.replace(first, next_rank=10**9)  # past the rank cap
+        return results
+
+    record = rounds.run_round(1, growing)
+
+    assert "next_rank 1000000000 is outside 1 … 4" in record.failed["client-0000"]
+    assert rounds.ranks["client-0000"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import random_factors
+from conftest import examples, random_factors
 from fedlora.errors import UpdateError
 from fedlora.flower.records import (
     content_plan,
@@ -156,3 +159,40 @@ def test_large_adapters_travel_in_chunks_and_arrive_intact() -> None:
     back = inflate_object_from_contents(root, contents)
     assert isinstance(back, RecordDict)
     _same(record_factors(back.array_records["factors"], "x"), big)
+
+
+SCALARS = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.booleans(),
+    st.binary(max_size=4),
+    st.lists(st.integers(-5, 5), max_size=3),
+)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    part=st.sampled_from(["result", "kept"]),
+    key=st.sampled_from(["loss", "num_examples", "next_rank", "layers.0.q_proj", "stray"]),
+    value=st.one_of(st.none(), SCALARS),
+)
+def test_any_malformed_reply_value_is_an_update_error_never_a_crash(
+    part: str, key: str, value: object
+) -> None:
+    result = LocalResult(_factors(4, 0), 1.5, None, {"layers.0.q_proj": 4}, 20, None)
+    content = result_content(result)
+    record = dict(content.config_records[part])
+    if value is None:
+        record.pop(key, None)  # a missing key
+    else:
+        record[key] = value  # type: ignore[assignment]
+    content[part] = ConfigRecord(record)  # type: ignore[arg-type]
+
+    try:
+        parsed = content_result(content, "client-0007")
+    except UpdateError as exc:
+        assert "client 'client-0007'" in str(exc)
+        return
+    assert parsed.num_examples >= 1 and math.isfinite(parsed.loss)
+    assert all(isinstance(k, int) and k >= 0 for k in parsed.kept.values())

@@ -523,6 +523,11 @@ class FederatedRounds:
             screen_update(ClientUpdate(cid, result.factors, result.num_examples), expected)
         except UpdateError as exc:
             return Failure(f"rejected update: {exc}")
+        if result.next_rank is not None and not 1 <= result.next_rank <= task.plan.rank:
+            return Failure(
+                f"rejected update: client {cid!r}: next_rank {result.next_rank} is outside "
+                f"1 … {task.plan.rank} (a client may shrink its rank, never grow it)"
+            )
         known = self.examples.setdefault(cid, result.num_examples)
         if result.num_examples != known:
             log.warning(

@@ -11,6 +11,7 @@ chunks itself, so adapter size is not bounded by one message frame.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,20 +186,25 @@ def content_result(content: RecordDict, client: str) -> LocalResult:
         rec = array_part(content, "importance", where)
         importance = {name: _tensor(rec, name, where) for name in rec}
     kept_rec = config_part(content, "kept", where)
-    kept = {name: int(_scalar(kept_rec, name, where)) for name in kept_rec}
-    examples = _scalar(r, "num_examples", where)
-    if isinstance(examples, bool) or not isinstance(examples, int):
-        raise UpdateError(f"{where}: num_examples must be an int, got {examples!r}")
-    next_rank = _scalar(r, "next_rank", where)
-    bad = isinstance(next_rank, bool) or not isinstance(next_rank, int)
-    if bad or (next_rank != -1 and next_rank < 1):
-        raise UpdateError(
-            f"{where}: next_rank must be an int >= 1 (or -1: unchanged), got {next_rank!r}"
-        )
-    loss = float(_scalar(r, "loss", where))
+    kept = {name: _int(kept_rec, name, where, f"kept[{name!r}]", 0) for name in kept_rec}
+    examples = _int(r, "num_examples", where, "num_examples", 1)
+    next_rank = _int(r, "next_rank", where, "next_rank", -1)
+    if next_rank == 0:
+        raise UpdateError(f"{where}: next_rank must be an int >= 1 (or -1: unchanged), got 0")
+    loss = _scalar(r, "loss", where)
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise UpdateError(f"{where}: loss must be a finite number, got {loss!r}")
     return LocalResult(
-        factors, loss, importance, kept, examples, None if next_rank < 0 else next_rank
+        factors, float(loss), importance, kept, examples, None if next_rank < 0 else next_rank
     )
+
+
+def _int(record: ConfigRecord, key: str, where: str, label: str, low: int) -> int:
+    """``record[key]`` as an int ``>= low``, or an :class:`UpdateError` saying what it was."""
+    value = _scalar(record, key, where)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UpdateError(f"{where}: {label} must be an int >= {low}, got {value!r}")
+    return value
 
 
 def content_device(content: RecordDict, client: str) -> str | None:
