@@ -84,7 +84,10 @@ class LocalResult:
 
     @property
     def mean_rank(self) -> float:
-        return sum(self.kept.values()) / len(self.kept)
+        """Mean components per module that carry the update (the factors' ranks where the result
+        says nothing of pruning)."""
+        kept = self.kept or {name: f.rank for name, f in self.factors.items()}
+        return sum(kept.values()) / len(kept)
 
 
 @dataclass(frozen=True)
@@ -523,6 +526,12 @@ class FederatedRounds:
             screen_update(ClientUpdate(cid, result.factors, result.num_examples), expected)
         except UpdateError as exc:
             return Failure(f"rejected update: {exc}")
+        for name, k in result.kept.items():
+            if name not in result.factors or not 0 <= k <= result.factors[name].rank:
+                return Failure(
+                    f"rejected update: client {cid!r}: kept[{name!r}] = {k} does not fit its "
+                    "factors (a module it sent, 0 … its rank)"
+                )
         if result.next_rank is not None and not 1 <= result.next_rank <= task.plan.rank:
             return Failure(
                 f"rejected update: client {cid!r}: next_rank {result.next_rank} is outside "
