@@ -24,7 +24,7 @@ from fedlora.flower.records import (
     result_content,
     task_content,
 )
-from fedlora.lora import LoRAFactors
+from fedlora.lora import Expected, LoRAFactors
 from fedlora.rounds import ClientInfo, LocalPlan, LocalResult, Task
 
 
@@ -196,3 +196,30 @@ def test_any_malformed_reply_value_is_an_update_error_never_a_crash(
         return
     assert parsed.num_examples >= 1 and math.isfinite(parsed.loss)
     assert all(isinstance(k, int) and k >= 0 for k in parsed.kept.values())
+
+
+def test_arrays_are_checked_against_the_model_before_any_is_decoded() -> None:
+    shapes = {"layers.0.q_proj": (12, 10), "layers.0.v_proj": (6, 10)}
+    expected = Expected(shapes, rank=4)
+    good = result_content(LocalResult(_factors(4, 0), 1.0, None, {}, 5))
+    assert content_result(good, "c", expected).num_examples == 5
+    narrow = Expected(shapes, rank=2)  # asked for rank 2, sent rank 4
+    with pytest.raises(UpdateError, match=r"declares shape \(4, 10\), which does not fit"):
+        content_result(good, "c", narrow)
+
+    def replaced(key: str, array: Array) -> RecordDict:
+        content = result_content(LocalResult(_factors(4, 0), 1.0, None, {}, 5))
+        record = content.array_records["factors"]
+        record[key] = array
+        return content
+
+    huge = Array(dtype="float32", shape=(4, 10), stype="numpy.ndarray", data=b"\0" * 10_000_000)
+    cases = [
+        ("layers.0.k_proj.A", Array(np.zeros((4, 10), np.float32)), "unexpected array"),
+        ("layers.0.q_proj.A", Array(np.zeros((4, 10**6), np.float32)), "declares shape"),
+        ("layers.0.q_proj.A", Array(np.zeros((4, 10), np.float64)), "dtype float64"),
+        ("layers.0.q_proj.A", huge, "carries 10000000 bytes"),
+    ]
+    for key, array, message in cases:
+        with pytest.raises(UpdateError, match=message):
+            content_result(replaced(key, array), "client-0003", expected)

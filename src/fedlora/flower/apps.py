@@ -50,7 +50,7 @@ from fedlora.flower.records import (
     result_content,
     task_content,
 )
-from fedlora.lora import BaseDelta, LoRAFactors
+from fedlora.lora import BaseDelta, Expected, LoRAFactors
 from fedlora.methods import hook_for
 from fedlora.models import QUANTIZATIONS, LoadedModel, load_configured
 from fedlora.precision import MergedBase
@@ -135,7 +135,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
 
     trained_on: set[str] = set()
     outcome = rounds.drive(
-        lambda tasks: _exchange(grid, tasks, node_of, timeout_s, trained_on),
+        lambda tasks: _exchange(grid, tasks, node_of, timeout_s, rounds.shapes, trained_on),
         checkpointing(writer, cfg),
         snapshot,
         clients_hold_nothing=True,  # the nodes of a new Flower run hold no merged updates
@@ -220,10 +220,12 @@ def _exchange(
     tasks: Sequence[Task],
     node_of: Mapping[str, int],
     timeout_s: float,
+    shapes: Mapping[str, tuple[int, int]],
     trained_on: set[str] | None = None,
 ) -> list[LocalResult | Failure]:
     """Send each task to its node as a ``train`` message; per task, in order, its result or why
-    there is none (the node failed, did not answer in time, or sent a malformed reply). The
+    there is none (the node failed, did not answer in time, or sent a malformed reply: every
+    array checked against the model's ``shapes`` and the task's rank before it is decoded). The
     devices the nodes say they trained on are added to ``trained_on``."""
     messages = [
         Message(task_content(task), node_of[task.client.cid], "train", group_id=str(task.round))
@@ -236,7 +238,8 @@ def _exchange(
             out.append(reply)
             continue
         try:
-            result = content_result(reply, task.client.cid)
+            expected = Expected(shapes, task.plan.rank)
+            result = content_result(reply, task.client.cid, expected)
             device = content_device(reply, task.client.cid)
         except UpdateError as exc:
             out.append(Failure(f"rejected reply: {exc}"))

@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedlora.clients.base import Scalar
 from fedlora.devices import to_host
 from fedlora.errors import UpdateError
-from fedlora.lora import BaseDelta, LoRAFactors
+from fedlora.lora import BaseDelta, Expected, LoRAFactors
 from fedlora.rounds import LocalPlan, LocalResult, Task
 
 
@@ -176,14 +176,25 @@ def result_content(result: LocalResult, device: str | None = None) -> RecordDict
     return content
 
 
-def content_result(content: RecordDict, client: str) -> LocalResult:
-    """A reply's result; a malformed reply raises :class:`UpdateError` naming ``client``."""
+def content_result(
+    content: RecordDict, client: str, expected: Expected | None = None
+) -> LocalResult:
+    """A reply's result; a malformed reply raises :class:`UpdateError` naming ``client``. With
+    ``expected`` (the model's modules and the rank the client was asked to train), every array's
+    key, declared shape, dtype and size are checked before any is decoded
+    (:func:`check_arrays`), so a reply cannot make the server allocate more than an honest one
+    would."""
     where = f"reply of client {client!r}"
     r = config_part(content, "result", where)
-    factors = record_factors(array_part(content, "factors", where), where)
+    factors_rec = array_part(content, "factors", where)
+    if expected is not None:
+        check_arrays(factors_rec, expected, where)
+    factors = record_factors(factors_rec, where)
     importance = None
     if "importance" in content:
         rec = array_part(content, "importance", where)
+        if expected is not None:
+            check_arrays(rec, expected, where, importance=True)
         importance = {name: _tensor(rec, name, where) for name in rec}
     kept_rec = config_part(content, "kept", where)
     kept = {name: _int(kept_rec, name, where, f"kept[{name!r}]", 0) for name in kept_rec}
@@ -205,6 +216,49 @@ def _int(record: ConfigRecord, key: str, where: str, label: str, low: int) -> in
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise UpdateError(f"{where}: {label} must be an int >= {low}, got {value!r}")
     return value
+
+
+NPY_HEADER_BYTES = 4096
+"""Room for a ``.npy`` header beside an array's data (NumPy writes 128 bytes, or a multiple)."""
+
+
+def check_arrays(
+    record: ArrayRecord, expected: Expected, where: str, importance: bool = False
+) -> None:
+    """Before anything is decoded: every array is a factor of one of the model's modules
+    (``MODULE.A`` of shape ``(r, d_in)``, ``MODULE.B`` of ``(d_out, r)``, ``r`` at most the rank
+    asked; or, for ``importance``, ``MODULE`` of shape ``(r,)``), of ``expected.dtype`` (scores:
+    any float), and its bytes are no more than that shape needs."""
+    dtype = str(expected.dtype).removeprefix("torch.")
+    for key in record:
+        array = record[key]
+        name, part = (key, "") if importance else key.rpartition(".")[::2]
+        if name not in expected.shapes or part not in (("",) if importance else ("A", "B")):
+            raise UpdateError(f"{where}: unexpected array {key!r} (not a module of the model)")
+        d_out, d_in = expected.shapes[name]
+        shape = tuple(array.shape)
+        if importance:
+            fits = len(shape) == 1 and 1 <= shape[0] <= expected.rank
+        elif part == "A":
+            fits = len(shape) == 2 and 1 <= shape[0] <= expected.rank and shape[1] == d_in
+        else:
+            fits = len(shape) == 2 and shape[0] == d_out and 1 <= shape[1] <= expected.rank
+        if not fits:
+            raise UpdateError(
+                f"{where}: array {key!r} declares shape {shape}, which does not fit module "
+                f"{name!r} ({d_out} × {d_in}) at rank <= {expected.rank}"
+            )
+        allowed = ("float32", "float64") if importance else (dtype,)
+        if array.dtype not in allowed:
+            raise UpdateError(
+                f"{where}: array {key!r} has dtype {array.dtype}, expected {' or '.join(allowed)}"
+            )
+        need = math.prod(shape) * np.dtype(array.dtype).itemsize + NPY_HEADER_BYTES
+        if len(array.data) > need:
+            raise UpdateError(
+                f"{where}: array {key!r} carries {len(array.data)} bytes, more than its shape "
+                f"{shape} needs"
+            )
 
 
 def content_device(content: RecordDict, client: str) -> str | None:
