@@ -152,6 +152,40 @@ def test_the_identified_clients_come_in_index_order(monkeypatch: pytest.MonkeyPa
     assert examples == dict.fromkeys(node_of, 10)
 
 
+def test_a_node_cannot_take_another_slot_by_the_name_it_reports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _replying(monkeypatch, [_identity(0), _identity(1, cid="client-0000"), _identity(2)])
+
+    clients, node_of, _ = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+
+    assert [c.cid for c in clients] == ["client-0000", "client-0001", "client-0002"]
+    assert node_of == {"client-0000": 5, "client-0001": 6, "client-0002": 7}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("index", 99, "node 6 says partition-id 99; expected 0 … 2"),
+        ("index", "1", "node 6: index must be an int >= 0"),
+        ("rank", 0, "node 6: rank must be an int >= 1"),
+        ("alpha", "8", "node 6: alpha must be a number > 0"),
+        ("examples", 2**40 + 0.5, "node 6: examples must be an int >= 1"),
+    ],
+)
+def test_a_malformed_identity_is_named(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: object, message: str
+) -> None:
+    bad = _identity(1)
+    record = dict(bad.config_records["client"])
+    record[field] = value  # type: ignore[assignment]
+    bad["client"] = ConfigRecord(record)  # type: ignore[arg-type]
+    _replying(monkeypatch, [_identity(0), bad, _identity(2)])
+
+    with pytest.raises(FedloraError, match=message):
+        apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+
+
 def test_waiting_for_too_few_nodes_times_out_with_the_count() -> None:
     with pytest.raises(FedloraError, match=r"only 2 of clients\.num_clients = 3 nodes connected"):
         apps._wait_for_nodes(Grid([1, 2]), 3, 0.0)  # type: ignore[arg-type]

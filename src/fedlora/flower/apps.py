@@ -120,6 +120,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     party = server_party(cfg, loaded, data.heldout, data.kind, False, data.scored)
     params = sum(p.numel() for p in loaded.model.parameters())
     rounds = server_rounds(cfg, clients, party, params)
+    rounds.examples.update(examples)  # each node's count, fixed when it joined
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     if snapshot is not None:
         print(f"fedlora: resuming after round {snapshot[1]['round']}", flush=True)
@@ -185,19 +186,23 @@ def _identify(
         if isinstance(reply, Failure):
             raise FedloraError(f"node {node} did not say which client it is: {reply.reason}")
         rec = config_part(reply, "client", f"node {node}")
-        info = ClientInfo(
-            str(rec["cid"]),
-            _int(rec["index"], "index", node),
-            _int(rec["rank"], "rank", node),
-            float(rec["alpha"]),  # type: ignore[arg-type]
-        )
+        index = _int(rec.get("index"), "index", node)
+        if not 0 <= index < cfg.clients.num_clients:
+            raise ConfigError(
+                f"node {node} says partition-id {index}; expected 0 … {cfg.clients.num_clients - 1}"
+            )
+        alpha = rec.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise UpdateError(f"node {node}: alpha must be a number > 0, got {alpha!r}")
+        # the slot's id is the server's (from the partition), never the name a node reports
+        info = ClientInfo(client_id(index), index, _int(rec.get("rank"), "rank", node, 1), alpha)
         if info.index in by_index:
             raise ConfigError(
                 f"nodes {by_index[info.index][1]} and {node} both say partition-id "
                 f"{info.index}; give each SuperNode its own --node-config partition-id"
             )
         by_index[info.index] = (info, node)
-        examples[info.cid] = _int(rec["examples"], "examples", node)
+        examples[info.cid] = _int(rec.get("examples"), "examples", node, 1)
     missing = sorted(set(range(cfg.clients.num_clients)) - set(by_index))
     if missing:
         raise ConfigError(
@@ -209,9 +214,9 @@ def _identify(
     return [info for info, _ in ordered], node_of, examples
 
 
-def _int(value: Any, key: str, node: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UpdateError(f"node {node}: {key} must be an int, got {value!r}")
+def _int(value: Any, key: str, node: int, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UpdateError(f"node {node}: {key} must be an int >= {low}, got {value!r}")
     return value
 
 
