@@ -57,8 +57,10 @@ def test_a_bad_node_config_is_named(node_config: dict[str, Any], message: str) -
 def test_a_node_takes_its_rank_from_the_config_or_its_own(tmp_path: Path) -> None:
     cfg = tiny()  # ranks [8, 4, 2], α = 2r
 
-    default, kind = apps.node_client(cfg, {"partition-id": 1})
-    own, _ = apps.node_client(cfg, {"partition-id": 1, "rank": 6, "alpha": 3.0})
+    default, kind = apps.node_client(cfg, {"partition-id": 1, "trust-server": True})
+    own, _ = apps.node_client(
+        cfg, {"partition-id": 1, "rank": 6, "alpha": 3.0, "trust-server": True}
+    )
 
     assert (default.cid, default.index, default.rank, default.alpha) == ("client-0001", 1, 4, 8.0)
     assert (own.rank, own.alpha) == (6, 3.0) and own.examples == default.examples
@@ -200,7 +202,8 @@ def test_a_malformed_reply_is_a_failed_client_not_a_crash(monkeypatch: pytest.Mo
     ]
     node_of = {"client-0000": 1, "client-0001": 2}
 
-    out = apps._exchange(Grid([1, 2]), tasks, node_of, 1.0)  # type: ignore[arg-type]
+    shapes = {"layers.0.q_proj": (12, 10)}
+    out = apps._exchange(Grid([1, 2]), tasks, node_of, 1.0, shapes)  # type: ignore[arg-type]
 
     assert isinstance(out[0], Failure) and out[0].reason.startswith("rejected reply: ")
     assert isinstance(out[1], Failure) and out[1].reason == "its node failed: boom"
@@ -299,7 +302,7 @@ def test_a_keeper_answers_as_the_node_would_refuses_a_wrong_key_and_stops_with_i
     run_config = {"fedlora-config": json.dumps(to_dict(tiny())), "out": str(tmp_path)}
 
     def context(keep: bool) -> Context:
-        node_config = {"partition-id": 1, "keep-model": keep}
+        node_config = {"partition-id": 1, "keep-model": keep, "trust-server": True}
         return Context(run_id, 7, node_config, RecordDict(), run_config)  # type: ignore[arg-type]
 
     where = node.folder(run_id, supernode.pid)
@@ -339,3 +342,31 @@ def test_the_clientapp_imports_no_torch_until_it_does_the_work_itself() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# --- what a node keeps for itself ---------------------------------------------------------
+
+
+def test_a_node_refuses_the_servers_data_unless_it_trusts_the_server() -> None:
+    with pytest.raises(ConfigError, match=r"names no data of its own .* trust-server=true"):
+        apps.node_client(tiny(), {"partition-id": 1})
+    trusted, _ = apps.node_client(tiny(), {"partition-id": 1, "trust-server": True})
+    simulated, _ = apps.node_client(tiny(), {"partition-id": 1, "num-partitions": 3})
+    assert trusted.examples == simulated.examples and trusted.examples
+
+
+def test_a_node_keeps_its_own_privacy_floor_and_refuses_a_noise_seed() -> None:
+    server = load_config(TINY, ["privacy.clip_norm=0", "privacy.noise_multiplier=0"])
+    own = apps.node_view(server, {"partition-id": 0, "dp-clip-norm": 0.5,
+                                  "dp-noise-multiplier": 1.2})  # fmt: skip
+    assert (own.privacy.clip_norm, own.privacy.noise_multiplier) == (0.5, 1.2)
+    louder = load_config(TINY, ["privacy.clip_norm=1", "privacy.noise_multiplier=2"])
+    kept = apps.node_view(louder, {"partition-id": 0, "dp-noise-multiplier": 1.2})
+    assert (kept.privacy.clip_norm, kept.privacy.noise_multiplier) == (1.0, 2.0)  # never lower
+    seeded = load_config(TINY, ["privacy.clip_norm=1", "privacy.noise_multiplier=1",
+                                "privacy.noise_seed=3"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"privacy\.noise_seed, which would let it subtract"):
+        apps.node_view(seeded, {"partition-id": 0})
+    assert apps.node_view(seeded, {"partition-id": 0, "trust-server": True}) is seeded
+    with pytest.raises(ConfigError, match="dp-noise-multiplier must be a number >= 0"):
+        apps.node_view(server, {"partition-id": 0, "dp-noise-multiplier": "1"})

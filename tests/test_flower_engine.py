@@ -167,7 +167,7 @@ def _deploy(out: Path, strategy: str, tls: bool, keep_model: bool = False) -> di
                     capture_output=True,
                 )
             root = creds[0] if creds else None
-            node_config: dict[str, object] = {"partition-id": k, "rank": rank}
+            node_config: dict[str, object] = {"partition-id": k, "rank": rank, "trust-server": True}
             if keep_model:
                 node_config["keep-model"] = True
             procs.supernode(k, address, node_config, ports[k], root, keys)
@@ -277,7 +277,10 @@ def test_a_supernode_that_dies_mid_run_fails_its_client_and_the_run_completes(
         link, *ports = free_ports(4)
         address = procs.superlink(link)
         write_connection(home, address)
-        nodes = [procs.supernode(k, address, {"partition-id": k}, ports[k]) for k in range(3)]
+        nodes = [
+            procs.supernode(k, address, {"partition-id": k, "trust-server": True}, ports[k])
+            for k in range(3)
+        ]
 
         def kill_node_2_after_round_1() -> None:
             metrics = out / "metrics.jsonl"
@@ -442,8 +445,12 @@ def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:
         )
 
         # Execute: both SuperNodes try to connect
-        procs.supernode(0, address, {"partition-id": 0}, port_0, creds[0], registered)
-        procs.supernode(1, address, {"partition-id": 1}, port_1, creds[0], stranger)
+        procs.supernode(
+            0, address, {"partition-id": 0, "trust-server": True}, port_0, creds[0], registered
+        )
+        procs.supernode(
+            1, address, {"partition-id": 1, "trust-server": True}, port_1, creds[0], stranger
+        )
         log = home / "logs" / "superlink.log"
         refused = "no supernode found with the given public key"
         deadline = time.monotonic() + 120

@@ -188,7 +188,10 @@ def test_a_node_loads_its_model_on_its_node_config_device(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(apps, "_loaded", load)
     cfg = tiny()
-    for node in ({"partition-id": 1, "device": "cuda:3"}, {"partition-id": 1}):
+    for node in (
+        {"partition-id": 1, "device": "cuda:3", "trust-server": True},
+        {"partition-id": 1, "trust-server": True},
+    ):
         with pytest.raises(Loaded):
             apps.node_party(cfg, node)
 

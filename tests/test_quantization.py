@@ -113,12 +113,14 @@ def test_a_flower_node_holds_its_base_as_its_node_config_or_the_run_config_says(
         _, bench = apps.node_party(cfg, node_config)
         return type(bench.model.model.layers[0].self_attn.q_proj).__name__
 
-    assert layer({"partition-id": 0}) == "Linear"
-    assert layer({"partition-id": 1}) == "Linear8bitLt"  # clients.quantization, cycled
-    assert layer({"partition-id": 2}) == "Linear"
-    assert layer({"partition-id": 0, "quantization": "4bit"}) == "Linear4bit"
+    assert layer({"partition-id": 0, "trust-server": True}) == "Linear"
+    assert (
+        layer({"partition-id": 1, "trust-server": True}) == "Linear8bitLt"
+    )  # clients.quantization, cycled
+    assert layer({"partition-id": 2, "trust-server": True}) == "Linear"
+    assert layer({"partition-id": 0, "quantization": "4bit", "trust-server": True}) == "Linear4bit"
     with pytest.raises(ConfigError, match=r"node config quantization must be one of none, 8bit"):
-        apps.node_party(cfg, {"partition-id": 0, "quantization": "2bit"})
+        apps.node_party(cfg, {"partition-id": 0, "quantization": "2bit", "trust-server": True})
 
 
 def test_the_quantization_bench_measures_each_client_in_a_process_of_its_own(

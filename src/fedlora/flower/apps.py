@@ -16,8 +16,10 @@ config: ``partition-id`` (required: which client it is), and optionally ``rank``
 ``quantization`` (``none``, ``8bit`` or ``4bit``: how this node holds its frozen base; default:
 ``clients.quantization`` for its partition-id), ``device`` (where this node's model lives, e.g.
 ``cuda:1``; default: ``model.device``; a local deployment gives each node one,
-:func:`fedlora.flower.launch.deployment_devices`) and ``keep-model`` (true: keep the loaded model
-between messages, :mod:`fedlora.flower.node`). A node's reply to ``train`` says the device it
+:func:`fedlora.flower.launch.deployment_devices`), ``keep-model`` (true: keep the loaded model
+between messages, :mod:`fedlora.flower.node`), ``trust-server`` (true: train on the server's
+``data.source`` and take its privacy settings as they are; :func:`trusts_server`) and
+``dp-clip-norm`` / ``dp-noise-multiplier`` (the node's own privacy, :func:`node_view`). A node's reply to ``train`` says the device it
 trained on; the summary's ``client_devices`` lists them.
 """
 
@@ -297,7 +299,7 @@ def node_handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
 def node_query(context: Context) -> RecordDict:
     """Who this node is: its client id, partition, rank, α and example count."""
-    client, _ = node_client(_config(context), context.node_config)
+    client, _ = node_client(node_view(_config(context), context.node_config), context.node_config)
     record = ConfigRecord(
         {
             "cid": client.cid,
@@ -312,7 +314,9 @@ def node_query(context: Context) -> RecordDict:
 
 def node_train(content: RecordDict, context: Context) -> RecordDict:
     """Train this node's client on the plan in ``content``, on the base as merged so far."""
-    client, party = node_party(_config(context), context.node_config)
+    client, party = node_party(
+        node_view(_config(context), context.node_config), context.node_config
+    )
     plan, t, base = content_plan(content)
     for i, delta in base.items():  # keep every merged update this node has received
         context.state[f"base.{i}"] = factors_record(delta)
@@ -355,6 +359,42 @@ def _federation_data(config_json: str) -> FederationData:
     return federation_data(config_from_json(config_json, "the run's config"))
 
 
+def trusts_server(node_config: Mapping[str, Any]) -> bool:
+    """Whether a node lets the server choose its data and its privacy: its node config says
+    ``trust-server = true`` (a local deployment that fedlora starts sets it: one party), or it
+    runs on Flower's simulation engine (which gives every node ``num-partitions``: one machine,
+    one party)."""
+    return node_config.get("trust-server") is True or "num-partitions" in node_config
+
+
+def node_view(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
+    """The run config as this node applies it. A node that does not :func:`trusts_server`
+    keeps its own privacy: ``dp-clip-norm`` (its clip norm C, whatever the server says, so the
+    server cannot switch clipping off) and ``dp-noise-multiplier`` (a floor on σ: the larger of
+    the server's and its own), and refuses ``privacy.noise_seed`` (whoever knows the seed can
+    subtract the noise)."""
+    if trusts_server(node_config):
+        return cfg
+    p = cfg.privacy
+    if p.noise_seed is not None:
+        raise ConfigError(
+            "the server set privacy.noise_seed, which would let it subtract this node's noise; "
+            "this node refuses it (node config trust-server=true accepts it)"
+        )
+    clip, sigma = node_config.get("dp-clip-norm"), node_config.get("dp-noise-multiplier", 0.0)
+    for key, value in (("dp-clip-norm", clip), ("dp-noise-multiplier", sigma)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+        ):
+            raise ConfigError(f"node config {key} must be a number >= 0, got {value!r}")
+    own = dataclasses.replace(
+        p,
+        clip_norm=p.clip_norm if clip is None else float(clip),
+        noise_multiplier=max(p.noise_multiplier, float(sigma)),
+    )
+    return cfg if own == p else dataclasses.replace(cfg, privacy=own)
+
+
 def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, TaskKind]:
     """The client a node is, from its node config (see the module docstring) and ``cfg``, and
     the kind of its data."""
@@ -381,6 +421,12 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
             columns=cfg.data.columns,
             limit=None,
             seed=cfg.seed,
+        )
+    elif not trusts_server(node_config):
+        raise ConfigError(
+            "this node names no data of its own and does not let the server choose it: give it "
+            "node config data=PATH (its own file), or trust-server=true to train on its "
+            "partition of the server's data.source"
         )
     else:
         data = _federation_data(json.dumps(to_dict(cfg)))
