@@ -68,6 +68,22 @@ def test_flower_refusals_come_before_anything_starts(
     assert not out.exists()
 
 
+def test_a_superlink_on_another_host_needs_tls_or_an_explicit_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["run", TINY, "--engine", "flower", "--superlink", "10.0.0.7:9093", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is another host and no --root-certificates were given" in err and "--insecure" in err
+    both = [*argv, "--insecure", "--root-certificates", str(tmp_path / "ca.pem")]
+    assert main(both) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["run", TINY, "--insecure", "--out", str(out)]) == 2
+    assert "need --engine flower" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_bench_overhead_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
 

@@ -75,7 +75,13 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--root-certificates",
         type=Path,
         default=None,
-        help="with --superlink: the CA certificate for TLS (default: insecure)",
+        help="with --superlink: the CA certificate for TLS (a SuperLink on another host needs "
+        "it, or --insecure)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --superlink on another host: send the run to it without TLS (in the clear)",
     )
     parser.add_argument(
         "--supernodes",
@@ -131,8 +137,10 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _inprocess_only(args: argparse.Namespace) -> None:
-    if args.superlink or args.root_certificates or args.supernodes:
-        raise ConfigError("--superlink, --root-certificates and --supernodes need --engine flower")
+    if args.superlink or args.root_certificates or args.supernodes or args.insecure:
+        raise ConfigError(
+            "--superlink, --root-certificates, --insecure and --supernodes need --engine flower"
+        )
 
 
 def _run_flower(args: argparse.Namespace, cfg: Any, out: Path, resume: bool) -> dict[str, Any]:
@@ -142,9 +150,10 @@ def _run_flower(args: argparse.Namespace, cfg: Any, out: Path, resume: bool) -> 
     if args.superlink:
         if args.supernodes:
             raise ConfigError("--supernodes is for the local simulation, not with --superlink")
+        _check_transport(args.superlink, args.root_certificates, args.insecure)
         return submit(cfg, out, args.superlink, args.root_certificates, echo=echo, resume=resume)
-    if args.root_certificates:
-        raise ConfigError("--root-certificates needs --superlink")
+    if args.root_certificates or args.insecure:
+        raise ConfigError("--root-certificates and --insecure need --superlink")
     return run_simulation(cfg, out, args.supernodes, echo=echo, resume=resume)
 
 
@@ -174,3 +183,20 @@ def compare_command(args: argparse.Namespace) -> int:
     print(table)
     print(f"comparison folder: {out}")
     return 0
+
+
+LOOPBACK = ("127.", "localhost:", "[::1]:")
+
+
+def _check_transport(superlink: str, certificates: Path | None, insecure: bool) -> None:
+    """A SuperLink on another host is reached over TLS (``--root-certificates``) unless the user
+    says ``--insecure``: the run's config, and with it the nodes' training plans, would otherwise
+    travel in the clear. One on this host (loopback) needs neither."""
+    if certificates is not None and insecure:
+        raise ConfigError("--root-certificates and --insecure exclude each other")
+    if certificates is None and not insecure and not superlink.startswith(LOOPBACK):
+        raise ConfigError(
+            f"--superlink {superlink} is another host and no --root-certificates were given: "
+            "give the SuperLink's CA certificate for TLS, or --insecure to send the run in the "
+            "clear"
+        )

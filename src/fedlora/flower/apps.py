@@ -19,8 +19,9 @@ config: ``partition-id`` (required: which client it is), and optionally ``rank``
 :func:`fedlora.flower.launch.deployment_devices`), ``keep-model`` (true: keep the loaded model
 between messages, :mod:`fedlora.flower.node`), ``trust-server`` (true: train on the server's
 ``data.source`` and take its privacy settings as they are; :func:`trusts_server`) and
-``dp-clip-norm`` / ``dp-noise-multiplier`` (the node's own privacy, :func:`node_view`). A node's reply to ``train`` says the device it
-trained on; the summary's ``client_devices`` lists them.
+``dp-clip-norm`` / ``dp-noise-multiplier`` (the node's own privacy, :func:`node_view`). A
+node's reply to ``train`` says the device it trained on; the summary's ``client_devices`` lists
+them.
 """
 
 from __future__ import annotations
