@@ -26,6 +26,13 @@ def register(commands: Any) -> None:
         "--nodes", type=int, default=0, help="also write this many SuperNode key pairs"
     )
     certs.set_defaults(func=certs_command)
+    node_key = flower_cmds.add_parser(
+        "node-key",
+        help="on a SuperNode's host: its key pair; only the .pub file goes to the server",
+    )
+    node_key.add_argument("folder", type=Path, help="where to write it (created mode 700)")
+    node_key.add_argument("--name", default="node", help="the key's file name (default: node)")
+    node_key.set_defaults(func=node_key_command)
 
 
 def certs_command(args: argparse.Namespace) -> int:
@@ -37,4 +44,13 @@ def certs_command(args: argparse.Namespace) -> int:
     for k in range(args.nodes):
         for path in make_node_key(args.folder, f"node-{k}"):
             print(f"wrote {path}")
+    return 0
+
+
+def node_key_command(args: argparse.Namespace) -> int:
+    from fedlora.flower.certs import make_node_key
+
+    private, public = make_node_key(args.folder, args.name)
+    print(f"wrote {private} (private: keep it on this host)")
+    print(f"wrote {public}: send it to the server's operator for `flwr supernode register`")
     return 0

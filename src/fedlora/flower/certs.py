@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,12 +31,40 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+def private_folder(folder: Path) -> Path:
+    """``folder`` for private keys: created ``0700``; an existing one must be a real folder (not
+    a symbolic link) that only its owner can enter."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise FileExistsError(f"{folder} is not a folder (a symbolic link?); choose another")
+    if info.st_mode & 0o077:
+        raise PermissionError(
+            f"{folder} can be entered by others (mode {stat.S_IMODE(info.st_mode):o}); keys are "
+            f"written only into a folder of mode 700 (chmod 700 {folder})"
+        )
+    return folder
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner alone from the first byte: opened with
+    mode ``0600`` and without following a symbolic link (an attacker's link is refused, never
+    written through), an existing file set to ``0600`` before anything is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def make_certificates(
     folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365
 ) -> tuple[Path, Path, Path]:
     """Write ``ca.crt``, ``server.pem`` and ``server.key`` (valid for ``hosts``) into ``folder``;
-    return their paths (CA certificate, server certificate, server key)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    return their paths (CA certificate, server certificate, server key). The key is written
+    ``0600`` into a ``0700`` folder (:func:`write_private`)."""
+    private_folder(folder)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca = (
@@ -64,32 +94,34 @@ def make_certificates(
     paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
+    write_private(
+        paths[2],
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    paths[2].chmod(0o600)
     return paths
 
 
 def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     """An ECDSA P-384 key pair in OpenSSH format (as ``ssh-keygen -t ecdsa -b 384`` writes it):
     ``folder/name`` (private, for ``flower-supernode --auth-supernode-private-key``) and
-    ``folder/name.pub`` (for ``flwr supernode register``)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    ``folder/name.pub`` (for ``flwr supernode register``). Run it on the node
+    (``fedlora flower node-key``), so that the private key never leaves it; only the public key
+    travels to the server."""
+    private_folder(folder)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(
+    write_private(
+        private,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    private.chmod(0o600)
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
