@@ -236,7 +236,8 @@ def test_the_server_collects_the_devices_of_accepted_replies(
     tasks = [Task(ClientInfo(f"c{k}", k, 4, 8.0), 1, LocalPlan(4), 0, [], 0) for k in range(5)]
     seen: set[str] = set()
 
-    out = apps._exchange(None, tasks, {f"c{k}": k for k in range(5)}, 1.0, seen)  # type: ignore[arg-type]
+    node_of, shapes = {f"c{k}": k for k in range(5)}, {"m": (2, 3)}
+    out = apps._exchange(None, tasks, node_of, 1.0, shapes, seen)  # type: ignore[arg-type]
 
     assert [isinstance(r, Failure) for r in out] == [False, False, False, True, True]
     assert seen == {"cpu", "cuda:1"}

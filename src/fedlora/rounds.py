@@ -568,7 +568,9 @@ class FederatedRounds:
         than ``validation.norm_ratio`` times that module's median over the round's updates now a
         :class:`Failure` naming the module (from 3 updates on: with 2, the median is their
         mean). Per component (``/ √r``, ``r`` the update's rank), so that honest clients of
-        ranks 64 and 4 in one round (whose products grow with the rank) stay comparable."""
+        ranks 64 and 4 in one round (whose products grow with the rank) stay comparable. A
+        module whose median is 0 (most clients left it unchanged: AdaLoRA's pruning) has no
+        relative bound."""
         ratio = self.cfg.validation.norm_ratio
         updates = [u for _, u in screened if u is not None]
         if ratio is None or len(updates) < 3:
@@ -590,7 +592,7 @@ class FederatedRounds:
                     (
                         (m, norm)
                         for m, norm in sorted(norms[update.client_id].items())
-                        if norm > ratio * medians[m]
+                        if medians[m] > 0 and norm > ratio * medians[m]
                     ),
                     None,
                 )

@@ -40,13 +40,13 @@ _CLIENTAPP_START = """
 import json, sys, time
 t0 = time.perf_counter()
 from fedlora.config import config_from_json
-from fedlora.flower.apps import node_workbench
+from fedlora.flower.apps import node_party
 t1 = time.perf_counter()
 from fedlora.flower.apps import node_client
 cfg = config_from_json(open(sys.argv[1]).read(), sys.argv[1])
-node_client(cfg, {"partition-id": 0})
+node_client(cfg, {"partition-id": 0, "trust-server": True})
 t2 = time.perf_counter()
-node_workbench(cfg, {"partition-id": 0})
+node_party(cfg, {"partition-id": 0, "trust-server": True})
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "data_s": t2 - t1, "model_s": t3 - t2}))
 """
@@ -108,7 +108,7 @@ def _round_seconds(out: Path) -> list[float]:
 
 def clientapp_start(cfg: RunConfig, workdir: Path) -> ClientAppStart:
     """Time, in a fresh Python process, what a ClientApp process does before it trains: import
-    fedlora's ClientApp, build node 0's client, load the model (``node_workbench``)."""
+    fedlora's ClientApp, build node 0's client, load the model (``node_party``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "clientapp-config.json"
     config.write_text(json.dumps(to_dict(cfg)))

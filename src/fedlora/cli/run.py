@@ -152,8 +152,10 @@ def _run_flower(args: argparse.Namespace, cfg: Any, out: Path, resume: bool) -> 
             raise ConfigError("--supernodes is for the local simulation, not with --superlink")
         _check_transport(args.superlink, args.root_certificates, args.insecure)
         return submit(cfg, out, args.superlink, args.root_certificates, echo=echo, resume=resume)
-    if args.root_certificates or args.insecure:
-        raise ConfigError("--root-certificates and --insecure need --superlink")
+    if args.root_certificates:
+        raise ConfigError("--root-certificates needs --superlink")
+    if args.insecure:
+        raise ConfigError("--insecure needs --superlink")
     return run_simulation(cfg, out, args.supernodes, echo=echo, resume=resume)
 
 
