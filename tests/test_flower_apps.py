@@ -315,22 +315,29 @@ def test_a_keeper_answers_as_the_node_would_refuses_a_wrong_key_and_stops_with_i
 
         with pytest.raises(AuthenticationError):
             Client(str(where / "socket"), family="AF_UNIX", authkey=b"not the key")
+        for garbage in ([b"not json"], [b'{"kind": "query"}', b"\xff" * 64, b""]):
+            key = (where / "key").read_bytes()
+            with Client(str(where / "socket"), family="AF_UNIX", authkey=key) as conn:
+                for part in garbage:
+                    conn.send_bytes(part)
+                assert json.loads(conn.recv_bytes()) == {"error": "malformed request"}
         with pytest.raises(FedloraError, match=r"^the node's model keeper failed: \w+Error: "):
             node.relay("train", RecordDict(), context(True))  # no plan in it
         again = node.relay("query", RecordDict(), context(True))
         assert dict(again["client"]) == dict(want["client"])
-        assert _keeper_pid(where) == keeper.pid  # the same keeper answered all three
+        assert _keeper_pid(where) == keeper.pid  # the same keeper answered all, refused garbage
 
         supernode.kill()
         supernode.wait()
         keeper.wait(timeout=30)  # raises if it is still running
-        assert not (where / "socket").exists() and not (where / "key").exists()
-        assert "keeper stops: SuperNode gone" in (where / "log").read_text()
+        assert not where.exists()  # socket, key and lock gone with their folder
+        assert "keeper stops: SuperNode gone" in node.stopped_log(where).read_text()
     finally:
         supernode.kill()
         with contextlib.suppress(psutil.Error, NameError):
             keeper.kill()
         shutil.rmtree(where, ignore_errors=True)
+        node.stopped_log(where).unlink(missing_ok=True)
 
 
 def test_the_clientapp_imports_no_torch_until_it_does_the_work_itself() -> None:

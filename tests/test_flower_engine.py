@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -171,14 +170,14 @@ def _deploy(out: Path, strategy: str, tls: bool, keep_model: bool = False) -> di
             if keep_model:
                 node_config["keep-model"] = True
             procs.supernode(k, address, node_config, ports[k], root, keys)
-        before = set(KEEPERS.glob("node-*")) if KEEPERS.exists() else set()
+        before = set(KEEPERS.glob("node-*.log")) if KEEPERS.exists() else set()
         summary = submit(tiny(strategy), out, address, creds[0] if creds else None, echo=False)
         pids = [p.pid for p in procs.started]
     for pid in pids:  # stopped by their process ids
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     if keep_model:
-        _check_keepers(set(KEEPERS.glob("node-*")) - before, rounds=tiny(strategy).rounds)
+        _check_keepers(set(KEEPERS.glob("node-*.log")) - before, rounds=tiny(strategy).rounds)
     return summary
 
 
@@ -186,21 +185,22 @@ KEEPERS = Path(tempfile.gettempdir()) / f"fedlora-{os.getuid()}"
 """Where the nodes' model keepers live (``fedlora.flower.node.folder``)."""
 
 
-def _check_keepers(folders: set[Path], rounds: int) -> None:
+def _check_keepers(logs: set[Path], rounds: int) -> None:
     """One model keeper per node, all of the same run; each answered the query and every round,
-    loaded the model once, and stopped with the run, taking its socket and key; their folders
-    are removed."""
-    assert len(folders) == len(RANKS), folders
-    assert len({f.name.split("-run-")[1] for f in folders}) == 1, folders
-    for where in folders:
-        log = (where / "log").read_text().splitlines()
+    loaded the model once, and stopped with the run, removing its folder (socket, key, lock)
+    and leaving its log beside it."""
+    assert len(logs) == len(RANKS), logs
+    assert len({f.name.split("-run-")[1] for f in logs}) == 1, logs
+    for path in logs:
+        where = path.with_suffix("")
+        assert not where.exists(), where
+        log = path.read_text().splitlines()
         answers = [line.split()[0] for line in log if " answered in " in line]
         loads = [int(line.rsplit(" ", 1)[1]) for line in log if " answered in " in line]
         assert answers == ["query"] + ["train"] * rounds, log
         assert loads == [0] + [1] * rounds, log  # the query loads no model, the first train does
         assert log[-1].startswith("keeper stops: "), log
-        assert not (where / "socket").exists() and not (where / "key").exists()
-        shutil.rmtree(where)
+        path.unlink()
 
 
 def test_deployment_superlink_and_three_supernodes(

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from fedlora.flower.private import private_folder, write_private
 
 
 def _name(common: str) -> x509.Name:
@@ -29,33 +29,6 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
-
-
-def private_folder(folder: Path) -> Path:
-    """``folder`` for private keys: created ``0700``; an existing one must be a real folder (not
-    a symbolic link) that only its owner can enter."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = os.lstat(folder)
-    if not stat.S_ISDIR(info.st_mode):
-        raise FileExistsError(f"{folder} is not a folder (a symbolic link?); choose another")
-    if info.st_mode & 0o077:
-        raise PermissionError(
-            f"{folder} can be entered by others (mode {stat.S_IMODE(info.st_mode):o}); keys are "
-            f"written only into a folder of mode 700 (chmod 700 {folder})"
-        )
-    return folder
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by its owner alone from the first byte: opened with
-    mode ``0600`` and without following a symbolic link (an attacker's link is refused, never
-    written through), an existing file set to ``0600`` before anything is written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def make_certificates(

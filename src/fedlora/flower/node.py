@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.flower import CONFIG_KEY
+from fedlora.flower.private import private_folder, read_private, write_private
 from fedlora.schema import FlowerConfig
 
 KEEP_MODEL = "keep-model"
@@ -58,6 +60,9 @@ KEEP_MODEL = "keep-model"
 
 START_S = 120.0
 """How long a ClientApp waits for a new keeper to listen."""
+MAX_HEADER_BYTES = 1 << 20
+"""The most a request's header (its JSON: kind, ids, node and run config) may take; a longer one
+is refused unread."""
 
 
 def keeps_model(node_config: Mapping[str, Any]) -> bool:
@@ -69,14 +74,17 @@ def keeps_model(node_config: Mapping[str, Any]) -> bool:
 
 def folder(run_id: int, supernode_pid: int) -> Path:
     """Where the keeper of ``run_id`` on the SuperNode ``supernode_pid`` keeps its socket, key
-    and log (created with mode 0700)."""
-    root = Path(tempfile.gettempdir()) / f"fedlora-{os.getuid()}"
-    root.mkdir(mode=0o700, exist_ok=True)
-    if root.stat().st_uid != os.getuid() or root.stat().st_mode & 0o077:
-        raise PermissionError(f"{root} must be yours alone (mode 0700)")
-    path = root / f"node-{supernode_pid}-run-{run_id}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    and log: created with mode 0700, and refused if it (or its parent) is a symbolic link,
+    another user's, or open to others (:func:`fedlora.flower.private.private_folder`, which
+    reads the folder itself with ``lstat``, never what a link points to)."""
+    root = private_folder(Path(tempfile.gettempdir()) / f"fedlora-{os.getuid()}")
+    return private_folder(root / f"node-{supernode_pid}-run-{run_id}")
+
+
+def stopped_log(where: Path) -> Path:
+    """Where the log of the keeper in ``where`` is kept once it has stopped and removed its
+    folder (socket, key, lock): beside the folder, in the same owner-only root."""
+    return where.parent / f"{where.name}.log"
 
 
 def _encode(records: RecordDict) -> bytes:
@@ -132,9 +140,7 @@ def _connect(where: Path, context: Context) -> Connection:
         if conn is not None:
             return conn
         (where / "socket").unlink(missing_ok=True)  # a dead keeper's
-        key = where / "key"
-        key.touch(mode=0o600)
-        key.write_bytes(os.urandom(32))
+        write_private(where / "key", os.urandom(32))
         argv = [sys.executable, "-m", "fedlora.flower.node", str(where)]
         argv += ["--parent", str(os.getppid()), "--idle-s", str(_idle_s(context))]
         with (where / "log").open("a") as log:
@@ -160,8 +166,9 @@ def _try_connect(where: Path) -> Connection | None:
     if not (where / "socket").exists():
         return None
     try:
-        return Client(str(where / "socket"), family="AF_UNIX", authkey=(where / "key").read_bytes())
-    except (ConnectionRefusedError, FileNotFoundError, AuthenticationError):
+        key = read_private(where / "key")
+        return Client(str(where / "socket"), family="AF_UNIX", authkey=key)
+    except (OSError, AuthenticationError):
         return None  # a keeper that is gone, or one that holds another key
 
 
@@ -183,15 +190,15 @@ Handler = Callable[[str, RecordDict, Context], RecordDict]
 def serve(where: Path, parent: int, idle_s: float, handle: Handler) -> None:
     """Listen on ``where/socket`` and answer one message at a time with ``handle`` until the
     process ``parent`` is gone or ``idle_s`` pass without a message."""
-    key = (where / "key").read_bytes()
+    key = read_private(where / "key")
     last = [time.monotonic()]
 
     def stop(own: int, why: str) -> None:
-        with contextlib.suppress(OSError):
-            if (where / "socket").stat().st_ino == own:  # not a newer keeper's
-                (where / "socket").unlink()
-                (where / "key").unlink()
         print(f"keeper stops: {why}", flush=True)
+        with contextlib.suppress(OSError):
+            if os.lstat(where / "socket").st_ino == own:  # not a newer keeper's: all is ours
+                os.replace(where / "log", stopped_log(where))
+                shutil.rmtree(where)
         os._exit(0)
 
     def watch(own: int) -> None:
@@ -220,22 +227,25 @@ def serve(where: Path, parent: int, idle_s: float, handle: Handler) -> None:
 
 def _answer(conn: Connection, handle: Handler) -> None:
     try:
-        header = json.loads(conn.recv_bytes())
+        header = json.loads(conn.recv_bytes(MAX_HEADER_BYTES))
         content, state = _decode(conn.recv_bytes()), _decode(conn.recv_bytes())
-    except (EOFError, OSError, ValueError) as exc:
-        print(f"a malformed request: {exc}", flush=True)
+        context = Context(
+            run_id=int(header["run_id"]),
+            node_id=int(header["node_id"]),
+            node_config=dict(header["node_config"]),
+            state=state,
+            run_config=dict(header["run_config"]),
+        )
+        kind = str(header["kind"])
+    except Exception as exc:  # any malformed request (bad JSON, protobuf, keys): refused
+        print(f"refused a malformed request: {type(exc).__name__}: {exc}", flush=True)
+        with contextlib.suppress(OSError):
+            conn.send_bytes(json.dumps({"error": "malformed request"}).encode())
         return
-    context = Context(
-        run_id=int(header["run_id"]),
-        node_id=int(header["node_id"]),
-        node_config=header["node_config"],
-        state=state,
-        run_config=header["run_config"],
-    )
     try:
-        reply = handle(str(header["kind"]), content, context)
+        reply = handle(kind, content, context)
     except Exception as exc:
-        print(f"the {header['kind']} message failed: {exc!r}", flush=True)
+        print(f"the {kind} message failed: {exc!r}", flush=True)
         with contextlib.suppress(OSError):
             conn.send_bytes(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
         return
