@@ -15,7 +15,7 @@ from conftest import MODULES
 from fedlora.config import load_config
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors, update_norm
-from fedlora.rounds import Failure, FederatedRounds, LocalResult, Task
+from fedlora.rounds import Client, Failure, FederatedRounds, LocalResult, Task
 from fedlora.strategies import GlobalState
 from test_validation import TINY, results_for, server
 
@@ -204,3 +204,25 @@ def test_a_client_may_shrink_its_rank_never_grow_it() -> None:
 
     assert "next_rank 1000000000 is outside 1 … 4" in record.failed["client-0000"]
     assert rounds.ranks["client-0000"] == 4
+
+
+def test_a_partition_the_server_made_is_never_capped_however_skewed() -> None:
+    from fedlora.data import Example
+
+    cfg = server("flexlora").cfg
+    sizes = [400, 20, 22]  # 400 is 18 times the median: a Dirichlet partition can be so skewed
+    clients = [
+        Client(f"client-{k:04d}", k, r, 2.0 * r, [Example(f"q{i}", "a") for i in range(n)])
+        for k, (r, n) in enumerate(zip([4, 4, 2], sizes, strict=True))
+    ]
+    rounds = FederatedRounds(
+        cfg,
+        server("flexlora").strategy,
+        clients,
+        MODULES,
+        1000,
+        server("flexlora").party,
+    )
+
+    assert rounds.assigned == {c.cid for c in clients}
+    assert [rounds.weighed_examples(c.cid) for c in clients] == sizes

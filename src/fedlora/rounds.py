@@ -390,6 +390,9 @@ class FederatedRounds:
         """Each client's example count, fixed when it joins: the partition the server gave it
         (in-process), or its first report (a Flower node with its own data); what it reports
         later does not change its weight."""
+        self.assigned = set(self.examples)
+        """The clients whose count the server assigned (it made their partitions): never capped,
+        so a skewed partition keeps the weight the method gives it."""
         self._started = time.perf_counter()
         self.done = 0
         """Rounds finished."""
@@ -503,11 +506,12 @@ class FederatedRounds:
         )
 
     def weighed_examples(self, cid: str) -> int:
-        """The example count client ``cid`` is weighed by: the one fixed when it joined, at most
+        """The example count client ``cid`` is weighed by: the one fixed when it joined; where
+        the client reported it (the server did not assign it), at most
         ``validation.weight_ratio`` times the median count of the clients the server knows."""
         n = self.examples[cid]
         ratio = self.cfg.validation.weight_ratio
-        if ratio is None:
+        if ratio is None or cid in self.assigned:
             return n
         cap = ratio * statistics.median(self.examples.values())
         return min(n, max(1, math.floor(cap)))

@@ -193,9 +193,10 @@ class ValidationConfig:
     many times the median of that module over the round's clients (None: off). Needs no tuning;
     it bites from 3 clients a round (with 2, the median is the mean of the two)."""
     weight_ratio: float | None = 10.0
-    """Weigh no client by more examples than this many times the median example count of the
-    clients the server knows (None: no cap). A client's count is fixed when it joins: the size of
-    the partition the server gave it, or its first report."""
+    """Weigh no client that reported its own example count by more than this many times the
+    median count of the clients the server knows (None: no cap). A client's count is fixed when
+    it joins: the size of the partition the server gave it (never capped: the server made it),
+    or its first report (a Flower node with data of its own)."""
 
 
 @dataclass

@@ -124,6 +124,9 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     params = sum(p.numel() for p in loaded.model.parameters())
     rounds = server_rounds(cfg, clients, party, params)
     rounds.examples.update(examples)  # each node's count, fixed when it joined
+    rounds.assigned = {  # the nodes that train on the partition this server made them
+        c.cid for c in clients if examples[c.cid] == len(data.parts[c.index])
+    }
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     if snapshot is not None:
         print(f"fedlora: resuming after round {snapshot[1]['round']}", flush=True)
