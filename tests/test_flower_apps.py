@@ -377,3 +377,29 @@ def test_a_node_keeps_its_own_privacy_floor_and_refuses_a_noise_seed() -> None:
     assert apps.node_view(seeded, {"partition-id": 0, "trust-server": True}) is seeded
     with pytest.raises(ConfigError, match="dp-noise-multiplier must be a number >= 0"):
         apps.node_view(server, {"partition-id": 0, "dp-noise-multiplier": "1"})
+
+
+def test_a_node_tells_a_server_it_does_not_trust_what_failed_not_its_details(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlora.config import to_dict
+    from fedlora.flower import client
+
+    secret = tmp_path / "SECRET-patients.jsonl"
+    secret.write_text('{"prompt": "q", "diagnosis": "x"}\n')  # no response column: an error
+    run_config = {"fedlora-config": json.dumps(to_dict(tiny())), "out": str(tmp_path)}
+
+    class NoContent:
+        def has_content(self) -> bool:
+            return False
+
+    def reply(node_config: dict[str, object]) -> None:
+        context = Context(1, 7, node_config, RecordDict(), run_config)  # type: ignore[arg-type]
+        client._reply("query", NoContent(), context)  # type: ignore[arg-type]
+
+    with pytest.raises(FedloraError) as err:
+        reply({"partition-id": 0, "data": str(secret)})
+    assert str(err.value) == "the node's query failed (ConfigError); the node's own log says why"
+    assert "SECRET" in capsys.readouterr().err  # the details stay in the node's own log
+    with pytest.raises(ConfigError, match="SECRET-patients"):  # a trusted server sees them
+        reply({"partition-id": 0, "data": str(secret), "trust-server": True})

@@ -41,7 +41,7 @@ from fedlora.config import SINGLE_PARTY, ModelConfig, RunConfig, config_from_jso
 from fedlora.data import TaskKind, load_examples
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.federation import FederationData, federation_data, server_party, server_rounds
-from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
+from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY, trusts_server
 from fedlora.flower.records import (
     array_part,
     config_part,
@@ -361,14 +361,6 @@ def _config_cached(text: str) -> RunConfig:
 @functools.lru_cache(maxsize=2)
 def _federation_data(config_json: str) -> FederationData:
     return federation_data(config_from_json(config_json, "the run's config"))
-
-
-def trusts_server(node_config: Mapping[str, Any]) -> bool:
-    """Whether a node lets the server choose its data and its privacy: its node config says
-    ``trust-server = true`` (a local deployment that fedlora starts sets it: one party), or it
-    runs on Flower's simulation engine (which gives every node ``num-partitions``: one machine,
-    one party)."""
-    return node_config.get("trust-server") is True or "num-partitions" in node_config
 
 
 def node_view(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
