@@ -403,3 +403,20 @@ def test_a_node_tells_a_server_it_does_not_trust_what_failed_not_its_details(
     assert "SECRET" in capsys.readouterr().err  # the details stay in the node's own log
     with pytest.raises(ConfigError, match="SECRET-patients"):  # a trusted server sees them
         reply({"partition-id": 0, "data": str(secret), "trust-server": True})
+
+
+def test_local_superlinks_listen_on_loopback_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlora.flower import launch
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(Processes, "start", lambda self, name, argv: started.append(list(argv)))
+    monkeypatch.setattr(launch, "wait_healthy", lambda *args: None)
+    procs = Processes(tmp_path, tmp_path / "logs")
+
+    for simulation in (True, False):
+        address = procs.superlink(9999, simulation=simulation)
+        assert address == "127.0.0.1:9999"
+    for argv in started:
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
