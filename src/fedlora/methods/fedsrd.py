@@ -54,11 +54,18 @@ import torch
 
 from fedlora.clients.base import ClientHook, LocalPlan, Upload
 from fedlora.comm import BYTES_PER_PARAM
-from fedlora.errors import ConfigError, UpdateError
+from fedlora.errors import ConfigError
 from fedlora.linalg import stack, svd_factors, truncate, work_dtype
 from fedlora.lora import LoRAFactors
 from fedlora.schema import method_options
-from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
+from fedlora.strategies.base import (
+    GlobalState,
+    RoundInput,
+    Strategy,
+    Traits,
+    register,
+    server_factors,
+)
 from fedlora.weighting import Weighting
 
 
@@ -176,15 +183,8 @@ class FedSRD(Strategy):
 
     def _check(self, rnd: RoundInput) -> None:
         for update in rnd.updates:
-            for module, f in update.factors.items():
-                held = rnd.state.factors.get(module)
-                if held is None or f.shape != held.shape or f.rank != held.rank:
-                    raise UpdateError(
-                        "does not fit the server's adapter (build the state with init_state(); "
-                        "every client trains the server's rank)",
-                        client=update.client_id,
-                        module=module,
-                    )
+            for module in update.factors:
+                server_factors(rnd, update, module)
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
         held = rnd.state.factors[module]

@@ -36,7 +36,7 @@ from fedlora.lora import LoRAFactors, held_frozen
 from fedlora.methods.ffa import FreezeAClient
 from fedlora.methods.zeropad import zero_padded_mean
 from fedlora.schema import method_options
-from fedlora.strategies.base import RoundInput, Strategy, Traits, register
+from fedlora.strategies.base import RoundInput, Strategy, Traits, register, server_factors
 from fedlora.weighting import Weighting
 
 
@@ -79,14 +79,7 @@ class FedSVD(Strategy):
     def _check(self, rnd: RoundInput) -> None:
         for update in rnd.updates:
             for module, f in update.factors.items():
-                held = rnd.state.factors.get(module)
-                if held is None or f.shape != held.shape or f.rank != held.rank:
-                    raise UpdateError(
-                        "does not fit the server's adapter (build the state with init_state(); "
-                        "every client trains the server's rank)",
-                        client=update.client_id,
-                        module=module,
-                    )
+                held = server_factors(rnd, update, module)
                 if not held_frozen(f.A, held.A):
                     raise UpdateError(
                         "A differs from the server's A; FedSVD's clients hold A frozen (train B "

@@ -225,6 +225,22 @@ def shared_init(
     return factors
 
 
+def server_factors(rnd: RoundInput, update: ClientUpdate, module: str) -> LoRAFactors:
+    """The server's factors of ``module``, which ``update``'s must fit exactly (shape and rank:
+    a method whose every client trains the server's own adapter); an :class:`UpdateError`
+    naming the client and module where they do not."""
+    held = rnd.state.factors.get(module)
+    f = update.factors[module]
+    if held is None or f.shape != held.shape or f.rank != held.rank:
+        raise UpdateError(
+            "does not fit the server's adapter (build the state with init_state(); "
+            "every client trains the server's rank)",
+            client=update.client_id,
+            module=module,
+        )
+    return held
+
+
 def module_rank(spec: RankSpec, module: str) -> int:
     """The rank ``spec`` gives ``module``; a clear error when it names none or a bad value."""
     if isinstance(spec, Mapping):
