@@ -152,9 +152,8 @@ def strategy_of(cfg: RunConfig) -> Strategy:
     c = cfg.clients
     weighting = configured_weighting(cfg.weighting, c.weights, c.num_clients)
     options = REGISTRY[cfg.strategy].Options
-    if options is None:
-        return get_strategy(cfg.strategy, weighting=weighting)
-    return get_strategy(cfg.strategy, weighting=weighting, options=options_of(cfg, options))
+    built = None if options is None else options_of(cfg, options)
+    return get_strategy(cfg.strategy, weighting=weighting, options=built, trim=cfg.validation.trim)
 
 
 def benchmark_of(cfg: RunConfig) -> EvalSet | None:

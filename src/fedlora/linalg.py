@@ -7,6 +7,7 @@ unless it says so. Shapes: ``A: (r, d_in)``, ``B: (d_out, r)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -47,6 +48,27 @@ def stack(factors: Sequence[LoRAFactors], weights: Sequence[float]) -> LoRAFacto
     A = torch.cat([f.A.to(dtype) * p for f, p in zip(factors, weights, strict=True)], dim=0)
     B = torch.cat([f.B.to(dtype) for f in factors], dim=1)
     return LoRAFactors(A=A, B=B)
+
+
+def trimmed_mean(
+    values: Sequence[torch.Tensor], weights: Sequence[float], trim: float
+) -> torch.Tensor:
+    """The coordinate-wise trimmed mean of ``values`` (one per client, one shape; Yin et al.,
+    ICML 2018): at every entry the ``⌊trim · K⌋`` smallest and largest of the ``K`` clients'
+    values are dropped and the rest averaged, unweighted (a trimmed mean is over clients; the
+    weights cannot say which values are extreme). At ``trim = 0.5`` it is the coordinate-wise
+    median (for even ``K`` the mean of the two middle values). Where ``K`` is too small to drop
+    anyone (``⌊trim · K⌋ = 0``) it is the weighted mean ``Σ p_k v_k / Σ p_k``, the method's own.
+    In the work dtype (:func:`work_dtype`)."""
+    k = len(values)
+    cut = min(math.floor(trim * k), (k - 1) // 2)
+    dtype = work_dtype(values[0].dtype)
+    stacked = torch.stack([v.to(dtype) for v in values])
+    if cut == 0:
+        p = torch.tensor(list(weights), dtype=dtype, device=stacked.device)
+        return (stacked * (p / p.sum()).view((k,) + (1,) * (stacked.dim() - 1))).sum(dim=0)
+    kept: torch.Tensor = stacked.sort(dim=0).values[cut : k - cut]
+    return kept.mean(dim=0)
 
 
 def compact(delta: LoRAFactors) -> BaseDelta:

@@ -197,6 +197,12 @@ class ValidationConfig:
     median count of the clients the server knows (None: no cap). A client's count is fixed when
     it joins: the size of the partition the server gave it (never capped: the server made it),
     or its first report (a Flower node with data of its own)."""
+    trim: float = 0.0
+    """A robust rule for the strategies that average the clients' tensors (zeropad, fedit, ffa,
+    fedsa, fedsvd, flexlora): at every entry, drop this fraction of the round's clients at each
+    end and average the rest, unweighted (the coordinate-wise trimmed mean; 0.5: the median).
+    0 (default): the method's own weighted mean. A method whose update is an exact sum or a
+    per-component rule (FLoRA and the methods built on it, HAFL, …) refuses it."""
 
 
 @dataclass

@@ -34,7 +34,7 @@ class FedIT(ZeroPad):
     """Zero-padding restricted to equal ranks, where padding does nothing."""
 
     name = "fedit"
-    traits = Traits(paper="Zhang et al. 2024 (FedIT)", mixed_ranks=False)
+    traits = Traits(paper="Zhang et al. 2024 (FedIT)", mixed_ranks=False, averages=True)
 
     def _start(self, state: GlobalState, spec: RankSpec) -> Start:
         for name, f in state.factors.items():

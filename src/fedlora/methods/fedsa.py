@@ -64,4 +64,4 @@ class OwnBClient(ClientHook):
 class FedSALoRA(FedIT):
     name = "fedsa"
     client = OwnBClient
-    traits = Traits(paper="Guo et al. 2025 (FedSA-LoRA)", mixed_ranks=False)
+    traits = Traits(paper="Guo et al. 2025 (FedSA-LoRA)", mixed_ranks=False, averages=True)

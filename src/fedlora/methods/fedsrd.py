@@ -66,7 +66,6 @@ from fedlora.strategies.base import (
     register,
     server_factors,
 )
-from fedlora.weighting import Weighting
 
 
 @method_options("fedsrd")
@@ -166,14 +165,8 @@ class FedSRD(Strategy):
     name = "fedsrd"
     client = SparseDeltaClient
     Options = FedSRDOptions
+    options: FedSRDOptions
     traits = Traits(paper="FedSRD (WWW 2026)", mixed_ranks=False, projects=True)
-
-    def __init__(
-        self, weighting: Weighting = "examples", options: FedSRDOptions | None = None
-    ) -> None:
-        super().__init__(weighting)
-        self.options = options or FedSRDOptions()
-        self.options.check()
 
     def client_options(self, state: GlobalState) -> dict[str, bool | int | float | str]:
         """The upload's sparsity settings, for :class:`SparseDeltaClient`."""

@@ -37,7 +37,6 @@ from fedlora.methods.ffa import FreezeAClient
 from fedlora.methods.zeropad import zero_padded_mean
 from fedlora.schema import method_options
 from fedlora.strategies.base import RoundInput, Strategy, Traits, register, server_factors
-from fedlora.weighting import Weighting
 
 
 @method_options("fedsvd")
@@ -62,14 +61,10 @@ class FedSVD(Strategy):
     name = "fedsvd"
     client = FreezeAClient
     Options = FedSVDOptions
-    traits = Traits(paper="Lee et al. 2025 (FedSVD)", mixed_ranks=False, exact="always")
-
-    def __init__(
-        self, weighting: Weighting = "examples", options: FedSVDOptions | None = None
-    ) -> None:
-        super().__init__(weighting)
-        self.options = options or FedSVDOptions()
-        self.options.check()
+    options: FedSVDOptions
+    traits = Traits(
+        paper="Lee et al. 2025 (FedSVD)", mixed_ranks=False, averages=True, exact="always"
+    )
 
     def reorthogonalises(self, rounds_done: int) -> bool:
         """Whether the round that makes ``rounds_done`` rounds re-orthogonalises ``A``."""
@@ -90,7 +85,8 @@ class FedSVD(Strategy):
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
         held = rnd.state.factors[module]
-        mean = zero_padded_mean(rnd.updates, rnd.weights, module)  # its A is ignored: A is held
+        # the mean's A is ignored: A is held
+        mean = zero_padded_mean(rnd.updates, rnd.weights, module, rnd.trim)
         averaged = LoRAFactors(A=held.A.to(mean.B.dtype), B=mean.B)
         if not self.reorthogonalises(rnd.state.round + 1):
             return averaged

@@ -36,7 +36,11 @@ class FFALoRA(Strategy):
     name = "ffa"
     client = FreezeAClient
     traits = Traits(
-        paper="Sun et al. 2024 (FFA-LoRA)", mixed_ranks=True, fixed_a=True, exact="always"
+        paper="Sun et al. 2024 (FFA-LoRA)",
+        mixed_ranks=True,
+        fixed_a=True,
+        averages=True,
+        exact="always",
     )
 
     def _check(self, rnd: RoundInput) -> None:
@@ -66,7 +70,8 @@ class FFALoRA(Strategy):
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
         init = rnd.state.factors[module]
-        mean = zero_padded_mean(rnd.updates, rnd.weights, module)  # its A is ignored: A stays A_0
+        # the mean's A is ignored: A stays A_0
+        mean = zero_padded_mean(rnd.updates, rnd.weights, module, rnd.trim)
         B = torch.zeros_like(init.B, dtype=mean.B.dtype)
         B[:, : mean.rank] = mean.B
         return LoRAFactors(A=init.A.to(mean.B.dtype), B=B)

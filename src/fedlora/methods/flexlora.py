@@ -10,11 +10,18 @@ approximation of ``ΔW_g`` (SVD truncation): ``B_k = U_r S_r``, ``A_k = V_rᵀ``
 the reference code's dense SVD of every ``d_out × d_in`` matrix. The global state holds the SVD
 form, ordered by singular value, so each client's truncation is a slice, computed once per
 distinct rank.
+
+With ``validation.trim`` the server takes the coordinate-wise trimmed mean of the clients' dense
+``ΔW_k`` instead (:func:`fedlora.linalg.trimmed_mean`; a robust rule, not the paper's), and
+keeps its SVD at the rank ``Σ r_k`` the exact sum has: ``K`` dense matrices per module, once a
+round.
 """
 
 from __future__ import annotations
 
-from fedlora.linalg import stack, svd_factors
+import torch
+
+from fedlora.linalg import stack, svd_factors, trimmed_mean
 from fedlora.lora import LoRAFactors
 from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 
@@ -22,7 +29,16 @@ from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 @register
 class FlexLoRA(Strategy):
     name = "flexlora"
-    traits = Traits(paper="Bai et al. 2024 (FlexLoRA)", mixed_ranks=True, exact="always")
+    traits = Traits(
+        paper="Bai et al. 2024 (FlexLoRA)", mixed_ranks=True, averages=True, exact="always"
+    )
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
-        return svd_factors(stack(rnd.factors(module), rnd.weights))
+        factors = rnd.factors(module)
+        if not rnd.trim:
+            return svd_factors(stack(factors, rnd.weights))
+        # the trimmed mean of the dense ΔW_k, in SVD form at the rank the exact sum would have
+        dense = trimmed_mean([f.delta() for f in factors], rnd.weights, rnd.trim)
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        rank = min(sum(f.rank for f in factors), S.numel())
+        return LoRAFactors(A=Vh[:rank].contiguous(), B=(U[:, :rank] * S[:rank]).contiguous())

@@ -40,7 +40,6 @@ from fedlora.linalg import compact, stack, svd_factors, truncate
 from fedlora.lora import LoRAFactors
 from fedlora.schema import method_options
 from fedlora.strategies.base import GlobalState, RoundInput, Strategy, Traits, register
-from fedlora.weighting import Weighting
 
 
 @method_options("florist")
@@ -79,13 +78,7 @@ class FLoRIST(Strategy):
         fresh_client_adapters=True,
     )
     Options = FloristOptions
-
-    def __init__(
-        self, weighting: Weighting = "examples", options: FloristOptions | None = None
-    ) -> None:
-        super().__init__(weighting)
-        self.options = options or FloristOptions()
-        self.options.check()
+    options: FloristOptions
 
     def error_bound(self) -> float:
         """``√(1 − τ)``: the pair keeps at least ``τ`` of the stack's energy."""

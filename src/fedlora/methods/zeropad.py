@@ -14,25 +14,37 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.linalg import componentwise_mean
+from fedlora.linalg import componentwise_mean, pad, trimmed_mean
 from fedlora.lora import ClientUpdate, LoRAFactors
 from fedlora.strategies.base import RoundInput, Strategy, Traits, register
 
 
 def zero_padded_mean(
-    updates: Sequence[ClientUpdate], weights: Sequence[float], module: str
+    updates: Sequence[ClientUpdate], weights: Sequence[float], module: str, trim: float = 0.0
 ) -> LoRAFactors:
     """``Σ_k p_k pad(A_k)`` and ``Σ_k p_k pad(B_k)`` at ``r_max`` for one module; client ``k``'s
-    components are the first ``r_k``. At equal ranks this is FedIT's ``(Ā, B̄)``."""
+    components are the first ``r_k``. At equal ranks this is FedIT's ``(Ā, B̄)``. With ``trim``
+    (``validation.trim``), the coordinate-wise trimmed mean of the padded factors instead
+    (:func:`fedlora.linalg.trimmed_mean`; a padded zero is a value like any other, as in the
+    mean)."""
     factors = [u.factors[module] for u in updates]
+    rank = max(f.rank for f in factors)
+    if trim:
+        padded = [pad(f, rank) for f in factors]
+        return LoRAFactors(
+            A=trimmed_mean([f.A for f in padded], weights, trim),
+            B=trimmed_mean([f.B for f in padded], weights, trim),
+        )
     indices = [torch.arange(f.rank, device=f.A.device) for f in factors]
-    return componentwise_mean(factors, indices, weights, max(f.rank for f in factors), over="all")
+    return componentwise_mean(factors, indices, weights, rank, over="all")
 
 
 @register
 class ZeroPad(Strategy):
     name = "zeropad"
-    traits = Traits(paper="Wang et al. 2024 (FLoRA), zero-padding baseline", mixed_ranks=True)
+    traits = Traits(
+        paper="Wang et al. 2024 (FLoRA), zero-padding baseline", mixed_ranks=True, averages=True
+    )
 
     def _combine(self, rnd: RoundInput, module: str) -> LoRAFactors:
-        return zero_padded_mean(rnd.updates, rnd.weights, module)
+        return zero_padded_mean(rnd.updates, rnd.weights, module, rnd.trim)

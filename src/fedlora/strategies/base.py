@@ -54,6 +54,12 @@ class Traits:
     the clients' aggregate projected onto the held factor's span, so even a single client's update
     is not reproduced. The invariant tests hold such a method to that (and every other method to
     reproducing a single client)."""
+    averages: bool = False
+    """The rule is a weighted mean of the clients' tensors of one shape (their factors, zero-
+    padded to one rank, or their ``ΔW_k``), which ``validation.trim`` may replace by a
+    coordinate-wise trimmed mean (:func:`fedlora.linalg.trimmed_mean`). Not FLoRA's stacking or
+    the methods built on it: their update is an exact sum, and a trimmed sum of products is no
+    longer low rank."""
     exact: Literal["always", "equal_ranks", "no"] = "no"
     """Whether one round's global update equals ``Σ p_k ΔW_k`` of the clients' updates: for any
     ranks (``always``), when the clients share one rank (``equal_ranks``), or not (``no``: the
@@ -91,11 +97,14 @@ class GlobalState:
 
 @dataclass(frozen=True)
 class RoundInput:
-    """One round's validated input: ``updates`` sorted by client id, ``weights`` their ``p_k``."""
+    """One round's validated input: ``updates`` sorted by client id, ``weights`` their ``p_k``,
+    ``trim`` the fraction a method that averages (:attr:`Traits.averages`) trims at each end
+    of every coordinate (0: its own weighted mean)."""
 
     state: GlobalState
     updates: Sequence[ClientUpdate]
     weights: Sequence[float]
+    trim: float = 0.0
 
     @property
     def modules(self) -> list[str]:
@@ -117,14 +126,28 @@ class Strategy(ABC):
     traits: ClassVar[Traits]
     Options: ClassVar[type[Any] | None] = None
     """The dataclass of the strategy's own config section (registered with
-    :func:`fedlora.schema.method_options`), passed to the constructor as ``options``; None: the
-    strategy takes no options."""
+    :func:`fedlora.schema.method_options`), passed to the constructor as ``options`` (default:
+    the dataclass's defaults) and checked there by its ``check()``, if it has one; None: the
+    strategy takes no options. A subclass annotates ``options: ItsOptions``."""
+    options: Any
     client: ClassVar[type[Any] | None] = None
     """The method's client hook (a :class:`fedlora.clients.base.ClientHook` subclass in the same
     file), where its clients do more than train a plain LoRA; None: the default hook."""
 
-    def __init__(self, weighting: Weighting = "examples") -> None:
+    def __init__(
+        self, weighting: Weighting = "examples", options: Any = None, trim: float = 0.0
+    ) -> None:
         self.weighting = weighting
+        if options is None and self.Options is not None:
+            options = self.Options()
+        if options is not None and hasattr(options, "check"):
+            options.check()
+        self.options = options
+        if trim and not self.traits.averages:
+            raise ConfigError(f"validation.trim: {trim_refusal(self.name)}")
+        if not 0 <= trim <= 0.5:
+            raise ConfigError(f"validation.trim must be in [0, 0.5], got {trim}")
+        self.trim = trim
 
     def init_state(
         self, shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
@@ -149,7 +172,7 @@ class Strategy(ABC):
         validate_updates(ordered)
         if not self.traits.mixed_ranks:
             _require_equal_ranks(self.name, ordered)
-        rnd = RoundInput(state, ordered, client_weights(ordered, self.weighting))
+        rnd = RoundInput(state, ordered, client_weights(ordered, self.weighting), self.trim)
         self._check(rnd)
         return self._aggregate(rnd)
 
@@ -277,6 +300,16 @@ def _require_equal_ranks(name: str, updates: Sequence[ClientUpdate]) -> None:
 REGISTRY: dict[str, type[Strategy]] = {}
 
 S = TypeVar("S", bound=type[Strategy])
+
+
+def trim_refusal(name: str) -> str:
+    """Why strategy ``name`` takes no trimmed mean, and which strategies do."""
+    taking = sorted(n for n, c in REGISTRY.items() if c.traits.averages)
+    return (
+        f"strategy {name!r} does not average the clients' tensors (its update is an exact sum, "
+        f"a projection or a per-component rule), so it has no trimmed mean; the strategies that "
+        f"average: {', '.join(taking)}; {name!r} has validation.norm_ratio"
+    )
 
 
 def register(cls: S) -> S:
