@@ -47,9 +47,13 @@ def test_a_client_is_weighed_by_the_count_it_joined_with_not_what_it_claims_late
     attacked.run_round(1, with_examples({}))
     honest.run_round(1, with_examples({}))
 
-    attacked.run_round(2, with_examples({0: 9_999}, seed=1))  # inflated, within max_examples
-    honest.run_round(2, with_examples({}, seed=1))
+    record = attacked.flagging(attacked.run_round(2, with_examples({0: 9_999}, seed=1)))
+    honest.run_round(2, with_examples({}, seed=1))  # inflated above, within max_examples
 
+    assert record.to_json()["flagged"] == {
+        "client-0000": "reported 9999 examples; weighed by the 20 it joined with"
+    }
+    assert "client-0000" in record.clients and not record.failed
     assert attacked.examples == honest.examples == {"client-0000": 20, "client-0001": 21,
                                                     "client-0002": 22}  # fmt: skip
     assert_same_state(attacked.state, honest.state)
@@ -58,10 +62,13 @@ def test_a_client_is_weighed_by_the_count_it_joined_with_not_what_it_claims_late
 def test_a_first_report_far_above_the_median_is_capped() -> None:
     attacked, capped = server("flexlora"), server("flexlora")
 
-    attacked.run_round(1, with_examples({0: 9_999}))
+    record = attacked.flagging(attacked.run_round(1, with_examples({0: 9_999})))
     capped.run_round(1, with_examples({0: 220}))  # 10 × the median of 9,999, 21 and 22
 
     assert attacked.weighed_examples("client-0000") == 220
+    assert record.flagged == {
+        "client-0000": "joined with 9999 examples; weighed by 220 (validation.weight_ratio)"
+    }
     assert_same_state(attacked.state, capped.state)
     off = load_config(TINY, ["validation.weight_ratio=none"])
     uncapped = server("flexlora")

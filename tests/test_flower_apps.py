@@ -147,11 +147,11 @@ def test_a_node_that_does_not_answer_the_query_is_named(monkeypatch: pytest.Monk
 def test_the_identified_clients_come_in_index_order(monkeypatch: pytest.MonkeyPatch) -> None:
     _replying(monkeypatch, [_identity(2), _identity(0), _identity(1)])
 
-    clients, node_of, examples = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+    clients, node_of, examples, claims = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
 
     assert [c.index for c in clients] == [0, 1, 2]
     assert node_of == {"client-0000": 6, "client-0001": 7, "client-0002": 5}
-    assert examples == dict.fromkeys(node_of, 10)
+    assert examples == dict.fromkeys(node_of, 10) and claims == {}
 
 
 def test_a_node_cannot_take_another_slot_by_the_name_it_reports(
@@ -159,10 +159,14 @@ def test_a_node_cannot_take_another_slot_by_the_name_it_reports(
 ) -> None:
     _replying(monkeypatch, [_identity(0), _identity(1, cid="client-0000"), _identity(2)])
 
-    clients, node_of, _ = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+    clients, node_of, _, claims = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
 
     assert [c.cid for c in clients] == ["client-0000", "client-0001", "client-0002"]
     assert node_of == {"client-0000": 5, "client-0001": 6, "client-0002": 7}
+    assert claims == {
+        "client-0001": "node 6 called itself 'client-0000'; it is client-0001, the slot of its "
+        "partition-id 1"
+    }
 
 
 @pytest.mark.parametrize(
@@ -340,6 +344,44 @@ def test_a_keeper_answers_as_the_node_would_refuses_a_wrong_key_and_stops_with_i
         node.stopped_log(where).unlink(missing_ok=True)
 
 
+def test_a_keeper_drops_a_connection_that_stays_silent_and_answers_the_next(
+    tmp_path: Path,
+) -> None:
+    """The keeper answers one connection at a time: one that connects and never authenticates
+    must not hold it (``--handshake-s``, 30 s by default, 1 s here)."""
+    import socket
+    from multiprocessing.connection import Client
+
+    from fedlora.flower.private import private_folder, write_private
+
+    where = private_folder(tmp_path / "keeper")
+    key = os.urandom(32)
+    write_private(where / "key", key)
+    argv = [sys.executable, "-m", "fedlora.flower.node", str(where), "--parent", str(os.getpid())]
+    log = (tmp_path / "keeper.log").open("w")
+    keeper = subprocess.Popen(
+        [*argv, "--idle-s", "60", "--handshake-s", "1"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (where / "socket").exists():
+            assert time.monotonic() < deadline and keeper.poll() is None
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as silent:
+            silent.connect(str(where / "socket"))  # and says nothing
+            with Client(str(where / "socket"), family="AF_UNIX", authkey=key) as conn:
+                conn.send_bytes(b"not json")
+                assert conn.poll(20), "the keeper is still held by the silent connection"
+                assert json.loads(conn.recv_bytes()) == {"error": "malformed request"}
+    finally:
+        keeper.kill()
+        keeper.wait()
+        log.close()
+    assert (
+        "refused a connection: _Late: nothing within 1 s" in (tmp_path / "keeper.log").read_text()
+    )
+
+
 def test_the_clientapp_imports_no_torch_until_it_does_the_work_itself() -> None:
     """A ClientApp process that hands its messages to a keeper pays for Flower only: the module
     Flower loads (``fedlora.flower.client``) imports none of torch, transformers or PEFT."""
@@ -377,6 +419,22 @@ def test_a_node_keeps_its_own_privacy_floor_and_refuses_a_noise_seed() -> None:
     assert apps.node_view(seeded, {"partition-id": 0, "trust-server": True}) is seeded
     with pytest.raises(ConfigError, match="dp-noise-multiplier must be a number >= 0"):
         apps.node_view(server, {"partition-id": 0, "dp-noise-multiplier": "1"})
+
+
+def test_a_private_node_does_not_tell_its_example_count(tmp_path: Path) -> None:
+    from fedlora.config import to_dict
+
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(5)))
+    run_config = {"fedlora-config": json.dumps(to_dict(tiny())), "out": str(tmp_path)}
+
+    def query(node_config: dict[str, object]) -> ConfigRecord:
+        context = Context(1, 7, node_config, RecordDict(), run_config)  # type: ignore[arg-type]
+        return apps.node_query(context).config_records["client"]
+
+    assert query({"partition-id": 0, "data": str(data)})["examples"] == 5
+    private = query({"partition-id": 0, "data": str(data), "dp-clip-norm": 0.5})
+    assert "examples" not in private and private["index"] == 0
 
 
 def test_a_node_tells_a_server_it_does_not_trust_what_failed_not_its_details(

@@ -94,6 +94,13 @@ def test_a_result_round_trips_bitwise() -> None:
     assert no_scores.importance is None
 
 
+def test_a_private_clients_reply_carries_no_loss_and_no_count() -> None:
+    content = result_content(LocalResult(_factors(3, 5), None, None, {}, None))
+    assert set(content.config_records["result"]) == {"next_rank"}
+    got = content_result(content, "client-0001")
+    assert got.loss is None and got.num_examples is None
+
+
 def test_malformed_replies_name_the_client_and_what_is_wrong() -> None:
     good = result_content(LocalResult(_factors(2, 0), 1.0, None, {}, 4))
     missing = RecordDict({"factors": good.array_records["factors"], "kept": ConfigRecord({})})
@@ -194,7 +201,9 @@ def test_any_malformed_reply_value_is_an_update_error_never_a_crash(
     except UpdateError as exc:
         assert "client 'client-0007'" in str(exc)
         return
-    assert parsed.num_examples >= 1 and math.isfinite(parsed.loss)
+    # a missing count or loss is a private client's (None); a present one is valid
+    assert parsed.num_examples is None or parsed.num_examples >= 1
+    assert parsed.loss is None or math.isfinite(parsed.loss)
     assert all(isinstance(k, int) and k >= 0 for k in parsed.kept.values())
 
 

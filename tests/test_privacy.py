@@ -219,6 +219,9 @@ def test_a_noised_run_reports_each_clients_epsilon(tmp_path: Path) -> None:
     assert priv["epsilon_max"] == max(priv["epsilon"].values())
     assert f"ε ≤ {priv['epsilon_max']:.3g}" in (tmp_path / "run" / "summary.md").read_text()
     assert all(math.isfinite(r["eval_loss"]) for r in rows)
+    # neither is covered by the noise, so neither leaves a private client
+    assert all(r["train_loss"] is None for r in rows)
+    assert priv["withheld"] == ["training loss", "example count"]
 
 
 PRIVATE_STRATEGIES = [name for name in sorted(REGISTRY) if hook_for(name).also_sends is None]

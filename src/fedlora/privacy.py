@@ -5,11 +5,12 @@ A client's update is everything it trained, minus where it started: ``A - A_star
 to an L2 norm of at most ``C`` (Flower's FlatClip, ``clip_inputs_inplace``: one norm over all
 tensors) and every entry gets ``N(0, (σC)²)`` noise before it leaves the client. Whatever the
 server does with it afterwards (stacking, averaging, SVD, merging) is post-processing, so the
-guarantee holds for every strategy and both engines: each upload is a Gaussian mechanism of noise
-multiplier σ with respect to the client's data (sensitivity ``C``, the client's update against
-an absent one). Over ``n`` uploads the client's ε is composed with Flower's ``RdpAccountant``
-(Google's ``dp-accounting``), without amplification by sampling (the server knows who it
-sampled).
+guarantee holds for every strategy and both engines (a private client sends nothing else
+computed from its data: not its training loss, not its example count, :func:`withholds`): each
+upload is a Gaussian mechanism of noise multiplier σ with respect to the client's data
+(sensitivity ``C``, the client's update against an absent one). Over ``n`` uploads the
+client's ε is composed with Flower's ``RdpAccountant`` (Google's ``dp-accounting``), without
+amplification by sampling (the server knows who it sampled).
 
 Why not Flower's ``LocalDpMod`` or ``fixedclipping_mod`` themselves: they need a message with
 exactly one ``ArrayRecord`` whose keys equal the reply's, and take the update against that
@@ -36,6 +37,14 @@ from fedlora.config import PrivacyConfig
 from fedlora.devices import host_generator
 from fedlora.lora import LoRAFactors
 from fedlora.seeds import derive_seed
+
+
+def withholds(cfg: PrivacyConfig) -> bool:
+    """Whether a client under ``cfg`` keeps its training loss and its example count to itself:
+    with privacy on, neither is covered by the noise, so neither leaves it. The server weighs
+    such a client by the count it fixed when the client joined: the size of the partition it
+    made for the client's slot (in-process, and for a Flower node, which sends no count)."""
+    return cfg.clip_norm > 0
 
 
 def noise_generator(cfg: PrivacyConfig, *parts: int) -> torch.Generator:
@@ -136,4 +145,9 @@ def privacy_summary(cfg: PrivacyConfig, rows: Sequence[Mapping[str, Any]]) -> di
         "epsilon": eps if noised else None,
         "epsilon_max": max(eps.values(), default=0.0) if noised else None,
         "accounting": "RDP (Flower RdpAccountant), per client, no amplification by sampling",
+        "withheld": ["training loss", "example count"],
+        "withheld_why": (
+            "not covered by the noise, so a private client does not send them; the server "
+            "weighs it by the size of the partition it made for the client's slot"
+        ),
     }

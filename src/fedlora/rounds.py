@@ -68,11 +68,15 @@ class Client(ClientInfo):
 @dataclass(frozen=True)
 class LocalResult:
     factors: dict[str, LoRAFactors]
-    loss: float
+    loss: float | None
+    """The client's mean training loss; None where it keeps it to itself (privacy on:
+    :func:`fedlora.privacy.withholds`)."""
     importance: dict[str, torch.Tensor] | None
     kept: dict[str, int]
     """Components per module that carry the update (after AdaLoRA's or HetLoRA's pruning)."""
-    num_examples: int
+    num_examples: int | None
+    """Its example count; None where it did not say (a private Flower node): the server knows
+    the count it fixed when the client joined (:attr:`FederatedRounds.examples`)."""
     next_rank: int | None = None
     """The rank the client trains from the next round on (HetLoRA's pruning); None: unchanged."""
     personal: dict[str, float] = field(default_factory=dict)
@@ -133,6 +137,10 @@ class RoundRecord:
     """Wall time of the round: from planning to the evaluated result."""
     failed: dict[str, str] = field(default_factory=dict)
     """Sampled clients that did not deliver (in any try of the round), with the reason."""
+    flagged: dict[str, str] = field(default_factory=dict)
+    """Clients whose claims the server overrode rather than refused, with what they claimed and
+    what it used (an example count other than the one fixed when the client joined, a weight
+    capped, a name other than its slot's): they stay in the round, at what the server knows."""
     attempts: int = 1
     skipped: str | None = None
     """Why the round changed nothing (too few replies in every try), or None."""
@@ -154,6 +162,8 @@ class RoundRecord:
             out["seconds"] = self.seconds
         if self.failed:
             out["failed"] = self.failed
+        if self.flagged:
+            out["flagged"] = self.flagged
         if self.attempts != 1:
             out["attempts"] = self.attempts
         if self.skipped is not None:
@@ -344,7 +354,7 @@ class PartyModel:
         upload = hook.finish(upload)
         return LocalResult(
             upload.factors,
-            result.loss,
+            None if privacy.withholds(cfg.privacy) else result.loss,
             upload.importance,
             upload.kept,
             len(client.examples),
@@ -396,6 +406,14 @@ class FederatedRounds:
         self._started = time.perf_counter()
         self.done = 0
         """Rounds finished."""
+        self.flags: dict[str, str] = {}
+        """Claims overridden since the last record (:meth:`flag`), for the next one."""
+
+    def flag(self, cid: str, why: str) -> None:
+        """Note that client ``cid`` claimed something the server overrode (``why``); the next
+        round record carries it (:attr:`RoundRecord.flagged`), so ``metrics.jsonl`` names it."""
+        log.warning("client %s: %s", cid, why)
+        self.flags[cid] = why
 
     def start(self) -> RoundRecord:
         """Round 0: the base model's metrics."""
@@ -500,7 +518,7 @@ class FederatedRounds:
             task.client.cid,
             local.factors,
             self.weighed_examples(task.client.cid),
-            {"loss": local.loss},
+            {} if local.loss is None else {"loss": local.loss},
             component_index=index,
             importance=local.importance,
         )
@@ -513,8 +531,10 @@ class FederatedRounds:
         ratio = self.cfg.validation.weight_ratio
         if ratio is None or cid in self.assigned:
             return n
-        cap = ratio * statistics.median(self.examples.values())
-        return min(n, max(1, math.floor(cap)))
+        cap = max(1, math.floor(ratio * statistics.median(self.examples.values())))
+        if n > cap:
+            self.flag(cid, f"joined with {n} examples; weighed by {cap} (validation.weight_ratio)")
+        return min(n, cap)
 
     def screen(self, task: Task, result: LocalResult | Failure) -> LocalResult | Failure:
         """A result, or a :class:`Failure` with the reason where its update is not what the
@@ -526,8 +546,10 @@ class FederatedRounds:
         v = self.cfg.validation
         expected = Expected(self.shapes, task.plan.rank, torch.float32, v.max_norm, v.max_examples)
         cid = task.client.cid
+        reported = result.num_examples
         try:
-            screen_update(ClientUpdate(cid, result.factors, result.num_examples), expected)
+            count = self.examples[cid] if reported is None else reported
+            screen_update(ClientUpdate(cid, result.factors, count), expected)
         except UpdateError as exc:
             return Failure(f"rejected update: {exc}")
         for name, k in result.kept.items():
@@ -541,14 +563,9 @@ class FederatedRounds:
                 f"rejected update: client {cid!r}: next_rank {result.next_rank} is outside "
                 f"1 … {task.plan.rank} (a client may shrink its rank, never grow it)"
             )
-        known = self.examples.setdefault(cid, result.num_examples)
-        if result.num_examples != known:
-            log.warning(
-                "client %s reports %d examples; it is weighed by the %d it joined with",
-                cid,
-                result.num_examples,
-                known,
-            )
+        known = self.examples.setdefault(cid, count)
+        if reported is not None and reported != known:
+            self.flag(cid, f"reported {reported} examples; weighed by the {known} it joined with")
         return result
 
     def screened(
@@ -680,10 +697,9 @@ class FederatedRounds:
         metrics = self._metrics(t)
         metrics.update(_mean_of("personal_local_", [r.personal for r in results if r.personal]))
         metrics.update(_mean_of("personal_", self._after_broadcast(results)))
-        losses = [r.loss for r in results]
-        record = RoundRecord(
-            t, metrics, sum(losses) / len(losses), [task.client.cid for task in tasks], traffic
-        )
+        losses = [r.loss for r in results if r.loss is not None]
+        train_loss = sum(losses) / len(losses) if losses else None
+        record = RoundRecord(t, metrics, train_loss, [task.client.cid for task in tasks], traffic)
         if self.hook.shrinks_rank:
             record.rank_sum_before = sum(task.plan.rank for task in tasks)
             record.rank_sum_after = sum(r.mean_rank for r in results)
@@ -720,19 +736,25 @@ class FederatedRounds:
         them. ``rounds(first)``: the rounds to run from ``first`` (a progress bar); ``after``:
         called with each round's record once it is checkpointed."""
         if resume is None:
-            on_round(self.start(), self.snapshot())
+            on_round(self.flagging(self.start()), self.snapshot())
         else:
             self.restore(*resume)
             if clients_hold_nothing:
                 self.received = dict.fromkeys(self.received, 0)
         first = self.done + 1
         for t in rounds(first) if rounds else range(first, self.cfg.rounds + 1):
-            record = self.run_round(t, execute)
+            record = self.flagging(self.run_round(t, execute))
             on_round(record, self.snapshot())
             if after is not None:
                 after(record)
         factors, err = self.export()
         return RunOutcome(factors, err, self.unmerged())
+
+    def flagging(self, record: RoundRecord) -> RoundRecord:
+        """``record`` with the claims overridden since the last one (:meth:`flag`)."""
+        record.flagged.update(self.flags)
+        self.flags.clear()
+        return record
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything needed to go on after the last finished round (:mod:`fedlora.checkpoint`)."""

@@ -205,12 +205,13 @@ class Runner:
         for t in self.rounds(first):
             sampled = sample_clients(self.fed.clients, self.cfg.clients.fraction, sampler)
             per_client: list[dict[str, float]] = []
-            losses = []
+            losses: list[float] = []
             for client in sampled:
                 start = store.load(client.cid)
                 result = self.party.train(client, LocalPlan(client.rank, start), t)
                 store.save(client.cid, t, result.factors)
-                losses.append(result.loss)
+                if result.loss is not None:  # privacy is refused here, so never None
+                    losses.append(result.loss)
                 if self.due(t):
                     per_client.append(self.party.evaluate_with(result.factors))
             metrics = (
@@ -218,7 +219,8 @@ class Runner:
                 if per_client
                 else {}
             )
-            record = RoundRecord(t, metrics, sum(losses) / len(losses), [c.cid for c in sampled])
+            train_loss = sum(losses) / len(losses) if losses else None
+            record = RoundRecord(t, metrics, train_loss, [c.cid for c in sampled])
             on_round(record, snapshot(t))
             store.prune(t)
         return RunOutcome(None)

@@ -57,6 +57,7 @@ from fedlora.lora import BaseDelta, Expected, LoRAFactors
 from fedlora.methods import hook_for
 from fedlora.models import QUANTIZATIONS, LoadedModel, load_configured
 from fedlora.precision import MergedBase
+from fedlora.privacy import withholds
 from fedlora.ranks import client_ranks
 from fedlora.report import RunWriter
 from fedlora.rounds import (
@@ -117,13 +118,17 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     snapshot = resume_point(cfg, out) if resume else None
     wait_s, timeout_s = cfg.flower.wait_nodes_s, cfg.flower.round_timeout_s
     nodes = _wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
-    clients, node_of, examples = _identify(grid, nodes, cfg, wait_s)
+    clients, node_of, examples, claims = _identify(grid, nodes, cfg, wait_s)
     loaded = load_configured(cfg.model, cfg.seed)
     data = _federation_data(json.dumps(to_dict(cfg)))
     party = server_party(cfg, loaded, data.heldout, data.kind, False, data.scored)
     params = sum(p.numel() for p in loaded.model.parameters())
     rounds = server_rounds(cfg, clients, party, params)
+    for c in clients:  # a private node sent no count: the partition the server made its slot
+        examples.setdefault(c.cid, len(data.parts[c.index]))
     rounds.examples.update(examples)  # each node's count, fixed when it joined
+    for cid, claim in claims.items():
+        rounds.flag(cid, claim)
     rounds.assigned = {  # the nodes that train on the partition this server made them
         c.cid for c in clients if examples[c.cid] == len(data.parts[c.index])
     }
@@ -180,14 +185,16 @@ def _wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
 
 def _identify(
     grid: Grid, nodes: Sequence[int], cfg: RunConfig, timeout_s: float
-) -> tuple[list[ClientInfo], dict[str, int], dict[str, int]]:
+) -> tuple[list[ClientInfo], dict[str, int], dict[str, int], dict[str, str]]:
     """Ask every node which client it is: the registered clients in index order, the node of
-    each and its number of examples."""
+    each, its number of examples (where it said) and, for a node that called itself by another
+    name than its slot's, what it claimed."""
     messages = [Message(RecordDict(), node, "query") for node in nodes]
     names = [f"node {n}" for n in nodes]
     replies = _send(grid, messages, timeout_s, names)
     by_index: dict[int, tuple[ClientInfo, int]] = {}
     examples = {}
+    claims = {}
     for node, reply in zip(nodes, replies, strict=True):
         if isinstance(reply, Failure):
             raise FedloraError(f"node {node} did not say which client it is: {reply.reason}")
@@ -208,7 +215,13 @@ def _identify(
                 f"{info.index}; give each SuperNode its own --node-config partition-id"
             )
         by_index[info.index] = (info, node)
-        examples[info.cid] = _int(rec.get("examples"), "examples", node, 1)
+        if rec.get("cid", info.cid) != info.cid:
+            claims[info.cid] = (
+                f"node {node} called itself {rec.get('cid')!r}; it is {info.cid}, the slot of "
+                f"its partition-id {info.index}"
+            )
+        if "examples" in rec:  # a private node does not say (serve() uses its partition's)
+            examples[info.cid] = _int(rec.get("examples"), "examples", node, 1)
     missing = sorted(set(range(cfg.clients.num_clients)) - set(by_index))
     if missing:
         raise ConfigError(
@@ -217,7 +230,7 @@ def _identify(
         )
     ordered = [by_index[i] for i in sorted(by_index)][: cfg.clients.num_clients]
     node_of = {info.cid: node for info, node in ordered}
-    return [info for info, _ in ordered], node_of, examples
+    return [info for info, _ in ordered], node_of, examples, claims
 
 
 def _int(value: Any, key: str, node: int, low: int = 0) -> int:
@@ -302,30 +315,34 @@ def node_handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
 
 def node_query(context: Context) -> RecordDict:
-    """Who this node is: its client id, partition, rank, α and example count."""
-    client, _ = node_client(node_view(_config(context), context.node_config), context.node_config)
+    """Who this node is: its client id, partition, rank, α and, unless it is private
+    (:func:`fedlora.privacy.withholds`), its example count."""
+    cfg = node_view(_config(context), context.node_config)
+    client, _ = node_client(cfg, context.node_config)
     record = ConfigRecord(
         {
             "cid": client.cid,
             "index": client.index,
             "rank": client.rank,
             "alpha": float(client.alpha),
-            "examples": len(client.examples),
         }
     )
+    if not withholds(cfg.privacy):
+        record["examples"] = len(client.examples)
     return RecordDict({"client": record})
 
 
 def node_train(content: RecordDict, context: Context) -> RecordDict:
     """Train this node's client on the plan in ``content``, on the base as merged so far."""
-    client, party = node_party(
-        node_view(_config(context), context.node_config), context.node_config
-    )
+    cfg = node_view(_config(context), context.node_config)
+    client, party = node_party(cfg, context.node_config)
     plan, t, base = content_plan(content)
     for i, delta in base.items():  # keep every merged update this node has received
         context.state[f"base.{i}"] = factors_record(delta)
     _restore_base(party, _received_base(context))
     result = party.train(client, plan, t, state=NodeState(context))
+    if withholds(cfg.privacy):  # its loss is None already; its count stays here too
+        result = dataclasses.replace(result, num_examples=None)
     return result_content(result, device=str(party.device))
 
 

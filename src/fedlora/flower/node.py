@@ -40,9 +40,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import (
+    Client,
+    Connection,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +69,10 @@ START_S = 120.0
 MAX_HEADER_BYTES = 1 << 20
 """The most a request's header (its JSON: kind, ids, node and run config) may take; a longer one
 is refused unread."""
+HANDSHAKE_S = 30.0
+"""How long a connection may take to authenticate and send its request; a slower one is dropped.
+The keeper answers one connection at a time, so one that connects and stays silent would
+otherwise hold it for good."""
 
 
 def keeps_model(node_config: Mapping[str, Any]) -> bool:
@@ -187,9 +197,33 @@ def _idle_s(context: Context) -> float:
 Handler = Callable[[str, RecordDict, Context], RecordDict]
 
 
-def serve(where: Path, parent: int, idle_s: float, handle: Handler) -> None:
+class _Late(Exception):
+    """A connection took longer than its deadline (:func:`_deadline`)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`_Late` in this (the main) thread if the block takes longer than
+    ``seconds``: a blocking read is interrupted by the timer's signal."""
+
+    def late(signum: int, frame: object) -> None:
+        raise _Late(f"nothing within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def serve(
+    where: Path, parent: int, idle_s: float, handle: Handler, handshake_s: float = HANDSHAKE_S
+) -> None:
     """Listen on ``where/socket`` and answer one message at a time with ``handle`` until the
-    process ``parent`` is gone or ``idle_s`` pass without a message."""
+    process ``parent`` is gone or ``idle_s`` pass without a message. A connection that does not
+    authenticate and send its request within ``handshake_s`` is dropped."""
     key = read_private(where / "key")
     last = [time.monotonic()]
 
@@ -209,7 +243,8 @@ def serve(where: Path, parent: int, idle_s: float, handle: Handler) -> None:
             if time.monotonic() - last[0] > idle_s:
                 stop(own, "idle")
 
-    with Listener(str(where / "socket"), family="AF_UNIX", authkey=key) as listener:
+    # no authkey here: the handshake happens below, under a deadline (Listener's own has none)
+    with Listener(str(where / "socket"), family="AF_UNIX") as listener:
         own = (where / "socket").stat().st_ino
         signal.signal(signal.SIGTERM, lambda signum, frame: stop(own, "terminated"))
         threading.Thread(target=watch, args=(own,), daemon=True).start()
@@ -217,15 +252,31 @@ def serve(where: Path, parent: int, idle_s: float, handle: Handler) -> None:
         while True:
             try:
                 conn = listener.accept()
-            except (OSError, EOFError, AuthenticationError) as exc:  # a wrong key, say
+            except OSError as exc:
                 print(f"refused a connection: {exc}", flush=True)
                 continue
             with conn:
-                _answer(conn, handle)
+                try:
+                    with _deadline(handshake_s):
+                        deliver_challenge(conn, key)
+                        answer_challenge(conn, key)
+                        request = _request(conn)
+                except (OSError, EOFError, AuthenticationError, _Late) as exc:  # a wrong key
+                    print(f"refused a connection: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                if isinstance(request, Exception):  # bad JSON, protobuf, keys: refused
+                    print(f"refused a malformed request: {request}", flush=True)
+                    with contextlib.suppress(OSError):
+                        conn.send_bytes(json.dumps({"error": "malformed request"}).encode())
+                    continue
+                _answer(*request, conn, handle)
             last[0] = time.monotonic()
 
 
-def _answer(conn: Connection, handle: Handler) -> None:
+def _request(conn: Connection) -> tuple[str, RecordDict, Context] | Exception:
+    """A request's kind, content and context, read part by part; or, for any malformed request
+    (a header longer than :data:`MAX_HEADER_BYTES`, bad JSON, protobuf or keys), what was wrong.
+    A connection that goes silent raises (the caller's deadline)."""
     try:
         header = json.loads(conn.recv_bytes(MAX_HEADER_BYTES))
         content, state = _decode(conn.recv_bytes()), _decode(conn.recv_bytes())
@@ -236,12 +287,16 @@ def _answer(conn: Connection, handle: Handler) -> None:
             state=state,
             run_config=dict(header["run_config"]),
         )
-        kind = str(header["kind"])
-    except Exception as exc:  # any malformed request (bad JSON, protobuf, keys): refused
-        print(f"refused a malformed request: {type(exc).__name__}: {exc}", flush=True)
-        with contextlib.suppress(OSError):
-            conn.send_bytes(json.dumps({"error": "malformed request"}).encode())
-        return
+        return str(header["kind"]), content, context
+    except (_Late, EOFError):
+        raise
+    except Exception as exc:
+        return ValueError(f"{type(exc).__name__}: {exc}")
+
+
+def _answer(
+    kind: str, content: RecordDict, context: Context, conn: Connection, handle: Handler
+) -> None:
     try:
         reply = handle(kind, content, context)
     except Exception as exc:
@@ -280,8 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--idle-s", type=float, required=True)
+    parser.add_argument("--handshake-s", type=float, default=HANDSHAKE_S)
     args = parser.parse_args(argv)
-    serve(args.folder, args.parent, args.idle_s, _handle)
+    serve(args.folder, args.parent, args.idle_s, _handle, args.handshake_s)
 
 
 if __name__ == "__main__":

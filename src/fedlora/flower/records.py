@@ -4,8 +4,8 @@ bytes, loaded with ``allow_pickle=False``), scalars as ``ConfigRecord``. Nothing
 A plan travels as ``plan`` (rank, round, flags), ``start`` / ``frozen`` (factors, ``{module}.A``
 and ``{module}.B``) and one ``base.{i}`` record per merged base update the node has not received
 (``{module}.A``/``.B`` when factored, ``{module}.W`` when dense). A result travels as ``result``
-(loss, examples, the device it was trained on), ``factors``, ``kept`` and, for HAFL,
-``importance``. Flower splits arrays into
+(loss and examples, neither from a private client; the device it was trained on), ``factors``,
+``kept`` and, for HAFL, ``importance``. Flower splits arrays into
 chunks itself, so adapter size is not bounded by one message frame.
 """
 
@@ -152,14 +152,14 @@ def plan_options(record: ConfigRecord, where: str) -> dict[str, Scalar]:
 
 
 def result_content(result: LocalResult, device: str | None = None) -> RecordDict:
-    """A client's result as the content of its reply, with the ``device`` it trained on."""
-    summary = ConfigRecord(
-        {
-            "loss": float(result.loss),
-            "num_examples": int(result.num_examples),
-            "next_rank": -1 if result.next_rank is None else int(result.next_rank),
-        }
-    )
+    """A client's result as the content of its reply, with the ``device`` it trained on; a loss
+    or example count that is None (a private client's, :func:`fedlora.privacy.withholds`) is not
+    sent."""
+    summary = ConfigRecord({"next_rank": -1 if result.next_rank is None else int(result.next_rank)})
+    if result.loss is not None:
+        summary["loss"] = float(result.loss)
+    if result.num_examples is not None:
+        summary["num_examples"] = int(result.num_examples)
     if device is not None:
         summary["device"] = device
     content = RecordDict(
@@ -198,15 +198,23 @@ def content_result(
         importance = {name: _tensor(rec, name, where) for name in rec}
     kept_rec = config_part(content, "kept", where)
     kept = {name: _int(kept_rec, name, where, f"kept[{name!r}]", 0) for name in kept_rec}
-    examples = _int(r, "num_examples", where, "num_examples", 1)
+    # a private client sends neither its example count nor its loss (both optional)
+    examples = _int(r, "num_examples", where, "num_examples", 1) if "num_examples" in r else None
     next_rank = _int(r, "next_rank", where, "next_rank", -1)
     if next_rank == 0:
         raise UpdateError(f"{where}: next_rank must be an int >= 1 (or -1: unchanged), got 0")
-    loss = _scalar(r, "loss", where)
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+    loss = r.get("loss")
+    if loss is not None and (
+        isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)
+    ):
         raise UpdateError(f"{where}: loss must be a finite number, got {loss!r}")
     return LocalResult(
-        factors, float(loss), importance, kept, examples, None if next_rank < 0 else next_rank
+        factors,
+        None if loss is None else float(loss),
+        importance,
+        kept,
+        examples,
+        None if next_rank < 0 else next_rank,
     )
 
 
