@@ -29,9 +29,9 @@ HONEST = 3
 ATTACKS = ["inflate-count", "steal-slot", "nan-update", "huge-update", "malformed", "oversized"]
 """Node ``HONEST + i`` runs ``ATTACKS[i]``."""
 REFUSED = {  # the attacks whose updates never reach the global model, and why, in its words
-    "nan-update": "not finite",
+    "nan-update": "NaN/Inf values",
     "huge-update": "validation.norm_ratio",
-    "malformed": "loss must be a finite number",
+    "malformed": "num_examples must be an int >= 1, got [1, 2]",
     "oversized": "does not fit module",
 }
 OVERRIDES = [
