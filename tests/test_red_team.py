@@ -3,7 +3,11 @@ one SuperNode process per client, on the tiny model), one per attack of issue 33
 fedlora's own ClientApp and then alters its reply (``tests/redteam/fedlora_redteam.py``). The
 run completes; every attacker is named in ``metrics.jsonl`` (refused: ``failed``; overridden:
 ``flagged``); and the honest clients' global adapter is the one they make without the refused
-attackers (the in-process run in which those clients fail every round)."""
+attackers (the in-process run in which those clients fail every round).
+
+One honest node does not trust the server (the server as attacker: it names the data a node
+should train on): it trains on a file of its own, which holds what its partition would, and
+ignores the server's ``data.source``."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from safetensors.torch import load_file
 from fedlora import simulation
 from fedlora.config import load_config
 from fedlora.experiment import run_experiment
+from fedlora.federation import federation_data
 from fedlora.flower.launch import Processes, free_ports, submit, write_connection
 from fedlora.rounds import Task
 
@@ -56,6 +61,14 @@ def attacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The deployment with the attackers (made once for the module's tests)."""
     out = tmp_path_factory.mktemp("red-team") / "run"
     home = out.resolve() / "flower"
+    cfg = load_config(TINY, OVERRIDES)
+    own = out.parent / "node-2.jsonl"  # node 2's own data: what its partition would hold
+    own.write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "response": e.response, "category": e.category}) + "\n"
+            for e in federation_data(cfg).parts[2]
+        )
+    )
     path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REDTEAM), *([path] if path else [])])
     try:
@@ -65,10 +78,12 @@ def attacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
             write_connection(home, address)
             for k in range(HONEST + len(ATTACKS)):
                 node: dict[str, Any] = {"partition-id": k, "trust-server": True, "keep-model": True}
+                if k == 2:  # trusts the server with nothing: trains on its own file
+                    node.update({"trust-server": False, "data": str(own)})
                 if k >= HONEST:
                     node["attack"] = ATTACKS[k - HONEST]
                 procs.supernode(k, address, node, ports[k])
-            submit(load_config(TINY, OVERRIDES), out, address, echo=False)
+            submit(cfg, out, address, echo=False)
     finally:
         if path is None:
             del os.environ["PYTHONPATH"]
