@@ -38,9 +38,10 @@ from transformers.pytorch_utils import Conv1D
 
 from fedlora.devices import HOST
 from fedlora.errors import ConfigError
-from fedlora.lora import LoRAFactors, fold_scaling
+from fedlora.lora import ADAPTER, LoRAFactors, fold_scaling
 
-ADAPTER = "default"
+__all__ = ["ADAPTER"]  # the adapter a client trains alone (defined where hooks can see it)
+
 FROZEN = "frozen"
 """A second adapter holding components that are in the forward pass but never trained."""
 
@@ -113,31 +114,128 @@ def attach(
     rank: int | Mapping[str, int],
     alpha: float | Mapping[str, float],
     seed: int,
+    adapter: str = ADAPTER,
 ) -> Any:
-    """Wrap ``model`` in a fresh PEFT LoRA (``A`` random from ``seed``, ``B`` zero).
+    """Wrap ``model`` in a fresh PEFT LoRA named ``adapter`` (``A`` random from ``seed``, ``B``
+    zero); a model that is already a PEFT model gets it beside its other adapters (fused
+    training: :class:`RowAdapters`), initialised exactly as it would be alone.
 
     ``rank``/``alpha`` are one value or one per module name. The base weights are shared with
     ``model``, not copied; :func:`detach` gives the plain model back.
     """
+    if isinstance(model, PeftModel):
+        return _add_lora(model, rank, alpha, seed, adapter)
     ranks = _fitting_ranks(model, targets, rank)
-    alphas = {n: alpha[n] if isinstance(alpha, Mapping) else alpha for n in ranks}
-    first = next(iter(ranks))
-    config = LoraConfig(
-        r=ranks[first],
-        lora_alpha=alphas[first],  # type: ignore[arg-type]  # PEFT takes float α
-        target_modules=resolve_targets(model, targets),
-        lora_dropout=0.0,
-        bias="none",
-        rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
-        alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
-        fan_in_fan_out=_stores_transposed(model, ranks),
+    config = _lora_config(
+        ranks, alpha, resolve_targets(model, targets), _stores_transposed(model, ranks)
     )
     # seeded init on the host (the same A on every machine; PEFT then moves it to the base
     # layer's device), the caller's RNG untouched
     with torch.random.fork_rng(devices=[]), HOST:
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, adapter_name=adapter)
     return peft_model
+
+
+def _lora_config(
+    ranks: Mapping[str, int],
+    alpha: float | Mapping[str, float],
+    targets: Any,
+    transposed: bool,
+) -> LoraConfig:
+    alphas = {n: alpha[n] if isinstance(alpha, Mapping) else alpha for n in ranks}
+    first = next(iter(ranks))
+    return LoraConfig(
+        r=ranks[first],
+        lora_alpha=alphas[first],  # type: ignore[arg-type]  # PEFT takes float α
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
+        alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
+        fan_in_fan_out=transposed,
+    )
+
+
+def _add_lora(
+    peft_model: Any,
+    rank: int | Mapping[str, int],
+    alpha: float | Mapping[str, float],
+    seed: int,
+    adapter: str,
+) -> Any:
+    """A fresh LoRA ``adapter`` beside the PEFT model's first, on the same modules; its ``A``
+    drawn from ``seed`` in the same order as :func:`attach` draws it on a plain model."""
+    if adapter in peft_model.peft_config:
+        raise ConfigError(f"the model already has an adapter named {adapter!r}")
+    first = next(iter(peft_model.peft_config))
+    shapes = {
+        name: (int(layer.out_features), int(layer.in_features))
+        for name, layer in lora_layers(peft_model, first).items()
+    }
+    ranks = {n: rank[n] if isinstance(rank, Mapping) else rank for n in shapes}
+    for name, r in ranks.items():
+        if r > min(shapes[name]):
+            raise ConfigError(
+                f"rank {r} is larger than module {name!r} allows (shape {shapes[name]})"
+            )
+    old = peft_model.peft_config[first]
+    config = _lora_config(ranks, alpha, old.target_modules, old.fan_in_fan_out)
+    with torch.random.fork_rng(devices=[]), HOST:
+        torch.manual_seed(seed)
+        peft_model.add_adapter(adapter, config)
+    return peft_model
+
+
+class RowAdapters:
+    """Each LoRA layer of a PEFT model applies to row ``i`` of its input the adapter
+    ``names[i]`` only, in training too: fused training (:func:`fedlora.train.train_fused`),
+    where several clients' adapters share one pass over the base.
+
+    This is PEFT's own mixed-adapter forward (``LoraLayer._mixed_batch_forward``: the base layer
+    once for all rows, then each adapter on its rows' sub-batch, added to those rows only).
+    ``PeftModel.forward(adapter_names=…)`` reaches it only in eval mode (it refuses training mode
+    outright, and drops the names under gradient checkpointing's recomputation); the layers
+    compute the same either way, so this registers the pre-forward hook PEFT itself registers
+    on every LoRA layer, for as long as the ``with`` block lasts, with :attr:`names` read at
+    each call (a recomputed layer sees the rows of its own step). Every adapter named must be
+    trainable (:func:`train_adapters`)."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self.model = peft_model
+        self.names: list[str] = []
+        self._handles: list[Any] = []
+
+    def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    def __enter__(self) -> RowAdapters:
+        layers: list[Any] = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        for layer in layers:
+            hook = layer.register_forward_pre_hook(self._inject, with_kwargs=True)
+            self._handles.append(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def trainable(peft_model: Any, adapter: str) -> list[torch.nn.Parameter]:
+    """The parameters of ``adapter`` that train (``requires_grad``), in module order."""
+    params = []
+    for layer in lora_layers(peft_model, adapter).values():
+        for factor in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
+            if factor.requires_grad:
+                params.append(factor)
+    return params
+
+
+def train_adapters(peft_model: Any, names: Sequence[str]) -> None:
+    """Make the adapters ``names`` active and trainable, together (fused training)."""
+    peft_model.base_model.set_adapter(list(names))
 
 
 def _fitting_ranks(
@@ -224,15 +322,15 @@ def _read_adalora(layer: Any, adapter: str) -> LoRAFactors:
     return fold_scaling(A[kept].contiguous(), B[:, kept].contiguous(), scaling)
 
 
-def kept_ranks(peft_model: Any) -> dict[str, int]:
+def kept_ranks(peft_model: Any, adapter: str = ADAPTER) -> dict[str, int]:
     """Components per module that carry an update: AdaLoRA's unpruned ones (``E ≠ 0``), or the
     LoRA rank."""
     ranks = {}
-    for name, layer in lora_layers(peft_model).items():
+    for name, layer in lora_layers(peft_model, adapter).items():
         if isinstance(layer, AdaLoraLayer):
-            ranks[name] = int((layer.lora_E[ADAPTER] != 0).sum())
+            ranks[name] = int((layer.lora_E[adapter] != 0).sum())
         else:
-            ranks[name] = int(layer.r[ADAPTER])
+            ranks[name] = int(layer.r[adapter])
     return ranks
 
 
@@ -361,14 +459,14 @@ def importance_tracker(peft_model: Any, beta1: float = 0.85, beta2: float = 0.85
     return ComponentImportance(params, beta1, beta2)
 
 
-def freeze(peft_model: Any, part: str) -> None:
-    """Make every ``A`` (``part = "A"``, FFA-LoRA) or every ``B`` non-trainable: no gradient,
-    no optimizer state."""
+def freeze(peft_model: Any, part: str, adapter: str = ADAPTER) -> None:
+    """Make every ``A`` (``part = "A"``, FFA-LoRA) or every ``B`` of ``adapter`` non-trainable:
+    no gradient, no optimizer state."""
     if part not in ("A", "B"):
         raise ValueError(f"part must be 'A' or 'B', got {part!r}")
-    for layer in lora_layers(peft_model).values():
+    for layer in lora_layers(peft_model, adapter).values():
         factor = layer.lora_A if part == "A" else layer.lora_B
-        factor[ADAPTER].weight.requires_grad_(False)
+        factor[adapter].weight.requires_grad_(False)
 
 
 def export_adapter(

@@ -139,6 +139,7 @@ def check(config: RunConfig) -> None:
         ("train.steps", config.train.steps, 1),
         ("train.batch_size", config.train.batch_size, 1),
         ("train.grad_accum", config.train.grad_accum, 1),
+        ("train.fuse_tokens", config.train.fuse_tokens, 1),
         ("model.max_length", config.model.max_length, 8),
         ("data.heldout", config.data.heldout, 1),
         ("eval.batch_size", config.eval.batch_size, 1),

@@ -21,6 +21,9 @@ import torch
 
 from fedlora.errors import UpdateError
 
+ADAPTER = "default"
+"""The PEFT adapter name of a client that trains alone (fused training names one per client)."""
+
 
 @dataclass(frozen=True)
 class LoRAFactors:

@@ -42,7 +42,7 @@ from fedlora.methods import hook_for
 from fedlora.precision import MergedBase
 from fedlora.seeds import derive_seed
 from fedlora.strategies import GlobalState, Strategy
-from fedlora.train import num_steps, train_local
+from fedlora.train import Member, num_steps, train_fused, train_local
 
 __all__ = ["LocalPlan", "derive_seed"]  # re-exported: engines and tests take them from here
 
@@ -313,55 +313,138 @@ class PartyModel:
         the upload (and score the client's own model when the plan asks and this party holds a
         held-out set), detach; then privacy's clipping and noise, and the hook's last word.
         ``local`` overrides ``cfg.train``; ``state`` is the client's own across rounds."""
+        return self.train_together([Job(client, plan, local, state)], t)[0]
+
+    def train_together(self, jobs: Sequence[Job], t: int) -> list[LocalResult]:
+        """Train several clients of round ``t`` at once on this model, each its own adapter
+        (:func:`fedlora.train.train_fused`: one pass over the base for all of them), with
+        every step :meth:`train` takes for one client, in the same order; each result is
+        what :meth:`train` gives that client alone, to the compute dtype's rounding. With more
+        than one job, the method's hook must fuse (:attr:`fedlora.clients.ClientHook.fuses`),
+        no plan may hold frozen components, and the model must not compute in float16
+        (:func:`fuses`)."""
         cfg = self.cfg
-        local = local or cfg.train
-        seed = derive_seed(cfg.seed, t, client.index)
-        data = LazyEncoded(client.examples, self.tokenizer, cfg.model.max_length)
-        steps = num_steps(local, len(data))
-        session = Session(cfg, plan, t, client.alpha, seed, steps, tuple(self.shapes), state)
-        hook = hook_for(cfg.strategy)(session)
-        peft_model = hook.attach(self.model)
-        try:
-            if cfg.model.gradient_checkpointing:
-                adapters.checkpoint_activations(peft_model)
-            if plan.start:
-                adapters.write_factors(peft_model, plan.start)
-            if plan.frozen:
-                adapters.add_frozen(peft_model, plan.frozen)
-            callbacks = hook.prepare(peft_model)
-            private = cfg.privacy.clip_norm > 0
-            before = adapters.read_factors(peft_model) if private else None
-            label = f"round {t} {client.cid} (r={plan.rank})" if self.progress else None
-            result = train_local(peft_model, data, local, self.pad_id, seed, label, callbacks)
-            upload = hook.read(peft_model)
-            scored = plan.score and bool(self.heldout)
-            personal = self.evaluate() if scored else {}
-            own = upload.factors if scored else None
-        finally:
-            self.model = adapters.detach(peft_model)
-        if before is not None:  # noised before anything else reads the factors
-            noise = privacy.noise_generator(cfg.privacy, t, client.index)
-            sent = hook.sent(plan.options)
-            factors, norm = privacy.privatize(before, upload.factors, cfg.privacy, noise, sent)
-            upload = replace(upload, factors=factors)
-            log.debug(
-                "round %d: %s's update norm %.4g, clip norm %g",
+        together = len(jobs) > 1
+        runs = []
+        for job in jobs:
+            local = job.local or cfg.train
+            seed = derive_seed(cfg.seed, t, job.client.index)
+            data = LazyEncoded(job.client.examples, self.tokenizer, cfg.model.max_length)
+            steps = num_steps(local, len(data))
+            session = Session(
+                cfg,
+                job.plan,
                 t,
-                client.cid,
-                norm,
-                cfg.privacy.clip_norm,
+                job.client.alpha,
+                seed,
+                steps,
+                tuple(self.shapes),
+                job.state,
+                job.client.cid if together else adapters.ADAPTER,
             )
-        upload = hook.finish(upload)
-        return LocalResult(
-            upload.factors,
-            None if privacy.withholds(cfg.privacy) else result.loss,
-            upload.importance,
-            upload.kept,
-            len(client.examples),
-            upload.next_rank,
-            personal,
-            own,
+            runs.append((job, local, data, session, hook_for(cfg.strategy)(session)))
+        if together and not all(hook.fuses and not job.plan.frozen for job, *_, hook in runs):
+            raise ValueError("train_together: this method's clients train one at a time")
+        private = cfg.privacy.clip_norm > 0
+        model = self.model
+        befores: list[dict[str, LoRAFactors] | None] = []
+        uploads = []
+        personals: list[dict[str, float]] = []
+        owns: list[dict[str, LoRAFactors] | None] = []
+        try:
+            for job, _, _, session, hook in runs:
+                model = hook.attach(model)
+                if job.plan.start:
+                    adapters.write_factors(model, job.plan.start, session.adapter)
+                if job.plan.frozen:
+                    adapters.add_frozen(model, job.plan.frozen)
+            if cfg.model.gradient_checkpointing:
+                adapters.checkpoint_activations(model)
+            if together:
+                adapters.train_adapters(model, [run[3].adapter for run in runs])
+            callbacks = [hook.prepare(model) for *_, hook in runs]
+            for *_, session, _ in runs:
+                befores.append(adapters.read_factors(model, session.adapter) if private else None)
+            label = None
+            if self.progress:
+                names = ", ".join(f"{j.client.cid} (r={j.plan.rank})" for j, *_ in runs)
+                label = f"round {t} {names}"
+            if together:
+                members = [
+                    Member(s.adapter, data, local, s.seed, adapters.trainable(model, s.adapter))
+                    for _, local, data, s, _ in runs
+                ]
+                with adapters.RowAdapters(model) as rows:
+                    trained = train_fused(model, members, self.pad_id, rows, label)
+            else:
+                _, local, data, session, _ = runs[0]
+                trained = [
+                    train_local(model, data, local, self.pad_id, session.seed, label, callbacks[0])
+                ]
+            for job, *_, hook in runs:
+                upload = hook.read(model)
+                scored = job.plan.score and bool(self.heldout)
+                uploads.append(upload)
+                personals.append(self.evaluate() if scored else {})
+                owns.append(upload.factors if scored else None)
+        finally:
+            self.model = adapters.detach(model) if model is not self.model else model
+        results = []
+        for (job, _, _, _, hook), upload, before, result, personal, own in zip(
+            runs, uploads, befores, trained, personals, owns, strict=True
+        ):
+            if before is not None:  # noised before anything else reads the factors
+                noise = privacy.noise_generator(cfg.privacy, t, job.client.index)
+                sent = hook.sent(job.plan.options)
+                factors, norm = privacy.privatize(before, upload.factors, cfg.privacy, noise, sent)
+                upload = replace(upload, factors=factors)
+                log.debug(
+                    "round %d: %s's update norm %.4g, clip norm %g",
+                    t,
+                    job.client.cid,
+                    norm,
+                    cfg.privacy.clip_norm,
+                )
+            upload = hook.finish(upload)
+            results.append(
+                LocalResult(
+                    upload.factors,
+                    None if privacy.withholds(cfg.privacy) else result.loss,
+                    upload.importance,
+                    upload.kept,
+                    len(job.client.examples),
+                    upload.next_rank,
+                    personal,
+                    own,
+                )
+            )
+        return results
+
+    def fuses(self, plans: Sequence[LocalPlan]) -> bool:
+        """Whether clients with ``plans`` may train together on this model
+        (:meth:`train_together`): ``train.fuse`` is on, the method's hook fuses, no plan holds
+        frozen components, and the model does not compute in float16 (loss scaling is
+        per client)."""
+        frozen = next((p for p in self.model.parameters() if not p.requires_grad), None)
+        half = frozen is not None and frozen.dtype == torch.float16
+        return (
+            self.cfg.train.fuse
+            and hook_for(self.cfg.strategy).fuses
+            and not any(p.frozen for p in plans)
+            and not half
         )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One client's local training in a round (:meth:`PartyModel.train_together`)."""
+
+    client: Client
+    plan: LocalPlan
+    local: TrainConfig | None = None
+    """Overrides ``cfg.train`` (a straggler's fewer steps)."""
+    state: ClientState | None = None
+    """The client's own state across rounds."""
 
 
 class FederatedRounds:

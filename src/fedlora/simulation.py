@@ -29,6 +29,7 @@ from fedlora.rounds import (
     Client,
     Failure,
     FederatedRounds,
+    Job,
     LocalPlan,
     LocalResult,
     OnRound,
@@ -130,13 +131,18 @@ class Runner:
         return server.drive(self.execute, on_round, resume, rounds=self.rounds, after=after)
 
     def execute(self, tasks: list[Task]) -> list[LocalResult | Failure]:
-        """Train each task's client here in turn, with the faults of ``[faults]`` injected."""
-        out: list[LocalResult | Failure] = []
-        for task in tasks:
+        """Train each task's client here, with the faults of ``[faults]`` injected: one at a
+        time, or, with ``train.fuse`` where the method allows it, the clients that share a
+        model in groups of up to ``train.fuse_tokens`` tokens a pass
+        (:meth:`fedlora.rounds.PartyModel.train_together`)."""
+        out: dict[int, LocalResult | Failure] = {}
+        faults: dict[int, str | None] = {}
+        groups: dict[str, list[tuple[int, Job]]] = {}
+        for i, task in enumerate(tasks):
             client = self.fed.clients[task.client.index]
-            fault = injected_fault(self.cfg, task)
+            fault = faults[i] = injected_fault(self.cfg, task)
             if fault == "crash_before":
-                out.append(Failure("injected fault: crashed before training"))
+                out[i] = Failure("injected fault: crashed before training")
                 continue
             local = None
             if fault == "straggler":
@@ -146,15 +152,32 @@ class Runner:
             state = None
             if self.states is not None:
                 state = StoredState(self.states, client.cid, task.round)
-            party = self.party_of(client.index)
-            result = party.train(client, task.plan, task.round, local, state=state)
-            if fault == "crash_after":
-                out.append(Failure("injected fault: crashed after training, before replying"))
-            elif fault == "timeout":
-                out.append(Failure("injected fault: no reply before the round closed"))
-            else:
-                out.append(result)
-        return out
+            job = Job(client, task.plan, local, state)
+            quantization = self.cfg.clients.quantization_of(client.index)
+            groups.setdefault(quantization, []).append((i, job))
+        per_pass = max(1, self.cfg.train.fuse_tokens // self._tokens_per_client())
+        for quantization, jobs in groups.items():
+            party = self.party_of(jobs[0][1].client.index)
+            # a quantized base's LoRA layers are bitsandbytes': trained one at a time
+            fused = quantization == "none" and party.fuses([j.plan for _, j in jobs])
+            size = per_pass if fused else 1
+            for start in range(0, len(jobs), size):
+                chunk = jobs[start : start + size]
+                t = tasks[chunk[0][0]].round
+                for (i, _), result in zip(
+                    chunk, party.train_together([j for _, j in chunk], t), strict=True
+                ):
+                    out[i] = result
+        for i in range(len(tasks)):
+            if faults[i] == "crash_after":
+                out[i] = Failure("injected fault: crashed after training, before replying")
+            elif faults[i] == "timeout":
+                out[i] = Failure("injected fault: no reply before the round closed")
+        return [out[i] for i in range(len(tasks))]
+
+    def _tokens_per_client(self) -> int:
+        """Tokens one client's micro-batch carries at most (``batch_size × max_length``)."""
+        return self.cfg.train.batch_size * self.cfg.model.max_length
 
     def run_centralized(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
         """One LoRA of the largest client rank on all client data pooled; per round as many

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fedlora.clients.base import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
-from fedlora.scoring import mean_token_loss
+from fedlora.scoring import labelled_logits, mean_token_loss, token_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,97 @@ def train_local(
     del optimizer, stream
     release_memory()
     return TrainResult(loss=mean_loss, steps=steps, examples_seen=seen, skipped_steps=skipped)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One client of a fused group (:func:`train_fused`): its adapter's name, its data, its own
+    training settings and seed, and its adapter's trainable parameters."""
+
+    adapter: str
+    data: Sequence[Encoded]
+    cfg: TrainConfig
+    seed: int
+    params: list[torch.nn.Parameter]
+
+
+def train_fused(
+    model: Any,
+    members: Sequence[Member],
+    pad_id: int,
+    rows: Any,
+    progress: str | None = None,
+) -> list[TrainResult]:
+    """Train several clients' adapters on one model at once; per member, what
+    :func:`train_local` would have returned for it alone.
+
+    Each micro-batch concatenates one batch of every member still training (each from its own
+    seeded stream, as :func:`train_local` draws them), runs the shared base once and each
+    adapter on its own rows only (``rows``: :class:`fedlora.adapters.RowAdapters`, PEFT's
+    mixed-adapter forward), and back-propagates the sum of the members' mean token losses:
+    member ``k``'s parameters touch only its rows, so its gradient is its loss's alone. Each
+    member keeps its own AdamW, learning rate, gradient clipping and number of steps (one that
+    has finished leaves the batch). Every member must share ``grad_accum`` (one micro-batch of
+    each per pass); float16 (loss scaling) and client callbacks are :func:`train_local`'s only.
+    """
+    accum = {m.cfg.grad_accum for m in members}
+    if len(accum) != 1:
+        raise ValueError(f"fused members must share train.grad_accum, got {sorted(accum)}")
+    (grad_accum,) = accum
+    if loss_scaler(model).is_enabled():
+        raise ValueError("fused training does not take float16 (loss scaling): train each alone")
+    optimizers = [
+        torch.optim.AdamW(m.params, lr=m.cfg.lr, weight_decay=m.cfg.weight_decay) for m in members
+    ]
+    streams = [
+        batches(m.data, m.cfg.batch_size, torch.Generator().manual_seed(m.seed)) for m in members
+    ]
+    steps = [num_steps(m.cfg, len(m.data)) for m in members]
+    losses: list[list[torch.Tensor]] = [[] for _ in members]
+    seen = [0] * len(members)
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=sum(steps), desc=progress, leave=False, disable=progress is None)
+    for step in range(max(steps)):
+        active = [k for k, n in enumerate(steps) if step < n]
+        for _ in range(grad_accum):
+            drawn = [next(streams[k]) for k in active]
+            rows.names = [members[k].adapter for k, b in zip(active, drawn, strict=True) for _ in b]
+            logits, targets, mask = labelled_logits(
+                model, collate([e for b in drawn for e in b], pad_id)
+            )
+            total: torch.Tensor | None = None
+            start = 0
+            for k, batch in zip(active, drawn, strict=True):
+                part = slice(start, start + len(batch))
+                start += len(batch)
+                loss = token_cross_entropy(
+                    logits[part].flatten(0, 1), targets[part].flatten(), mask[part].flatten()
+                )
+                losses[k].append(loss.detach())
+                seen[k] += len(batch)
+                total = loss if total is None else total + loss
+            assert total is not None
+            torch.autograd.backward(total / grad_accum)
+        for k in active:
+            bound = members[k].cfg.max_grad_norm
+            if bound is not None:
+                torch.nn.utils.clip_grad_norm_(members[k].params, bound)
+            optimizers[k].step()
+            optimizers[k].zero_grad(set_to_none=True)
+        bar.update(len(active))
+    bar.close()
+    model.train(was_training)
+    del optimizers, streams
+    release_memory()
+    return [
+        TrainResult(
+            loss=float(torch.stack(losses[k]).mean()) if losses[k] else float("nan"),
+            steps=steps[k],
+            examples_seen=seen[k],
+        )
+        for k in range(len(members))
+    ]
 
 
 def loss_scaler(model: Any) -> torch.amp.GradScaler:

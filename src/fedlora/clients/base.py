@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 import torch
 
 from fedlora.comm import factor_params
-from fedlora.lora import LoRAFactors
+from fedlora.lora import ADAPTER, LoRAFactors
 from fedlora.strategies.base import Start
 
 if TYPE_CHECKING:
@@ -92,6 +92,9 @@ class Session:
     """The target modules' full names."""
     state: ClientState | None = None
     """This client's own state across rounds, for a hook that :attr:`ClientHook.keeps_state`."""
+    adapter: str = ADAPTER
+    """The name of this client's PEFT adapter: its own where clients train fused
+    (:attr:`ClientHook.fuses`), beside the others on one model."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,12 @@ class ClientHook:
     keeps_state: ClassVar[bool] = False
     """The client keeps part of its adapter across rounds (:attr:`Session.state`); the runner
     provides the state and scores the client's own model (``personal_*`` metrics)."""
+    fuses: ClassVar[bool] = True
+    """Its clients may train together, each its own adapter on one model
+    (:func:`fedlora.train.train_fused`): its :meth:`attach`, :meth:`prepare` and :meth:`read`
+    act on :attr:`Session.adapter` only, and :meth:`prepare` returns no callbacks. A hook that
+    overrides any of the three with more than that sets it False (the runner then trains its
+    clients one at a time)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -161,7 +170,9 @@ class ClientHook:
         from fedlora import adapters
 
         s = self.session
-        return adapters.attach(model, s.cfg.model.targets, s.plan.rank, s.alpha, seed=s.seed)
+        return adapters.attach(
+            model, s.cfg.model.targets, s.plan.rank, s.alpha, seed=s.seed, adapter=s.adapter
+        )
 
     def prepare(self, peft_model: Any) -> Callbacks:
         """Freeze what does not train (the factors outside :meth:`sent`)."""
@@ -169,13 +180,16 @@ class ClientHook:
 
         for part in PARTS:
             if part not in self.sent(self.session.plan.options):
-                adapters.freeze(peft_model, part)
+                adapters.freeze(peft_model, part, self.session.adapter)
         return Callbacks()
 
     def read(self, peft_model: Any) -> Upload:
         from fedlora import adapters
 
-        return Upload(adapters.read_factors(peft_model), adapters.kept_ranks(peft_model))
+        adapter = self.session.adapter
+        return Upload(
+            adapters.read_factors(peft_model, adapter), adapters.kept_ranks(peft_model, adapter)
+        )
 
     def finish(self, upload: Upload) -> Upload:
         """The upload after privacy's noise, detached from the model."""

@@ -30,6 +30,7 @@ from fedlora.strategies.base import Traits, register
 
 class OwnBClient(ClientHook):
     keeps_state = True
+    fuses = False  # its own B and its scoring act on the one adapter
 
     @classmethod
     def received(cls, options: Mapping[str, Scalar]) -> tuple[str, ...]:

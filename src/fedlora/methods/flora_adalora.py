@@ -49,6 +49,7 @@ class AdaLoRAOptions:
 class AdaLoRAClient(ClientHook):
     shrinks_rank = True
     also_sends = "AdaLoRA's kept ranks"
+    fuses = False  # PEFT's AdaLoRA has no mixed-adapter forward; its budget is per step
 
     def attach(self, model: Any) -> Any:
         from fedlora import adapters

@@ -57,6 +57,7 @@ from fedlora.strategies.base import (
 
 class ImportanceClient(ClientHook):
     also_sends = "importance scores"
+    fuses = False  # importance is tracked per step, on the one adapter
 
     def prepare(self, peft_model: Any) -> Callbacks:
         from fedlora import adapters

@@ -52,6 +52,7 @@ class HetLoRAOptions:
 
 class HetLoRAClient(ClientHook):
     shrinks_rank = True
+    fuses = False  # its tail penalty is added to one client's loss at every step
 
     def prepare(self, peft_model: Any) -> Callbacks:
         from fedlora import adapters
