@@ -26,7 +26,18 @@ from fedlora.errors import ConfigError, FedloraError
 def register(commands: Any) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for add in (_aggregation, _flower, _study, _comm, _scale, _overhead, _precision, _quant, _gpu):
+    for add in (
+        _aggregation,
+        _flower,
+        _study,
+        _comm,
+        _scale,
+        _overhead,
+        _fused,
+        _precision,
+        _quant,
+        _gpu,
+    ):
         add(benches)
 
 
@@ -220,6 +231,46 @@ def overhead_command(args: argparse.Namespace) -> int:
         device=args.device,
     )
     return report(format_overhead(result), result.to_json(), args.json)
+
+
+def _fused(benches: Any) -> None:
+    fuse = benches.add_parser(
+        "fused",
+        help="a round's clients trained one at a time vs together (train.fuse): speed, the bound "
+        "batching allows, GFLOP/s against the matmul peak, peak memory",
+    )
+    fuse.add_argument("--model", default="smollm2-135m", help="model (default: the embedded one)")
+    fuse.add_argument("--steps", type=positive_int, default=4, help="steps per client per run")
+    fuse.add_argument("--repeats", type=positive_int, default=3, help="timed runs per side")
+    fuse.add_argument("--batch-size", type=positive_int, default=4)
+    fuse.add_argument("--seq-len", type=positive_int, default=64)
+    fuse.add_argument(
+        "--clients", default="3,10", help="group sizes, comma-separated (default: 3,10)"
+    )
+    fuse.add_argument("--dtype", default="auto", help="compute dtype (default: auto, as runs)")
+    json_option(fuse)
+    device_option(fuse)
+    fuse.set_defaults(func=fused_command)
+
+
+def fused_command(args: argparse.Namespace) -> int:
+    from fedlora.bench.fused import format_fused, run_fused_bench
+
+    sizes = [int(x) for x in str(args.clients).split(",") if x.strip()]
+    if not sizes or min(sizes) < 2:
+        raise ConfigError(f"--clients: group sizes of at least 2, got {args.clients!r}")
+    result = run_fused_bench(
+        model_name=args.model,
+        steps=args.steps,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        sizes=sizes,
+        dtype=args.dtype,
+        progress=progress,
+        device=args.device,
+    )
+    return report(format_fused(result), result.to_json(), args.json)
 
 
 def _precision(benches: Any) -> None:

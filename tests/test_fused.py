@@ -1,0 +1,247 @@
+"""Fused local training (``train.fuse``): a round's clients train together, each its own adapter on
+one pass over the shared base, and every client gets what it gets training alone (its losses,
+its factors), to the compute dtype's rounding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora import adapters
+from fedlora.config import load_config
+from fedlora.data import Example, encode
+from fedlora.data.encode import collate
+from fedlora.experiment import run_experiment
+from fedlora.lora import LoRAFactors
+from fedlora.methods import REGISTRY, hook_for
+from fedlora.models import build_tiny
+from fedlora.rounds import PartyModel
+from fedlora.scoring import mean_token_loss
+
+TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
+TARGETS = ["q_proj", "v_proj"]
+RANKS = [8, 4, 2]
+FUSING = sorted(n for n in REGISTRY if hook_for(n).fuses)
+ALONE = sorted(n for n in REGISTRY if not hook_for(n).fuses)
+
+
+def _examples(k: int) -> list[Example]:
+    return [Example(f"client {k} asks {i} plus {i}", f"it is {2 * i + k}") for i in range(4 + k)]
+
+
+def _start(model: Any, rank: int, seed: int) -> dict[str, LoRAFactors]:
+    """Factors with a non-zero ``B``, so that both factors get gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = adapters.target_shapes(model, TARGETS)
+    return {
+        n: LoRAFactors(A=torch.randn(rank, d_in, generator=gen) * 0.1,
+                       B=torch.randn(d_out, rank, generator=gen) * 0.1)
+        for n, (d_out, d_in) in shapes.items()
+    }  # fmt: skip
+
+
+def _gradients(dtype: torch.dtype) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each client's gradients (and loss) from one fused pass, and from its own pass alone."""
+    model, tokenizer = build_tiny(seed=0, dtype=dtype)
+    batches = [collate(encode(_examples(k), tokenizer, 48), tokenizer.pad_token_id)
+               for k in range(len(RANKS))]  # fmt: skip
+    starts = [_start(model, r, 10 + k) for k, r in enumerate(RANKS)]
+
+    alone = []
+    for k, r in enumerate(RANKS):
+        peft_model = adapters.attach(model, TARGETS, r, 2.0 * r, seed=k)
+        adapters.write_factors(peft_model, starts[k])
+        loss = mean_token_loss(peft_model, batches[k])
+        loss.backward()
+        alone.append({"loss": float(loss)} | {
+            str(i): p.grad.clone() for i, p in enumerate(adapters.trainable(peft_model, "default"))
+        })  # fmt: skip
+        model = adapters.detach(peft_model)
+
+    names = [f"c{k}" for k in range(len(RANKS))]
+    peft_model = model
+    for k, r in enumerate(RANKS):
+        peft_model = adapters.attach(peft_model, TARGETS, r, 2.0 * r, seed=k, adapter=names[k])
+        adapters.write_factors(peft_model, starts[k], names[k])
+    adapters.train_adapters(peft_model, names)
+    rows_of = [len(b["input_ids"]) for b in batches]
+    width = max(b["input_ids"].shape[1] for b in batches)
+    every = [e for k in range(len(RANKS)) for e in encode(_examples(k), tokenizer, 48)]
+    fused_batch = collate(every, tokenizer.pad_token_id)
+    assert fused_batch["input_ids"].shape == (sum(rows_of), width)
+    from fedlora.scoring import labelled_logits, token_cross_entropy
+
+    with adapters.RowAdapters(peft_model) as rows:
+        rows.names = [n for n, count in zip(names, rows_of, strict=True) for _ in range(count)]
+        logits, targets, mask = labelled_logits(peft_model, fused_batch)
+    fused, start, total = [], 0, None
+    for count in rows_of:
+        part = slice(start, start + count)
+        start += count
+        loss = token_cross_entropy(logits[part].flatten(0, 1), targets[part].flatten(),
+                                   mask[part].flatten())  # fmt: skip
+        fused.append({"loss": float(loss)})
+        total = loss if total is None else total + loss
+    assert total is not None
+    total.backward()
+    for k, name in enumerate(names):
+        fused[k] |= {str(i): p.grad.clone()
+                     for i, p in enumerate(adapters.trainable(peft_model, name))}  # fmt: skip
+    adapters.detach(peft_model)
+    return fused, alone
+
+
+def test_one_fused_pass_gives_every_client_its_own_gradient_and_loss_in_float32() -> None:
+    fused, alone = _gradients(torch.float32)
+    for k in range(len(RANKS)):
+        assert fused[k].keys() == alone[k].keys() and len(alone[k]) == 1 + 2 * 2 * 2
+        assert fused[k]["loss"] == pytest.approx(alone[k]["loss"], rel=1e-6)
+        for key in alone[k]:
+            if key != "loss":
+                torch.testing.assert_close(fused[k][key], alone[k][key], rtol=1e-5, atol=1e-7)
+
+
+def test_one_fused_pass_matches_in_bfloat16_to_its_rounding() -> None:
+    fused, alone = _gradients(torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    for k in range(len(RANKS)):
+        assert fused[k]["loss"] == pytest.approx(alone[k]["loss"], rel=4 * eps)
+        for key in alone[k]:
+            if key != "loss":
+                scale = float(alone[k][key].abs().max())
+                torch.testing.assert_close(fused[k][key], alone[k][key], rtol=8 * eps,
+                                           atol=8 * eps * scale)  # fmt: skip
+
+
+def _run(tmp: Path, overrides: list[str], fuse: bool) -> Path:
+    out = tmp / ("fused" if fuse else "alone")
+    run_experiment(load_config(TINY, [*overrides, f"train.fuse={str(fuse).lower()}"]), out,
+                   progress=False)  # fmt: skip
+    return out
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+THRESHOLDED = {"fedsrd"}
+"""Methods whose upload keeps the entries above a data-dependent threshold (FedSRD's
+importance sparsification): float32's rounding may put an entry at the threshold on either
+side, so two runs that train alike to rounding may send different sparse updates."""
+
+SETTINGS = [  # mixed ranks, accumulation, clipping, partial participation; epochs: unequal steps
+    "clients.num_clients=4",
+    "clients.fraction=0.75",
+    "train.grad_accum=2",
+    "train.max_grad_norm=0.5",
+    "train.epochs=1.5",
+    "rounds=2",
+    "data.limit=80",  # 64 training examples: a few steps each, unequal across clients
+]
+
+
+@pytest.mark.parametrize("strategy", FUSING)
+def test_fused_and_one_at_a_time_give_every_strategy_the_same_run(
+    strategy: str, tmp_path: Path
+) -> None:
+    ranks = "[8,4,2,4]" if REGISTRY[strategy].traits.mixed_ranks else "[4]"
+    overrides = [f"strategy={strategy}", f"clients.ranks={ranks}", *SETTINGS]
+    fused, alone = _run(tmp_path, overrides, True), _run(tmp_path, overrides, False)
+    rows = list(zip(_rows(alone), _rows(fused), strict=True))
+    if strategy in THRESHOLDED:  # round 1's training is the same; then float32 noise can flip
+        a, b = rows[1]  # an entry at the threshold, which moves the result by that entry
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+        assert rows[-1][1]["eval_loss"] == pytest.approx(rows[-1][0]["eval_loss"], rel=1e-2)
+        return
+    for a, b in rows:
+        assert a["clients"] == b["clients"]
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
+        if a["train_loss"] is not None:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    want, got = _deltas(alone), _deltas(fused)
+    assert want.keys() == got.keys()
+    for key in want:  # Adam divides by √v: a gradient near 0 carries float32's noise to lr scale
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def _deltas(out: Path) -> dict[str, torch.Tensor]:
+    """Each module's exported ``ΔW = B A`` (an export in SVD form is unique only up to a
+    rotation of equal singular values, so the factors themselves may differ)."""
+    tensors = _adapter(out)
+    return {
+        key.removesuffix(".lora_A.weight"): tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+        for key in tensors
+        if key.endswith(".lora_A.weight")
+    }
+
+
+@pytest.mark.parametrize("strategy", ALONE)
+def test_a_method_whose_clients_do_more_trains_them_one_at_a_time_however_fuse_is_set(
+    strategy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    groups: list[int] = []
+    real = PartyModel.train_together
+
+    def spy(self: PartyModel, jobs: Any, t: int) -> Any:
+        groups.append(len(jobs))
+        return real(self, jobs, t)
+
+    monkeypatch.setattr(PartyModel, "train_together", spy)
+    ranks = "[8,4,2]" if REGISTRY[strategy].traits.mixed_ranks else "[4]"
+    overrides = [f"strategy={strategy}", f"clients.ranks={ranks}", "rounds=1"]
+    fused, alone = _run(tmp_path, overrides, True), _run(tmp_path, overrides, False)
+    assert groups == [1] * 6  # 3 clients a round, in both runs, each alone
+    for key, value in _adapter(alone).items():
+        assert torch.equal(_adapter(fused)[key], value), key
+
+
+def test_a_pass_carries_at_most_fuse_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    groups: list[int] = []
+    real = PartyModel.train_together
+
+    def spy(self: PartyModel, jobs: Any, t: int) -> Any:
+        groups.append(len(jobs))
+        return real(self, jobs, t)
+
+    monkeypatch.setattr(PartyModel, "train_together", spy)
+    # tiny: batch 4 × 64 tokens = 256 a client; 600 tokens hold 2 of the 5 clients a pass
+    overrides = ["clients.num_clients=5", "clients.ranks=[4]", "rounds=1", "train.fuse_tokens=600"]
+    _run(tmp_path, overrides, True)
+    assert groups == [2, 2, 1]
+
+
+def test_privacy_noises_each_fused_client_as_it_would_alone(tmp_path: Path) -> None:
+    private = ["privacy.clip_norm=0.05", "privacy.noise_multiplier=0.5", "privacy.noise_seed=3"]
+    fused, alone = _run(tmp_path, private, True), _run(tmp_path, private, False)
+    for key, value in _deltas(alone).items():
+        torch.testing.assert_close(_deltas(fused)[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_fused_prints_and_writes_its_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlora.cli import main
+
+    out = tmp_path / "fused.json"
+    argv = ["bench", "fused", "--model", "tiny-llama", "--steps", "2", "--repeats", "1"]
+    assert main([*argv, "--clients", "3", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    (group,) = figures["groups"]
+    assert group["clients"] == 3 and group["ranks"] == [16, 8, 4]
+    assert figures["speedup_3"] == pytest.approx(group["sequential_s"] / group["fused_s"])
+    assert figures["of_bound_3"] == pytest.approx(figures["speedup_3"] / figures["bound_3"])
+    assert figures["bound_3"] > 0 and figures["peak_gflops"] > 0 and group["fused_gflops"] > 0
+    assert "| 3 | [16, 8, 4] |" in capsys.readouterr().out
+    assert main([*argv, "--clients", "1"]) == 2
+    assert "--clients: group sizes of at least 2, got '1'" in capsys.readouterr().err
