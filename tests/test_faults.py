@@ -133,15 +133,13 @@ def test_a_round_without_enough_clients_in_any_try_is_skipped_and_changes_nothin
 def test_stragglers_deliver_partial_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     steps: list[int] = []
-    train = PartyModel.train
+    train = PartyModel.train_together
 
-    def spy(
-        self: PartyModel, client: Any, plan: Any, t: int, local: Any = None, state: Any = None
-    ) -> Any:
-        steps.append((local or self.cfg.train).steps)
-        return train(self, client, plan, t, local, state)
+    def spy(self: PartyModel, jobs: Any, t: int) -> Any:
+        steps.extend((job.local or self.cfg.train).steps for job in jobs)
+        return train(self, jobs, t)
 
-    monkeypatch.setattr(PartyModel, "train", spy)
+    monkeypatch.setattr(PartyModel, "train_together", spy)
     cfg = tiny(rounds=1, **{"faults.straggler": 1.0, "faults.straggler_work": 0.34})
     run_experiment(cfg, tmp_path / "run", progress=False)
     assert steps == [1, 1, 1]  # 3 local steps × 0.34, at least one
@@ -168,13 +166,13 @@ def test_a_client_that_times_out_trains_but_its_update_never_arrives(
     # every client times out in every try: the round trains three clients twice, then skips
     cfg = tiny(**{"faults.timeout": 1.0, "clients.retries": 1, "rounds": 1})
     trained: list[str] = []
-    train = PartyModel.train
+    train = PartyModel.train_together
 
-    def training(self: Any, client: Any, *args: Any, **kwargs: Any) -> Any:
-        trained.append(client.cid)
-        return train(self, client, *args, **kwargs)
+    def training(self: Any, jobs: Any, t: int) -> Any:
+        trained.extend(job.client.cid for job in jobs)
+        return train(self, jobs, t)
 
-    monkeypatch.setattr(PartyModel, "train", training)
+    monkeypatch.setattr(PartyModel, "train_together", training)
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
 
     last = rows(tmp_path / "run")[-1]
