@@ -184,18 +184,24 @@ def _deltas(out: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def _group_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many clients each call of :meth:`PartyModel.train_together` trains, as they come."""
+    sizes: list[int] = []
+    real = PartyModel.train_together
+
+    def spy(self: PartyModel, jobs: Any, t: int) -> Any:
+        sizes.append(len(jobs))
+        return real(self, jobs, t)
+
+    monkeypatch.setattr(PartyModel, "train_together", spy)
+    return sizes
+
+
 @pytest.mark.parametrize("strategy", ALONE)
 def test_a_method_whose_clients_do_more_trains_them_one_at_a_time_however_fuse_is_set(
     strategy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    groups: list[int] = []
-    real = PartyModel.train_together
-
-    def spy(self: PartyModel, jobs: Any, t: int) -> Any:
-        groups.append(len(jobs))
-        return real(self, jobs, t)
-
-    monkeypatch.setattr(PartyModel, "train_together", spy)
+    groups = _group_sizes(monkeypatch)
     ranks = "[8,4,2]" if REGISTRY[strategy].traits.mixed_ranks else "[4]"
     overrides = [f"strategy={strategy}", f"clients.ranks={ranks}", "rounds=1"]
     fused, alone = _run(tmp_path, overrides, True), _run(tmp_path, overrides, False)
@@ -207,14 +213,7 @@ def test_a_method_whose_clients_do_more_trains_them_one_at_a_time_however_fuse_i
 def test_a_pass_carries_at_most_fuse_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    groups: list[int] = []
-    real = PartyModel.train_together
-
-    def spy(self: PartyModel, jobs: Any, t: int) -> Any:
-        groups.append(len(jobs))
-        return real(self, jobs, t)
-
-    monkeypatch.setattr(PartyModel, "train_together", spy)
+    groups = _group_sizes(monkeypatch)
     # tiny: batch 4 × 64 tokens = 256 a client; 600 tokens hold 2 of the 5 clients a pass
     overrides = ["clients.num_clients=5", "clients.ranks=[4]", "rounds=1", "train.fuse_tokens=600"]
     _run(tmp_path, overrides, True)

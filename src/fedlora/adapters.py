@@ -33,6 +33,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNotice())
 
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -192,35 +193,75 @@ class RowAdapters:
     ``names[i]`` only, in training too: fused training (:func:`fedlora.train.train_fused`),
     where several clients' adapters share one pass over the base.
 
-    This is PEFT's own mixed-adapter forward (``LoraLayer._mixed_batch_forward``: the base layer
-    once for all rows, then each adapter on its rows' sub-batch, added to those rows only).
-    ``PeftModel.forward(adapter_names=…)`` reaches it only in eval mode (it refuses training mode
-    outright, and drops the names under gradient checkpointing's recomputation); the layers
-    compute the same either way, so this registers the pre-forward hook PEFT itself registers
-    on every LoRA layer, for as long as the ``with`` block lasts, with :attr:`names` read at
-    each call (a recomputed layer sees the rows of its own step). Every adapter named must be
-    trainable (:func:`train_adapters`)."""
+    The rule is PEFT's mixed-adapter forward (``LoraLayer._mixed_batch_forward``): the base layer
+    once for all rows, then each adapter, with its own dropout and scaling, on its rows only,
+    added to those rows of the output. PEFT reaches it only in eval mode
+    (``PeftModel.forward(adapter_names=…)`` refuses training mode) and gathers and scatters each
+    adapter's rows by index (``x[indices]``, ``result[indices] += …``), a copy of the activations
+    per adapter and layer. Fused training puts each client's rows together, so for PEFT's linear
+    LoRA layers (``lora.Linear``, GPT-2's ``Conv1D`` included) this computes the same on
+    contiguous row slices, views and in-place adds, for as long as the ``with`` block lasts
+    (the layer's ``forward`` is its own again afterwards); other LoRA layer types get PEFT's own
+    path through the pre-forward hook PEFT registers. :attr:`names` is read at each call, so a
+    layer recomputed under gradient checkpointing sees the rows of its own step. Every adapter
+    named must be trainable (:func:`train_adapters`)."""
 
     def __init__(self, peft_model: Any) -> None:
         self.model = peft_model
-        self.names: list[str] = []
+        self._names: list[str] = []
+        self._spans: list[tuple[str, slice]] = []
         self._handles: list[Any] = []
+        self._patched: list[Any] = []
+
+    @property
+    def names(self) -> list[str]:
+        return self._names
+
+    @names.setter
+    def names(self, names: list[str]) -> None:
+        self._names = list(names)
+        self._spans = []
+        start = 0
+        for i in range(1, len(names) + 1):
+            if i == len(names) or names[i] != names[start]:
+                self._spans.append((names[start], slice(start, i)))
+                start = i
 
     def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        kwargs["adapter_names"] = self.names
+        kwargs["adapter_names"] = self._names
         return args, kwargs
+
+    def _forward(self, layer: Any) -> Any:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            result: torch.Tensor = layer.base_layer(x, *args, **kwargs)
+            for name, rows in self._spans:
+                if name not in layer.lora_A:
+                    continue
+                A, B = layer.lora_A[name], layer.lora_B[name]
+                sub = layer.lora_dropout[name](x[rows].to(A.weight.dtype))
+                result[rows] += (B(A(sub)) * layer.scaling[name]).to(result.dtype)
+            return result
+
+        return forward
 
     def __enter__(self) -> RowAdapters:
         layers: list[Any] = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         for layer in layers:
-            hook = layer.register_forward_pre_hook(self._inject, with_kwargs=True)
-            self._handles.append(hook)
+            if type(layer) is LoraLinear:
+                layer.forward = self._forward(layer)  # type: ignore[method-assign]
+                self._patched.append(layer)
+            else:
+                hook = layer.register_forward_pre_hook(self._inject, with_kwargs=True)
+                self._handles.append(hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
+        for layer in self._patched:
+            del layer.forward
         self._handles.clear()
+        self._patched.clear()
 
 
 def trainable(peft_model: Any, adapter: str) -> list[torch.nn.Parameter]:
