@@ -200,7 +200,8 @@ class RowAdapters:
     adapter's rows by index (``x[indices]``, ``result[indices] += …``), a copy of the activations
     per adapter and layer. Fused training puts each client's rows together, so for PEFT's linear
     LoRA layers (``lora.Linear``, GPT-2's ``Conv1D`` included) this computes the same on
-    contiguous row slices, views and in-place adds, for as long as the ``with`` block lasts
+    contiguous row slices (views), adding the concatenated outputs once, for as long as the
+    ``with`` block lasts
     (the layer's ``forward`` is its own again afterwards); other LoRA layer types get PEFT's own
     path through the pre-forward hook PEFT registers. :attr:`names` is read at each call, so a
     layer recomputed under gradient checkpointing sees the rows of its own step. Every adapter
@@ -234,13 +235,18 @@ class RowAdapters:
     def _forward(self, layer: Any) -> Any:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             result: torch.Tensor = layer.base_layer(x, *args, **kwargs)
+            parts = []
             for name, rows in self._spans:
-                if name not in layer.lora_A:
+                if name not in layer.lora_A:  # no adapter here: nothing added to these rows
+                    parts.append(result.new_zeros(result[rows].shape))
                     continue
                 A, B = layer.lora_A[name], layer.lora_B[name]
                 sub = layer.lora_dropout[name](x[rows].to(A.weight.dtype))
-                result[rows] += (B(A(sub)) * layer.scaling[name]).to(result.dtype)
-            return result
+                parts.append((B(A(sub)) * layer.scaling[name]).to(result.dtype))
+            # one add of the concatenated outputs: slices of x are views, and the backward of a
+            # concatenation hands each client its rows' gradient (an in-place add per client
+            # would clone the whole output's gradient once per client in the backward pass)
+            return result + torch.cat(parts, dim=0)
 
         return forward
 
