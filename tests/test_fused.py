@@ -244,3 +244,13 @@ def test_bench_fused_prints_and_writes_its_figures(
     assert "| 3 | [16, 8, 4] |" in capsys.readouterr().out
     assert main([*argv, "--clients", "1"]) == 2
     assert "--clients: group sizes of at least 2, got '1'" in capsys.readouterr().err
+
+
+def test_a_hook_that_fuses_but_needs_callbacks_is_refused_not_silently_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlora.clients import Callbacks, ClientHook
+
+    monkeypatch.setattr(ClientHook, "prepare", lambda self, model: Callbacks(on_step=lambda: None))
+    with pytest.raises(ValueError, match="says it fuses but returns callbacks"):
+        _run(tmp_path, ["rounds=1"], True)

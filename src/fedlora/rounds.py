@@ -23,7 +23,7 @@ import torch
 
 from fedlora import adapters, devices, privacy, seeds
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
-from fedlora.clients import ClientState, LocalPlan, Session
+from fedlora.clients import Callbacks, ClientState, LocalPlan, Session
 from fedlora.comm import BYTES_PER_PARAM, Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
 from fedlora.data import Example, TaskKind
@@ -363,6 +363,11 @@ class PartyModel:
             if together:
                 adapters.train_adapters(model, [run[3].adapter for run in runs])
             callbacks = [hook.prepare(model) for *_, hook in runs]
+            if together and any(c != Callbacks() for c in callbacks):
+                raise ValueError(
+                    f"{cfg.strategy}'s client hook says it fuses but returns callbacks, which "
+                    "only one-at-a-time training calls; set its fuses = False"
+                )
             for *_, session, _ in runs:
                 befores.append(adapters.read_factors(model, session.adapter) if private else None)
             label = None
