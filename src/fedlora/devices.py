@@ -93,6 +93,13 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def allocated_mb(device: torch.device) -> float | None:
+    """The memory PyTorch's allocator holds on CUDA ``device`` now, in MiB; None elsewhere."""
+    if not is_cuda(device):
+        return None
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
 def set_deterministic(enabled: bool) -> None:
     """Make CUDA kernels deterministic (``model.deterministic``): PyTorch's deterministic
     algorithms (an error where an operation has none, rather than a silent difference), cuBLAS's

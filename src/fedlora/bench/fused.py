@@ -36,7 +36,7 @@ from fedlora.bench.overhead import TARGETS, alternate, synthetic_data
 from fedlora.bench.precision import matmul_peak, step_flops
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded
-from fedlora.devices import synchronize
+from fedlora.devices import allocated_mb, peak_memory_mb, reset_peak_memory, synchronize
 from fedlora.models import load_model
 from fedlora.precision import dtype_name
 from fedlora.train import Member, train_fused, train_local
@@ -92,12 +92,11 @@ class _Peak:
         self.mb = 0.0
 
     def measure(self, run: Callable[[], float]) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            start = torch.cuda.memory_allocated(self.device)
+        start_mb = allocated_mb(self.device)
+        if start_mb is not None:  # the allocator's own high-water mark
+            reset_peak_memory(self.device)
             seconds = run()
-            peak = torch.cuda.max_memory_allocated(self.device) - start
-            self.mb = max(self.mb, peak / 2**20)
+            self.mb = max(self.mb, (peak_memory_mb(self.device) or 0.0) - start_mb)
             return seconds
         process = psutil.Process()
         start, high = process.memory_info().rss, [0]
