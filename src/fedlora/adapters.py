@@ -174,14 +174,10 @@ def _add_lora(
         name: (int(layer.out_features), int(layer.in_features))
         for name, layer in lora_layers(peft_model, first).items()
     }
-    ranks = {n: rank[n] if isinstance(rank, Mapping) else rank for n in shapes}
-    for name, r in ranks.items():
-        if r > min(shapes[name]):
-            raise ConfigError(
-                f"rank {r} is larger than module {name!r} allows (shape {shapes[name]})"
-            )
     old = peft_model.peft_config[first]
-    config = _lora_config(ranks, alpha, old.target_modules, old.fan_in_fan_out)
+    config = _lora_config(
+        _ranks_that_fit(shapes, rank), alpha, old.target_modules, old.fan_in_fan_out
+    )
     with torch.random.fork_rng(devices=[]), HOST:
         torch.manual_seed(seed)
         peft_model.add_adapter(adapter, config)
@@ -291,7 +287,14 @@ def _fitting_ranks(
     """The rank of every target module, checked to fit it, on a model without LoRA layers."""
     if lora_layers_present(model):
         raise ConfigError("the model already has LoRA layers; detach() the previous adapter first")
-    shapes = target_shapes(model, targets)
+    return _ranks_that_fit(target_shapes(model, targets), rank)
+
+
+def _ranks_that_fit(
+    shapes: Mapping[str, tuple[int, int]], rank: int | Mapping[str, int]
+) -> dict[str, int]:
+    """The rank of every module of ``shapes`` (one value or one per name), each checked to fit
+    its module's shape."""
     ranks = {n: rank[n] if isinstance(rank, Mapping) else rank for n in shapes}
     for name, r in ranks.items():
         if r > min(shapes[name]):

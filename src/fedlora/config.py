@@ -38,7 +38,7 @@ from fedlora.schema import (
     set_dotted,
     to_dict,
 )
-from fedlora.strategies.base import trim_refusal
+from fedlora.strategies.base import check_trim
 
 __all__ = [
     "LOGGERS",
@@ -244,10 +244,8 @@ def _check_faults(config: RunConfig) -> None:
     for key, ratio in (("norm_ratio", v.norm_ratio), ("weight_ratio", v.weight_ratio)):
         if ratio is not None and not ratio >= 1:
             raise ConfigError(f"validation.{key} must be >= 1 (or none: off), got {ratio}")
-    if not 0 <= v.trim <= 0.5:
-        raise ConfigError(f"validation.trim must be in [0, 0.5], got {v.trim}")
-    if v.trim and config.mode == "federated" and not REGISTRY[config.strategy].traits.averages:
-        raise ConfigError(f"validation.trim: {trim_refusal(config.strategy)}")
+    federated = config.mode == "federated"
+    check_trim(v.trim, config.strategy, REGISTRY[config.strategy].traits if federated else None)
     if not 0 < f.straggler_work <= 1:
         raise ConfigError(f"faults.straggler_work must be in (0, 1], got {f.straggler_work}")
 

@@ -42,7 +42,7 @@ from fedlora.methods import hook_for
 from fedlora.precision import MergedBase
 from fedlora.seeds import derive_seed
 from fedlora.strategies import GlobalState, Strategy
-from fedlora.train import Member, num_steps, train_fused, train_local
+from fedlora.train import Member, computes_in_float16, num_steps, train_fused, train_local
 
 __all__ = ["LocalPlan", "derive_seed"]  # re-exported: engines and tests take them from here
 
@@ -343,8 +343,8 @@ class PartyModel:
                 job.client.cid if together else adapters.ADAPTER,
             )
             runs.append((job, local, data, session, hook_for(cfg.strategy)(session)))
-        if together and not all(hook.fuses and not job.plan.frozen for job, *_, hook in runs):
-            raise ValueError("train_together: this method's clients train one at a time")
+        if together and not self.fuses([job.plan for job in jobs]):
+            raise ValueError("train_together: these clients train one at a time (fuses())")
         private = cfg.privacy.clip_norm > 0
         model = self.model
         befores: list[dict[str, LoRAFactors] | None] = []
@@ -426,17 +426,14 @@ class PartyModel:
         return results
 
     def fuses(self, plans: Sequence[LocalPlan]) -> bool:
-        """Whether clients with ``plans`` may train together on this model
-        (:meth:`train_together`): ``train.fuse`` is on, the method's hook fuses, no plan holds
-        frozen components, and the model does not compute in float16 (loss scaling is
-        per client)."""
-        frozen = next((p for p in self.model.parameters() if not p.requires_grad), None)
-        half = frozen is not None and frozen.dtype == torch.float16
+        """Whether clients with ``plans`` can train together on this model
+        (:meth:`train_together`): the method's hook fuses, no plan holds frozen components, and
+        the model does not compute in float16 (loss scaling is per client). Whether they do is
+        ``train.fuse``'s."""
         return (
-            self.cfg.train.fuse
-            and hook_for(self.cfg.strategy).fuses
+            hook_for(self.cfg.strategy).fuses
             and not any(p.frozen for p in plans)
-            and not half
+            and not computes_in_float16(self.model)
         )
 
 

@@ -159,7 +159,11 @@ class Runner:
         for quantization, jobs in groups.items():
             party = self.party_of(jobs[0][1].client.index)
             # a quantized base's LoRA layers are bitsandbytes': trained one at a time
-            fused = quantization == "none" and party.fuses([j.plan for _, j in jobs])
+            fused = (
+                self.cfg.train.fuse
+                and quantization == "none"
+                and party.fuses([j.plan for _, j in jobs])
+            )
             size = per_pass if fused else 1
             for start in range(0, len(jobs), size):
                 chunk = jobs[start : start + size]

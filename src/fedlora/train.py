@@ -154,7 +154,7 @@ def train_fused(
     if len(accum) != 1:
         raise ValueError(f"fused members must share train.grad_accum, got {sorted(accum)}")
     (grad_accum,) = accum
-    if loss_scaler(model).is_enabled():
+    if computes_in_float16(model):
         raise ValueError("fused training does not take float16 (loss scaling): train each alone")
     optimizers = [
         torch.optim.AdamW(m.params, lr=m.cfg.lr, weight_decay=m.cfg.weight_decay) for m in members
@@ -210,13 +210,17 @@ def train_fused(
     ]
 
 
+def computes_in_float16(model: Any) -> bool:
+    """Whether ``model``'s frozen weights are float16 (it then trains with loss scaling)."""
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    return frozen is not None and frozen.dtype == torch.float16
+
+
 def loss_scaler(model: Any) -> torch.amp.GradScaler:
     """Dynamic loss scaling for a model whose frozen weights are float16; a pass-through
     (disabled) scaler for every other dtype."""
-    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
-    half = frozen is not None and frozen.dtype == torch.float16
-    device = frozen.device if frozen is not None else next(model.parameters()).device
-    return torch.amp.GradScaler(device.type, enabled=half)
+    device = next(model.parameters()).device
+    return torch.amp.GradScaler(device.type, enabled=computes_in_float16(model))
 
 
 def release_memory() -> None:

@@ -143,10 +143,7 @@ class Strategy(ABC):
         if options is not None and hasattr(options, "check"):
             options.check()
         self.options = options
-        if trim and not self.traits.averages:
-            raise ConfigError(f"validation.trim: {trim_refusal(self.name)}")
-        if not 0 <= trim <= 0.5:
-            raise ConfigError(f"validation.trim must be in [0, 0.5], got {trim}")
+        check_trim(trim, self.name, self.traits)
         self.trim = trim
 
     def init_state(
@@ -302,14 +299,19 @@ REGISTRY: dict[str, type[Strategy]] = {}
 S = TypeVar("S", bound=type[Strategy])
 
 
-def trim_refusal(name: str) -> str:
-    """Why strategy ``name`` takes no trimmed mean, and which strategies do."""
-    taking = sorted(n for n, c in REGISTRY.items() if c.traits.averages)
-    return (
-        f"strategy {name!r} does not average the clients' tensors (its update is an exact sum, "
-        f"a projection or a per-component rule), so it has no trimmed mean; the strategies that "
-        f"average: {', '.join(taking)}; {name!r} has validation.norm_ratio"
-    )
+def check_trim(trim: float, name: str, traits: Traits | None) -> None:
+    """``validation.trim`` is in ``[0, 0.5]`` and, when set, taken by strategy ``name`` only if
+    it averages (``traits``; None: no federated strategy runs, nothing to check)."""
+    if trim and traits is not None and not traits.averages:
+        taking = sorted(n for n, c in REGISTRY.items() if c.traits.averages)
+        raise ConfigError(
+            f"validation.trim: strategy {name!r} does not average the clients' tensors (its "
+            "update is an exact sum, a projection or a per-component rule), so it has no "
+            f"trimmed mean; the strategies that average: {', '.join(taking)}; {name!r} has "
+            "validation.norm_ratio"
+        )
+    if not 0 <= trim <= 0.5:
+        raise ConfigError(f"validation.trim must be in [0, 0.5], got {trim}")
 
 
 def register(cls: S) -> S:
