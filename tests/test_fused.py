@@ -254,3 +254,67 @@ def test_a_hook_that_fuses_but_needs_callbacks_is_refused_not_silently_ignored(
     monkeypatch.setattr(ClientHook, "prepare", lambda self, model: Callbacks(on_step=lambda: None))
     with pytest.raises(ValueError, match="says it fuses but returns callbacks"):
         _run(tmp_path, ["rounds=1"], True)
+
+
+def _saved_bytes_per_token(model: Any, tokens: torch.Tensor) -> float:
+    """The bytes autograd keeps for the backward pass of one training forward, per token: every
+    saved tensor's storage once, parameters (resident anyway) left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=tokens, labels=tokens)
+    return sum(kept.values()) / tokens.numel()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_activation_estimate_is_within_twice_what_autograd_keeps(
+    kind: str, dtype: torch.dtype, checkpointing: bool
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedlora.train import activation_bytes_per_token
+
+    if kind == "llama":
+        model, _ = build_tiny(seed=0, dtype=dtype)
+        targets = TARGETS
+    else:
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=300)
+        model, targets = GPT2LMHeadModel(config).to(dtype), ["c_attn"]
+    peft_model = adapters.attach(model, targets, 4, 8.0, seed=0)
+    if checkpointing:
+        adapters.checkpoint_activations(peft_model)
+    peft_model.train()
+    tokens = torch.randint(0, 200, (4, 64), generator=torch.Generator().manual_seed(0))
+    saved = _saved_bytes_per_token(peft_model, tokens)
+    estimate = activation_bytes_per_token(model.config, dtype.itemsize, 64, checkpointing)
+    if checkpointing:  # autograd keeps each layer's input; the estimate adds the recomputed layer
+        assert saved <= estimate <= 8 * saved, (saved, estimate)
+    else:
+        assert saved / 2 <= estimate <= 2 * saved, (saved, estimate)
+
+
+def test_a_pass_carries_no_more_tokens_than_half_the_memory_left_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedlora import devices, train
+    from fedlora.config import TrainConfig
+
+    assert devices.total_memory_bytes(devices.HOST) > 2**30  # the real host's, before patching
+    model, _ = build_tiny(seed=0)
+    held = [*model.parameters(), *model.buffers()]
+    resident = sum(t.numel() * t.element_size() for t in held)
+    per_token = train.activation_bytes_per_token(model.config, 4, 64, False)
+    monkeypatch.setattr(devices, "total_memory_bytes", lambda _: resident + 2000 * per_token)
+    assert train.tokens_per_pass(model, TrainConfig(fuse_tokens=4096), 64, False) == 1000
+    assert train.tokens_per_pass(model, TrainConfig(fuse_tokens=600), 64, False) == 600
+    monkeypatch.setattr(devices, "total_memory_bytes", lambda _: resident)
+    assert train.tokens_per_pass(model, TrainConfig(), 64, False) == 0

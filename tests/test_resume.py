@@ -93,6 +93,9 @@ PRIVATE = ["privacy.clip_norm=1.0", "privacy.noise_multiplier=0.5", "privacy.noi
         # its pristine bfloat16 base, and so holds the uninterrupted run's model bitwise
         ("flora", ["model.dtype=bfloat16"], 2),
         ("flexlora", ["model.dtype=bfloat16"], 1),
+        # a round's clients trained together: the same groups after resuming, bitwise
+        ("flora", ["train.fuse=true"], 1),
+        ("flexlora", ["train.fuse=true", "model.dtype=bfloat16"], 2),
     ],
 )
 def test_a_crash_after_any_round_resumes_to_the_same_run(

@@ -100,6 +100,20 @@ def allocated_mb(device: torch.device) -> float | None:
     return torch.cuda.memory_allocated(device) / 2**20
 
 
+def total_memory_bytes(device: torch.device) -> int:
+    """The memory ``device`` has in all: a CUDA device's own; for the CPU the host's physical
+    memory, or its control group's limit (``/sys/fs/cgroup/memory.max``) where lower."""
+    if is_cuda(device):
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def set_deterministic(enabled: bool) -> None:
     """Make CUDA kernels deterministic (``model.deterministic``): PyTorch's deterministic
     algorithms (an error where an operation has none, rather than a silent difference), cuBLAS's

@@ -149,7 +149,9 @@ class TrainConfig:
     (:attr:`fedlora.clients.ClientHook.fuses`); false: one client at a time."""
     fuse_tokens: int = 4096
     """The most tokens one fused pass carries (``batch_size × model.max_length`` per client):
-    how many clients share a pass; the rest of a round trains in further groups."""
+    how many clients share a pass; the rest of a round trains in further groups. The device's
+    memory may bound a pass further (:func:`fedlora.train.tokens_per_pass`: half the memory the
+    model leaves free, over an estimate of the activations a token keeps)."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ on disk as safetensors, so memory does not grow with the number of registered cl
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ from fedlora.rounds import (
     eval_due,
     sample_clients,
 )
-from fedlora.train import num_steps
+from fedlora.train import num_steps, tokens_per_pass
+
+log = logging.getLogger("fedlora")
 
 
 class Runner:
@@ -64,6 +67,8 @@ class Runner:
         self.quantized: dict[str, tuple[PartyModel, list[int]]] = {}
         """Per quantization of some client: the model those clients train on (loaded on first
         use) and how many of the server's merged updates it holds."""
+        self._logged_pass = 0
+        """The fused group size last logged (logged again only when it changes)."""
 
     def party_of(self, index: int) -> PartyModel:
         """The model client ``index`` trains on: the server's, or one loaded in the client's
@@ -155,7 +160,6 @@ class Runner:
             job = Job(client, task.plan, local, state)
             quantization = self.cfg.clients.quantization_of(client.index)
             groups.setdefault(quantization, []).append((i, job))
-        per_pass = max(1, self.cfg.train.fuse_tokens // self._tokens_per_client())
         for quantization, jobs in groups.items():
             party = self.party_of(jobs[0][1].client.index)
             # a quantized base's LoRA layers are bitsandbytes': trained one at a time
@@ -164,7 +168,7 @@ class Runner:
                 and quantization == "none"
                 and party.fuses([j.plan for _, j in jobs])
             )
-            size = per_pass if fused else 1
+            size = self._clients_per_pass(party) if fused else 1
             for start in range(0, len(jobs), size):
                 chunk = jobs[start : start + size]
                 t = tasks[chunk[0][0]].round
@@ -179,9 +183,19 @@ class Runner:
                 out[i] = Failure("injected fault: no reply before the round closed")
         return [out[i] for i in range(len(tasks))]
 
-    def _tokens_per_client(self) -> int:
-        """Tokens one client's micro-batch carries at most (``batch_size × max_length``)."""
-        return self.cfg.train.batch_size * self.cfg.model.max_length
+    def _clients_per_pass(self, party: PartyModel) -> int:
+        """How many clients one fused pass on ``party``'s model carries: as many micro-batches
+        (``batch_size × max_length`` tokens each) as :func:`fedlora.train.tokens_per_pass`
+        allows (``train.fuse_tokens`` and the device's memory), at least one."""
+        cfg = self.cfg
+        tokens = tokens_per_pass(
+            party.model, cfg.train, cfg.model.max_length, cfg.model.gradient_checkpointing
+        )
+        size = max(1, tokens // (cfg.train.batch_size * cfg.model.max_length))
+        if size != self._logged_pass:
+            log.info("fused training: up to %d clients a pass (%d tokens)", size, tokens)
+            self._logged_pass = size
+        return size
 
     def run_centralized(self, on_round: OnRound, resume: Snapshot | None = None) -> RunOutcome:
         """One LoRA of the largest client rank on all client data pooled; per round as many

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fedlora import devices
 from fedlora.clients.base import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
@@ -208,6 +209,64 @@ def train_fused(
         )
         for k in range(len(members))
     ]
+
+
+FUSE_MEMORY_SHARE = 0.5
+"""The share of the memory its model leaves free on a device that one fused pass's activations
+may take (:func:`tokens_per_pass`); the rest is for the optimizers, the allocator's slack and
+whatever else the device runs."""
+
+
+def activation_bytes_per_token(
+    config: Any, element_bytes: int, seq_len: int, checkpointing: bool
+) -> int:
+    """An estimate of the memory one token of a training step keeps for the backward pass of a
+    decoder-only model with ``config`` (a transformers config) computing in ``element_bytes``-byte
+    elements.
+
+    Per layer, the activations Korthikanti et al. count for a layer that recomputes nothing
+    ("Reducing Activation Recomputation in Large Transformer Models", 2022, §4.1), for an
+    MLP of intermediate size ``i`` (gated, as Llama's: two projections and their product)
+    rather than their ``4h`` GeLU MLP: ``17 h + 6 i + 5 a s`` bytes at 2-byte elements (``h``
+    hidden size, ``a`` attention heads, ``s`` = ``seq_len``; the ``5 a s`` of the attention
+    scores only where they are materialised: eager attention, or attention dropout, which
+    takes SDPA off its fused kernels); with ``checkpointing`` a layer keeps only
+    its input (``h`` elements) and one layer's activations are alive again during the backward
+    pass. The language-model head adds the logits, in the compute dtype and upcast to float32
+    for the loss, and their float32 gradient: ``vocab × (element_bytes + 8)``. LoRA's own
+    tensors are not counted. An estimate, not a bound: ``tests/test_fused.py`` keeps it within
+    a factor of two of the bytes autograd really saves, on a Llama-like and a GPT-2-like model
+    (GPT-2 saves more than counted here: its dropout masks, eager attention's float32 mask); the
+    share of memory a pass may take (:data:`FUSE_MEMORY_SHARE`) leaves room for that."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = int(text.hidden_size)
+    layers = int(text.num_hidden_layers)
+    heads = int(text.num_attention_heads)
+    inner = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * h
+    dropout = getattr(text, "attention_dropout", None) or getattr(text, "attn_pdrop", None) or 0
+    scores = getattr(text, "_attn_implementation", None) == "eager" or float(dropout) > 0
+    layer = (17 * h + 6 * int(inner) + (5 * heads * seq_len if scores else 0)) * element_bytes // 2
+    kept = layers * (h * element_bytes if checkpointing else layer)
+    if checkpointing:
+        kept += layer
+    return kept + int(text.vocab_size) * (element_bytes + 8)
+
+
+def tokens_per_pass(model: Any, cfg: TrainConfig, seq_len: int, checkpointing: bool) -> int:
+    """The most tokens one fused pass of ``model`` may carry: ``cfg.fuse_tokens``, and no more
+    than the activations (:func:`activation_bytes_per_token`) that
+    :data:`FUSE_MEMORY_SHARE` of the memory the model leaves on its device holds
+    (:func:`fedlora.devices.total_memory_bytes` less the model's parameters and buffers). A
+    function of the model and the machine only, so a run and its resumption on the same machine
+    group their clients alike."""
+    tensors = [*model.parameters(), *model.buffers()]
+    resident = sum(t.numel() * t.element_size() for t in tensors)
+    frozen = next((p for p in model.parameters() if not p.requires_grad), tensors[0])
+    free = devices.total_memory_bytes(frozen.device) - resident
+    per_token = activation_bytes_per_token(
+        model.config, frozen.element_size(), seq_len, checkpointing
+    )
+    return max(0, min(cfg.fuse_tokens, int(FUSE_MEMORY_SHARE * free) // per_token))
 
 
 def computes_in_float16(model: Any) -> bool:
