@@ -61,6 +61,28 @@ def test_the_blocked_loss_and_its_gradient_are_torch_s_cross_entropy(
     assert torch.equal(ours.grad[~mask], torch.zeros_like(ours.grad[~mask]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_segment_s_loss_and_gradient_are_bitwise_its_own(dtype: torch.dtype) -> None:
+    rows, vocab, ends = 11, 257, [4, 5, 11]
+    targets, mask = _targets(rows, vocab, ignored=[0, 6, 10])
+    whole = _logits(rows, vocab, dtype).requires_grad_()
+    weights = torch.tensor([1.0, 2.0, 3.0])
+
+    losses = scoring.token_cross_entropies(whole, targets, mask, ends)
+    (losses * weights).sum().backward()
+
+    assert losses.shape == (3,) and whole.grad is not None
+    for g, (a, b) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        alone = whole.detach()[a:b].clone().requires_grad_()
+        loss = scoring.token_cross_entropy(alone, targets[a:b], mask[a:b])
+        (weights[g] * loss).backward()
+        assert torch.equal(losses[g].detach(), loss.detach()), g
+        assert alone.grad is not None and torch.equal(whole.grad[a:b], alone.grad), g
+    for bad in ([4, 11, 5], [4, 10], []):
+        with pytest.raises(ValueError, match="segment ends"):
+            scoring.token_cross_entropies(whole, targets, mask, bad)
+
+
 def test_the_loss_is_the_mean_over_labelled_rows_only() -> None:
     rows, vocab = 5, 64
     targets, mask = _targets(rows, vocab, ignored=[1, 2, 3, 4])

@@ -73,8 +73,22 @@ def token_cross_entropy(
     on SmolLM2-135M those four ``(N, 49152)`` passes were a sixth of a bfloat16 training step on
     CPU.
     """
-    loss: torch.Tensor = _TokenCrossEntropy.apply(logits, targets, mask)  # type: ignore[no-untyped-call]
-    return loss
+    return token_cross_entropies(logits, targets, mask, (logits.shape[0],))[0]
+
+
+def token_cross_entropies(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, ends: Sequence[int]
+) -> torch.Tensor:
+    """:func:`token_cross_entropy` of each segment of rows, ``(G,)`` float32: segment ``g`` is
+    rows ``ends[g-1] … ends[g]-1`` (from 0; the last end is ``M``). Each value and each row's
+    gradient are bitwise what :func:`token_cross_entropy` gives that segment alone, and the
+    logits get one gradient tensor: slicing the logits per segment instead would make each
+    segment's backward a zero-filled ``(M, V)`` tensor, added up (fused training's clients,
+    :func:`fedlora.train.train_fused`)."""
+    if not ends or ends[-1] != logits.shape[0] or list(ends) != sorted(ends):
+        raise ValueError(f"segment ends {list(ends)} must rise to the {logits.shape[0]} rows")
+    losses: torch.Tensor = _TokenCrossEntropy.apply(logits, targets, mask, tuple(ends))  # type: ignore[no-untyped-call]
+    return losses
 
 
 _BLOCK_ELEMENTS = 1 << 20
@@ -117,37 +131,50 @@ def _float_blocks(logits: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
-    """Masked mean cross-entropy over rows of logits, in float32 row blocks.
+    """Masked mean cross-entropy over each segment of rows of logits, in float32 row blocks.
 
-    Forward: per row ``lse = logsumexp(x)`` (float32), loss ``= Σ_mask (lse − x[target]) / N``.
-    Backward: ``∂/∂x = g · mask · (softmax(x) − onehot(target)) / N``, written in the logits'
-    dtype, which is what autograd gives through ``.float()`` (the cast's backward rounds the
-    float32 gradient to the logits' dtype once). Rows are independent, so blocks change nothing
-    but the size of the temporaries.
+    Forward: per row ``lse = logsumexp(x)`` (float32), segment ``g``'s loss
+    ``= Σ_{mask, rows of g} (lse − x[target]) / N_g``. Backward:
+    ``∂/∂x = g_g · mask · (softmax(x) − onehot(target)) / N_g`` on segment ``g``'s rows, written
+    in the logits' dtype, which is what autograd gives through ``.float()`` (the cast's backward
+    rounds the float32 gradient to the logits' dtype once). Rows are independent, so blocks and
+    segments change nothing but the size of the temporaries.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+        ctx: Any,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        ends: tuple[int, ...],
     ) -> torch.Tensor:
         safe = targets.clamp(min=0)[:, None]  # ignored rows may hold -100
         lse, picked = _lse_and_picked(logits, safe)
         weight = mask.float()
-        count = weight.sum()
+        spans = [slice(a, b) for a, b in zip((0, *ends[:-1]), ends, strict=True)]
+        counts = [weight[s].sum() for s in spans]
         ctx.save_for_backward(logits, safe, weight, lse)
-        ctx.count = count
-        return ((lse - picked).double() @ weight.double() / count).float()
+        ctx.spans, ctx.counts = spans, counts
+        per_row = (lse - picked).double()
+        losses = [
+            (per_row[s] @ weight[s].double() / n).float()
+            for s, n in zip(spans, counts, strict=True)
+        ]
+        return torch.stack(losses)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         logits, safe, weight, lse = ctx.saved_tensors
-        scale = weight * (grad.float() / ctx.count)  # (M,)
+        scale = torch.empty_like(weight)  # (M,)
+        for g, (span, count) in enumerate(zip(ctx.spans, ctx.counts, strict=True)):
+            scale[span] = weight[span] * (grad[g].float() / count)
         out = torch.empty_like(logits)
         for rows, block in _float_blocks(logits):
             block.sub_(lse[rows, None]).exp_()  # softmax
             block.scatter_add_(1, safe[rows], torch.full_like(block[:, :1], -1.0))
             out[rows] = block.mul_(scale[rows, None])
-        return out, None, None
+        return out, None, None, None
 
 
 def response_log_likelihood(

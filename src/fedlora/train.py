@@ -7,6 +7,7 @@ accumulation and clipping, batches drawn from a seeded generator. Nothing global
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from fedlora import devices
 from fedlora.clients.base import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data.encode import Encoded, collate
-from fedlora.scoring import labelled_logits, mean_token_loss, token_cross_entropy
+from fedlora.scoring import labelled_logits, mean_token_loss, token_cross_entropies
 
 
 @dataclass(frozen=True)
@@ -177,18 +178,15 @@ def train_fused(
             logits, targets, mask = labelled_logits(
                 model, collate([e for b in drawn for e in b], pad_id)
             )
-            total: torch.Tensor | None = None
-            start = 0
-            for k, batch in zip(active, drawn, strict=True):
-                part = slice(start, start + len(batch))
-                start += len(batch)
-                loss = token_cross_entropy(
-                    logits[part].flatten(0, 1), targets[part].flatten(), mask[part].flatten()
-                )
-                losses[k].append(loss.detach())
+            width = targets.shape[1]  # each member's rows, flattened, follow the last's
+            ends = list(itertools.accumulate(len(b) * width for b in drawn))
+            per_member = token_cross_entropies(
+                logits.flatten(0, 1), targets.flatten(), mask.flatten(), ends
+            )
+            for k, batch, loss in zip(active, drawn, per_member.detach(), strict=True):
+                losses[k].append(loss)
                 seen[k] += len(batch)
-                total = loss if total is None else total + loss
-            assert total is not None
+            total = per_member.sum()
             torch.autograd.backward(total / grad_accum)
         for k in active:
             bound = members[k].cfg.max_grad_norm
