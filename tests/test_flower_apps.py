@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError, FedloraError, UpdateError
-from fedlora.flower import apps
+from fedlora.flower import apps, strategy
 from fedlora.flower.launch import Processes, flower_env, run_processes
 from fedlora.flower.records import factors_record
 from fedlora.lora import LoRAFactors
@@ -119,14 +119,14 @@ def _replying(monkeypatch: pytest.MonkeyPatch, replies: list[RecordDict | Failur
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(apps, "_send", lambda grid, messages, timeout, names: replies)
+    monkeypatch.setattr(strategy, "send", lambda grid, messages, timeout, names: replies)
 
 
 def test_two_nodes_with_the_same_partition_id_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     _replying(monkeypatch, [_identity(0), _identity(1), _identity(1)])
 
     with pytest.raises(ConfigError, match="nodes 12 and 13 both say partition-id 1"):
-        apps._identify(Grid([11, 12, 13]), [11, 12, 13], tiny(), 1.0)  # type: ignore[arg-type]
+        strategy.identify(Grid([11, 12, 13]), [11, 12, 13], tiny(), 1.0)  # type: ignore[arg-type]
 
 
 def test_a_missing_partition_id_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,20 +134,20 @@ def test_a_missing_partition_id_is_named(monkeypatch: pytest.MonkeyPatch) -> Non
     cfg = load_config(TINY, ["clients.num_clients=5", "clients.ranks=[4]"])
 
     with pytest.raises(ConfigError, match="no node has partition-id 1"):
-        apps._identify(Grid([1, 2, 3]), [1, 2, 3], cfg, 1.0)  # type: ignore[arg-type]
+        strategy.identify(Grid([1, 2, 3]), [1, 2, 3], cfg, 1.0)  # type: ignore[arg-type]
 
 
 def test_a_node_that_does_not_answer_the_query_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     _replying(monkeypatch, [_identity(0), Failure("no reply within 1 s"), _identity(2)])
 
     with pytest.raises(FedloraError, match="node 8 did not say which client it is: no reply"):
-        apps._identify(Grid([7, 8, 9]), [7, 8, 9], tiny(), 1.0)  # type: ignore[arg-type]
+        strategy.identify(Grid([7, 8, 9]), [7, 8, 9], tiny(), 1.0)  # type: ignore[arg-type]
 
 
 def test_the_identified_clients_come_in_index_order(monkeypatch: pytest.MonkeyPatch) -> None:
     _replying(monkeypatch, [_identity(2), _identity(0), _identity(1)])
 
-    clients, node_of, examples, claims = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+    clients, node_of, examples, claims = strategy.identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
 
     assert [c.index for c in clients] == [0, 1, 2]
     assert node_of == {"client-0000": 6, "client-0001": 7, "client-0002": 5}
@@ -159,7 +159,7 @@ def test_a_node_cannot_take_another_slot_by_the_name_it_reports(
 ) -> None:
     _replying(monkeypatch, [_identity(0), _identity(1, cid="client-0000"), _identity(2)])
 
-    clients, node_of, _, claims = apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+    clients, node_of, _, claims = strategy.identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
 
     assert [c.cid for c in clients] == ["client-0000", "client-0001", "client-0002"]
     assert node_of == {"client-0000": 5, "client-0001": 6, "client-0002": 7}
@@ -189,25 +189,24 @@ def test_a_malformed_identity_is_named(
     _replying(monkeypatch, [_identity(0), bad, _identity(2)])
 
     with pytest.raises(FedloraError, match=message):
-        apps._identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
+        strategy.identify(Grid([5, 6, 7]), [5, 6, 7], tiny(), 1.0)  # type: ignore[arg-type]
 
 
 def test_waiting_for_too_few_nodes_times_out_with_the_count() -> None:
     with pytest.raises(FedloraError, match=r"only 2 of clients\.num_clients = 3 nodes connected"):
-        apps._wait_for_nodes(Grid([1, 2]), 3, 0.0)  # type: ignore[arg-type]
-    assert apps._wait_for_nodes(Grid([3, 1, 2]), 3, 0.0) == [1, 2, 3]  # type: ignore[arg-type]
+        strategy.wait_for_nodes(Grid([1, 2]), 3, 0.0)  # type: ignore[arg-type]
+    assert strategy.wait_for_nodes(Grid([3, 1, 2]), 3, 0.0) == [1, 2, 3]  # type: ignore[arg-type]
 
 
 def test_a_malformed_reply_is_a_failed_client_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     bad = RecordDict({"result": ConfigRecord({"loss": 1.0})})  # no factors, no examples
-    _replying(monkeypatch, [bad, Failure("its node failed: boom")])
+    replies: list[RecordDict | Failure] = [bad, Failure("its node failed: boom")]
     tasks = [
         Task(ClientInfo(f"client-000{k}", k, 4, 8.0), 1, LocalPlan(4), 0, [], 0) for k in (0, 1)
     ]
-    node_of = {"client-0000": 1, "client-0001": 2}
 
     shapes = {"layers.0.q_proj": (12, 10)}
-    out = apps._exchange(Grid([1, 2]), tasks, node_of, 1.0, shapes)  # type: ignore[arg-type]
+    out = [strategy.result_of(t, r, shapes) for t, r in zip(tasks, replies, strict=True)]
 
     assert isinstance(out[0], Failure) and out[0].reason.startswith("rejected reply: ")
     assert isinstance(out[1], Failure) and out[1].reason == "its node failed: boom"

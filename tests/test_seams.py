@@ -29,7 +29,7 @@ from fedlora.methods.hetlora import HetLoRAOptions
 PACKAGE = Path(__file__).parents[1] / "src" / "fedlora"
 RUNNERS = ["rounds.py", "simulation.py", "experiment.py", "train.py", "flower/apps.py"]
 RUNNERS += ["flower/records.py", "flower/launch.py", "checkpoint.py", "privacy.py"]
-RUNNERS += ["federation.py"]
+RUNNERS += ["federation.py", "flower/strategy.py"]
 METHOD_MODULES = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__"}
 
 
@@ -180,10 +180,13 @@ def test_the_cycle_check_sees_a_cycle_made_of_deferred_imports(tmp_path: Path) -
 def test_one_driver_serves_both_engines_and_flower_never_loads_the_inprocess_one() -> None:
     # both engines build the server side with federation.server_rounds and run it with
     # FederatedRounds.drive; neither writes its own round loop
-    for rel in ("simulation.py", "flower/apps.py"):
-        text = (PACKAGE / rel).read_text()
-        assert "server_rounds(" in text and ".drive(" in text, rel
-        assert ".run_round(" not in text and "FederatedRounds(" not in text, rel
+    # (on Flower, fedlora's ServerApp drives the rounds its strategy class builds)
+    for builds, drives in (("simulation.py",) * 2, ("flower/strategy.py", "flower/apps.py")):
+        assert "server_rounds(" in (PACKAGE / builds).read_text(), builds
+        assert ".drive(" in (PACKAGE / drives).read_text(), drives
+        for rel in (builds, drives):
+            text = (PACKAGE / rel).read_text()
+            assert ".run_round(" not in text and "FederatedRounds(" not in text, rel
     code = (
         "import sys, fedlora.flower.apps, fedlora.experiment; "
         "print('fedlora.simulation' in sys.modules)"

@@ -509,48 +509,71 @@ class FederatedRounds:
         With fewer than ``clients.min_clients`` of them, the round is tried again with a fresh
         sample up to ``clients.retries`` times, then skipped; the record says which clients
         failed and why."""
-        device = self.party.device
-        devices.reset_peak_memory(device)
-        record = self._run_round(t, execute)
-        record.peak_memory_mb = devices.peak_memory_mb(device)
-        return record
+        self.begin()
+        return self.close(self._run_round(t, execute))
+
+    def begin(self) -> None:
+        """A round starts: its clock, and the device's peak-memory window."""
+        self._started = time.perf_counter()
+        devices.reset_peak_memory(self.party.device)
+
+    def close(self, record: RoundRecord) -> RoundRecord:
+        """A round's ``record`` with the device's peak memory since :meth:`begin` and the claims
+        overridden since the last record (:meth:`flagging`)."""
+        record.peak_memory_mb = devices.peak_memory_mb(self.party.device)
+        return self.flagging(record)
 
     def _run_round(self, t: int, execute: Execute) -> RoundRecord:
-        self._started = time.perf_counter()
         failed: dict[str, str] = {}
         need = self.cfg.clients.min_clients
         for attempt in range(self.cfg.clients.retries + 1):
             tasks = self.tasks(t, attempt)
-            screened = self.screened(tasks, execute(tasks))
-            lost = {
-                task.client.cid: r.reason
-                for task, (r, _) in zip(tasks, screened, strict=True)
-                if isinstance(r, Failure)
-            }
-            failed.update(lost)
-            for cid, reason in lost.items():
-                log.warning("round %d: client %s failed: %s", t, cid, reason)
-            done = [
-                (task, r, u)
-                for task, (r, u) in zip(tasks, screened, strict=True)
-                if isinstance(r, LocalResult) and u is not None
-            ]
-            state = None
-            while len(done) >= need and state is None:
-                try:
-                    state = self.aggregated([d[2] for d in done])
-                except UpdateError as exc:
-                    if exc.client not in {d[0].client.cid for d in done}:
-                        return self._skipped(t, failed, attempt + 1, str(exc))
-                    failed[exc.client] = f"rejected in aggregation: {exc}"
-                    log.warning("round %d: client %s failed: %s", t, exc.client, exc)
-                    done = [d for d in done if d[0].client.cid != exc.client]
-            if state is not None:
-                record = self.finish(
-                    [d[0] for d in done], [d[1] for d in done], [d[2] for d in done], state
-                )
-                record.failed, record.attempts = failed, attempt + 1
+            record = self.conclude(tasks, execute(tasks), failed)
+            if record is not None:
                 return record
+        reason = (
+            f"fewer than clients.min_clients = {need} clients delivered in each of "
+            f"{self.cfg.clients.retries + 1} tries"
+        )
+        return self.skipped(t, failed, self.cfg.clients.retries + 1, reason)
+
+    def conclude(
+        self,
+        tasks: Sequence[Task],
+        results: Sequence[LocalResult | Failure],
+        failed: dict[str, str],
+    ) -> RoundRecord | None:
+        """One try of a round, once its ``tasks`` have their ``results``: screen them, aggregate
+        the clients that delivered (one that aggregation finds at fault fails, the rest go on)
+        and :meth:`finish`. None while fewer than ``clients.min_clients`` delivered (the caller
+        tries again or :meth:`skipped`); ``failed`` gains every client that failed, with why."""
+        t, attempt = tasks[0].round, tasks[0].attempt
+        need = self.cfg.clients.min_clients
+        screened = self.screened(tasks, results)
+        lost = {
+            task.client.cid: r.reason
+            for task, (r, _) in zip(tasks, screened, strict=True)
+            if isinstance(r, Failure)
+        }
+        failed.update(lost)
+        for cid, reason in lost.items():
+            log.warning("round %d: client %s failed: %s", t, cid, reason)
+        done = [
+            (task, r, u)
+            for task, (r, u) in zip(tasks, screened, strict=True)
+            if isinstance(r, LocalResult) and u is not None
+        ]
+        state = None
+        while len(done) >= need and state is None:
+            try:
+                state = self.aggregated([d[2] for d in done])
+            except UpdateError as exc:
+                if exc.client not in {d[0].client.cid for d in done}:
+                    return self.skipped(t, failed, attempt + 1, str(exc))
+                failed[exc.client] = f"rejected in aggregation: {exc}"
+                log.warning("round %d: client %s failed: %s", t, exc.client, exc)
+                done = [d for d in done if d[0].client.cid != exc.client]
+        if state is None:
             log.warning(
                 "round %d, try %d: %d of %d clients delivered, clients.min_clients = %d",
                 t,
@@ -559,13 +582,14 @@ class FederatedRounds:
                 len(tasks),
                 need,
             )
-        reason = (
-            f"fewer than clients.min_clients = {need} clients delivered in each of "
-            f"{self.cfg.clients.retries + 1} tries"
+            return None
+        record = self.finish(
+            [d[0] for d in done], [d[1] for d in done], [d[2] for d in done], state
         )
-        return self._skipped(t, failed, self.cfg.clients.retries + 1, reason)
+        record.failed, record.attempts = failed, attempt + 1
+        return record
 
-    def _skipped(self, t: int, failed: dict[str, str], attempts: int, reason: str) -> RoundRecord:
+    def skipped(self, t: int, failed: dict[str, str], attempts: int, reason: str) -> RoundRecord:
         """Round ``t`` without an update to the global state, and why."""
         log.warning("round %d skipped: %s", t, reason)
         self.done = t
@@ -828,7 +852,7 @@ class FederatedRounds:
                 self.received = dict.fromkeys(self.received, 0)
         first = self.done + 1
         for t in rounds(first) if rounds else range(first, self.cfg.rounds + 1):
-            record = self.flagging(self.run_round(t, execute))
+            record = self.run_round(t, execute)
             on_round(record, self.snapshot())
             if after is not None:
                 after(record)

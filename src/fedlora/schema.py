@@ -143,10 +143,11 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
-    fuse: bool = False
+    fuse: bool = True
     """Train a round's clients together in-process, each its own adapter on one pass over the
     shared base (:func:`fedlora.train.train_fused`), where the method allows it
-    (:attr:`fedlora.clients.ClientHook.fuses`); false: one client at a time."""
+    (:attr:`fedlora.clients.ClientHook.fuses`); false: one client at a time (each client's
+    result is the same to the compute dtype's rounding, not bitwise)."""
     fuse_tokens: int = 4096
     """The most tokens one fused pass carries (``batch_size × model.max_length`` per client):
     how many clients share a pass; the rest of a round trains in further groups. The device's

@@ -168,7 +168,7 @@ def compare_command(args: argparse.Namespace) -> int:
     for name in names:  # validate every name before any run starts
         check(cfg.running(name))
         if args.engine == "flower":
-            from fedlora.flower.apps import check_flower
+            from fedlora.flower.strategy import check_flower
 
             check_flower(cfg.running(name))
     quiet_libraries(args.quiet)

@@ -30,31 +30,26 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.config import SINGLE_PARTY, ModelConfig, RunConfig, config_from_json, to_dict
+from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
 from fedlora.data import TaskKind, load_examples
-from fedlora.errors import ConfigError, FedloraError, UpdateError
-from fedlora.federation import FederationData, federation_data, server_party, server_rounds
+from fedlora.errors import ConfigError, UpdateError
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY, trusts_server
 from fedlora.flower.records import (
     array_part,
-    config_part,
-    content_device,
     content_plan,
-    content_result,
     factors_record,
     record_deltas,
     result_content,
-    task_content,
 )
-from fedlora.lora import BaseDelta, Expected, LoRAFactors
-from fedlora.methods import hook_for
+from fedlora.flower.strategy import FedLoRA, check_flower, server_data
+from fedlora.lora import BaseDelta, LoRAFactors
 from fedlora.models import QUANTIZATIONS, LoadedModel, load_configured
 from fedlora.precision import MergedBase
 from fedlora.privacy import withholds
@@ -62,12 +57,8 @@ from fedlora.ranks import client_ranks
 from fedlora.report import RunWriter
 from fedlora.rounds import (
     Client,
-    ClientInfo,
-    Failure,
-    LocalResult,
     PartyModel,
     RoundRecord,
-    Task,
 )
 from fedlora.weighting import client_id
 
@@ -90,22 +81,6 @@ def _server_main(grid: Grid, context: Context) -> None:
     serve(grid, cfg, Path(str(_run_value(context, OUT_KEY))), resume)
 
 
-def check_flower(cfg: RunConfig, resume: bool = False) -> None:
-    """Refuse what cannot run on Flower, before any process starts: the single-party reference
-    points, and resuming a method whose clients keep state on the nodes."""
-    if resume and hook_for(cfg.strategy).keeps_state:
-        raise ConfigError(
-            f"strategy {cfg.strategy!r} keeps client state on the nodes, which a new Flower run "
-            "starts without; a resumed run would not continue the same clients (run it again, "
-            "or in-process, where each client's state is a file of the run folder)"
-        )
-    if cfg.mode in SINGLE_PARTY:
-        raise ConfigError(
-            f"mode {cfg.mode!r} is a single-party reference point; run it in-process "
-            "(fedlora run without --engine flower)"
-        )
-
-
 def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` over the nodes of ``grid``; write the run folder ``out`` as ``fedlora run``
     does; return the summary. ``resume``: go on from ``out``'s checkpoint (written by either
@@ -116,22 +91,11 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     start = time.perf_counter()
     check_flower(cfg, resume)
     snapshot = resume_point(cfg, out) if resume else None
-    wait_s, timeout_s = cfg.flower.wait_nodes_s, cfg.flower.round_timeout_s
-    nodes = _wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
-    clients, node_of, examples, claims = _identify(grid, nodes, cfg, wait_s)
-    loaded = load_configured(cfg.model, cfg.seed)
-    data = _federation_data(json.dumps(to_dict(cfg)))
-    party = server_party(cfg, loaded, data.heldout, data.kind, False, data.scored)
-    params = sum(p.numel() for p in loaded.model.parameters())
-    rounds = server_rounds(cfg, clients, party, params)
-    for c in clients:  # a private node sent no count: the partition the server made its slot
-        examples.setdefault(c.cid, len(data.parts[c.index]))
-    rounds.examples.update(examples)  # each node's count, fixed when it joined
-    for cid, claim in claims.items():
-        rounds.flag(cid, claim)
-    rounds.assigned = {  # the nodes that train on the partition this server made them
-        c.cid for c in clients if examples[c.cid] == len(data.parts[c.index])
-    }
+    strategy = FedLoRA(cfg)
+    rounds = strategy.join(grid)
+    assert strategy.loaded is not None and strategy.data is not None
+    loaded, data, examples = strategy.loaded, strategy.data, strategy.examples
+    clients, node_of = strategy.clients, strategy.node_of
     writer = RunWriter(out, to_dict(cfg), snapshot[1]["rows"] if snapshot else ())
     if snapshot is not None:
         print(f"fedlora: resuming after round {snapshot[1]['round']}", flush=True)
@@ -145,9 +109,8 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
             flush=True,
         )
 
-    trained_on: set[str] = set()
     outcome = rounds.drive(
-        lambda tasks: _exchange(grid, tasks, node_of, timeout_s, rounds.shapes, trained_on),
+        lambda tasks: strategy.exchange(grid, tasks),
         checkpointing(writer, cfg),
         snapshot,
         clients_hold_nothing=True,  # the nodes of a new Flower run hold no merged updates
@@ -160,145 +123,13 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
     facts = {
         "heldout_examples": len(data.heldout),
         "device": str(loaded.device),
-        "client_devices": sorted(trained_on),
+        "client_devices": sorted(strategy.trained_on),
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
     }
-    summary = finish_run(cfg, writer, outcome, party, info, facts, start)
+    summary = finish_run(cfg, writer, outcome, rounds.party, info, facts, start)
     print(f"fedlora: run folder {out}", flush=True)
     return summary
-
-
-def _wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() > deadline:
-            raise FedloraError(
-                f"only {len(nodes)} of clients.num_clients = {count} nodes connected within "
-                f"{wait_s:.0f} s; start more SuperNodes or lower clients.num_clients"
-            )
-        time.sleep(1.0)
-
-
-def _identify(
-    grid: Grid, nodes: Sequence[int], cfg: RunConfig, timeout_s: float
-) -> tuple[list[ClientInfo], dict[str, int], dict[str, int], dict[str, str]]:
-    """Ask every node which client it is: the registered clients in index order, the node of
-    each, its number of examples (where it said) and, for a node that called itself by another
-    name than its slot's, what it claimed."""
-    messages = [Message(RecordDict(), node, "query") for node in nodes]
-    names = [f"node {n}" for n in nodes]
-    replies = _send(grid, messages, timeout_s, names)
-    by_index: dict[int, tuple[ClientInfo, int]] = {}
-    examples = {}
-    claims = {}
-    for node, reply in zip(nodes, replies, strict=True):
-        if isinstance(reply, Failure):
-            raise FedloraError(f"node {node} did not say which client it is: {reply.reason}")
-        rec = config_part(reply, "client", f"node {node}")
-        index = _int(rec.get("index"), "index", node)
-        if not 0 <= index < cfg.clients.num_clients:
-            raise ConfigError(
-                f"node {node} says partition-id {index}; expected 0 … {cfg.clients.num_clients - 1}"
-            )
-        alpha = rec.get("alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise UpdateError(f"node {node}: alpha must be a number > 0, got {alpha!r}")
-        # the slot's id is the server's (from the partition), never the name a node reports
-        info = ClientInfo(client_id(index), index, _int(rec.get("rank"), "rank", node, 1), alpha)
-        if info.index in by_index:
-            raise ConfigError(
-                f"nodes {by_index[info.index][1]} and {node} both say partition-id "
-                f"{info.index}; give each SuperNode its own --node-config partition-id"
-            )
-        by_index[info.index] = (info, node)
-        if rec.get("cid", info.cid) != info.cid:
-            claims[info.cid] = (
-                f"node {node} called itself {rec.get('cid')!r}; it is {info.cid}, the slot of "
-                f"its partition-id {info.index}"
-            )
-        if "examples" in rec:  # a private node does not say (serve() uses its partition's)
-            examples[info.cid] = _int(rec.get("examples"), "examples", node, 1)
-    missing = sorted(set(range(cfg.clients.num_clients)) - set(by_index))
-    if missing:
-        raise ConfigError(
-            f"no node has partition-id {missing[0]}; the {cfg.clients.num_clients} nodes need "
-            f"partition-id 0 … {cfg.clients.num_clients - 1}"
-        )
-    ordered = [by_index[i] for i in sorted(by_index)][: cfg.clients.num_clients]
-    node_of = {info.cid: node for info, node in ordered}
-    return [info for info, _ in ordered], node_of, examples, claims
-
-
-def _int(value: Any, key: str, node: int, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UpdateError(f"node {node}: {key} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _exchange(
-    grid: Grid,
-    tasks: Sequence[Task],
-    node_of: Mapping[str, int],
-    timeout_s: float,
-    shapes: Mapping[str, tuple[int, int]],
-    trained_on: set[str] | None = None,
-) -> list[LocalResult | Failure]:
-    """Send each task to its node as a ``train`` message; per task, in order, its result or why
-    there is none (the node failed, did not answer in time, or sent a malformed reply: every
-    array checked against the model's ``shapes`` and the task's rank before it is decoded). The
-    devices the nodes say they trained on are added to ``trained_on``."""
-    messages = [
-        Message(task_content(task), node_of[task.client.cid], "train", group_id=str(task.round))
-        for task in tasks
-    ]
-    replies = _send(grid, messages, timeout_s, [task.client.cid for task in tasks])
-    out: list[LocalResult | Failure] = []
-    for task, reply in zip(tasks, replies, strict=True):
-        if isinstance(reply, Failure):
-            out.append(reply)
-            continue
-        try:
-            expected = Expected(shapes, task.plan.rank)
-            result = content_result(reply, task.client.cid, expected)
-            device = content_device(reply, task.client.cid)
-        except UpdateError as exc:
-            out.append(Failure(f"rejected reply: {exc}"))
-            continue
-        out.append(result)
-        if device is not None and trained_on is not None:
-            trained_on.add(device)
-    return out
-
-
-def _send(
-    grid: Grid, messages: Sequence[Message], timeout_s: float, names: Sequence[str]
-) -> list[RecordDict | Failure]:
-    """Push ``messages`` and pull the replies for up to ``timeout_s``: per message, its reply's
-    content, or a :class:`Failure` saying the node failed or did not answer in time."""
-    ids = list(grid.push_messages(messages))
-    pending = {mid: i for i, mid in enumerate(ids) if mid}
-    out: dict[int, RecordDict | Failure] = {
-        i: Failure("Flower did not accept the message") for i, mid in enumerate(ids) if not mid
-    }
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            i = pending.pop(reply.metadata.reply_to_message_id)
-            if reply.has_error():
-                out[i] = Failure(f"its node failed: {reply.error.reason}")
-            else:
-                out[i] = reply.content
-        if pending and time.monotonic() > deadline:
-            for i in pending.values():
-                out[i] = Failure(f"no reply within {timeout_s:.0f} s")
-            break
-        if pending:
-            time.sleep(0.1)
-    return [out[i] for i in range(len(messages))]
 
 
 # --- client ---------------------------------------------------------------------------------
@@ -375,11 +206,6 @@ def _config_cached(text: str) -> RunConfig:
     return config_from_json(text, f"run config {CONFIG_KEY!r}")
 
 
-@functools.lru_cache(maxsize=2)
-def _federation_data(config_json: str) -> FederationData:
-    return federation_data(config_from_json(config_json, "the run's config"))
-
-
 def node_view(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
     """The run config as this node applies it. A node that does not :func:`trusts_server`
     keeps its own privacy: ``dp-clip-norm`` (its clip norm C, whatever the server says, so the
@@ -442,7 +268,7 @@ def node_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client,
             "partition of the server's data.source"
         )
     else:
-        data = _federation_data(json.dumps(to_dict(cfg)))
+        data = server_data(json.dumps(to_dict(cfg)))
         examples, kind = data.parts[index], data.kind
     return Client(client_id(index), index, rank, alpha, list(examples)), kind
 

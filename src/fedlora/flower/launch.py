@@ -36,7 +36,7 @@ from fedlora.config import RunConfig, to_dict
 from fedlora.devices import cuda_count, names_host, round_robin
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
-from fedlora.flower.apps import check_flower
+from fedlora.flower.strategy import check_flower
 
 CONNECTION = "fedlora"
 """The name of the SuperLink connection fedlora writes into ``FLWR_HOME/config.toml``."""
