@@ -77,7 +77,8 @@ def _gradients(dtype: torch.dtype) -> tuple[list[dict[str, Any]], list[dict[str,
     from fedlora.scoring import labelled_logits, token_cross_entropy
 
     with adapters.RowAdapters(peft_model) as rows:
-        rows.names = [n for n, count in zip(names, rows_of, strict=True) for _ in range(count)]
+        rows.assign([n for n, count in zip(names, rows_of, strict=True) for _ in range(count)],
+                    width)  # fmt: skip
         logits, targets, mask = labelled_logits(peft_model, fused_batch)
     fused, start, total = [], 0, None
     for count in rows_of:
@@ -318,3 +319,79 @@ def test_a_pass_carries_no_more_tokens_than_half_the_memory_left_holds(
     assert train.tokens_per_pass(model, TrainConfig(fuse_tokens=600), 64, False) == 600
     monkeypatch.setattr(devices, "total_memory_bytes", lambda _: resident)
     assert train.tokens_per_pass(model, TrainConfig(), 64, False) == 0
+
+
+def test_packing_keeps_each_clients_examples_in_rows_of_its_own() -> None:
+    from fedlora.data.encode import Encoded, pack
+
+    def ex(n: int, first_label: int) -> Encoded:
+        return Encoded(list(range(10, 10 + n)), [first_label] + [-100] * (n - 2) + [99])
+
+    groups = [[ex(3, 5), ex(3, 5), ex(6, 5)], [ex(2, 7)], [ex(5, 8), ex(5, 8)]]
+    batch, rows = pack(groups, pad_id=0)
+
+    assert rows == [2, 1, 2] and batch["input_ids"].shape == (5, 6)  # rows of the longest, 6
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 10, 11, 12]  # 3 + 3; 6 does not fit
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert batch["input_ids"][2].tolist() == [10, 11, 0, 0, 0, 0]  # padding: its own sequence
+    assert batch["position_ids"][2].tolist() == [0, 1, 0, 1, 2, 3]
+    # a sequence's first label is never a target, of it or of the sequence before it
+    assert batch["labels"][0].tolist() == [-100, -100, 99, -100, -100, 99]
+    assert int((batch["labels"] != -100).sum()) == 6  # each example's last token only
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_transformers_model_keeps_packed_sequences_apart_and_gives_their_logits(
+    kind: str,
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedlora.data.encode import pack
+    from fedlora.scoring import labelled_logits, packs_sequences
+
+    model, tokenizer = build_tiny(seed=0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                           vocab_size=len(tokenizer)))  # fmt: skip
+    model.eval()
+    groups = [encode(_examples(k), tokenizer, 48) for k in range(3)]
+    batch, _ = pack(groups, tokenizer.pad_token_id)
+
+    assert packs_sequences(model)
+    logits, targets, mask = labelled_logits(model, batch)
+
+    want_logits, want_targets = [], []
+    for group in groups:
+        got, t, m = labelled_logits(model, collate(group, tokenizer.pad_token_id))
+        want_logits.append(got[m])
+        want_targets.append(t[m])
+    assert bool(mask.all()) and torch.equal(targets[0], torch.cat(want_targets))
+    torch.testing.assert_close(logits[0], torch.cat(want_logits), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_lets_packed_sequences_see_each_other_is_not_packed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import masking_utils
+
+    from fedlora.scoring import packs_sequences
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda positions: None)
+    model, _ = build_tiny(seed=0)
+    model.train()
+    assert not packs_sequences(model)
+    assert model.training  # the probe ran in eval mode and restored the model's
+    assert model._fedlora_packs is False  # asked once, kept on the model
+
+
+def test_fused_training_without_packing_gives_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlora import train
+
+    monkeypatch.setattr(train, "packs_sequences", lambda model: False)  # the padded batch
+    overrides = ["strategy=flexlora", "clients.ranks=[8,4,2,4]", *SETTINGS]
+    fused, alone = _run(tmp_path, overrides, True), _run(tmp_path, overrides, False)
+    for a, b in zip(_rows(alone), _rows(fused), strict=True):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)

@@ -214,15 +214,23 @@ class RowAdapters:
     def names(self) -> list[str]:
         return self._names
 
-    @names.setter
-    def names(self, names: list[str]) -> None:
+    def assign(self, names: Sequence[str], width: int) -> None:
+        """Row ``i`` of the next batches (each ``width`` tokens wide) is adapter ``names[i]``'s;
+        each adapter's rows must be consecutive."""
         self._names = list(names)
         self._spans = []
         start = 0
         for i in range(1, len(names) + 1):
             if i == len(names) or names[i] != names[start]:
-                self._spans.append((names[start], slice(start, i)))
+                self._spans.append((names[start], slice(start * width, i * width)))
                 start = i
+
+    @property
+    def slices_every_layer(self) -> bool:
+        """Whether every LoRA layer takes its adapters' rows as slices (all are ``lora.Linear``),
+        so that a row may carry several sequences (:func:`fedlora.data.encode.pack`); PEFT's
+        own path for other layer types needs one adapter name per sequence."""
+        return not self._handles
 
     def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
         kwargs["adapter_names"] = self._names
@@ -231,18 +239,20 @@ class RowAdapters:
     def _forward(self, layer: Any) -> Any:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             result: torch.Tensor = layer.base_layer(x, *args, **kwargs)
+            tokens = x.reshape(-1, x.shape[-1])  # (B·T, d_in): each adapter's rows, one slice
+            out = result.reshape(-1, result.shape[-1])
             parts = []
-            for name, rows in self._spans:
+            for name, span in self._spans:
                 if name not in layer.lora_A:  # no adapter here: nothing added to these rows
-                    parts.append(result.new_zeros(result[rows].shape))
+                    parts.append(out.new_zeros(out[span].shape))
                     continue
                 A, B = layer.lora_A[name], layer.lora_B[name]
-                sub = layer.lora_dropout[name](x[rows].to(A.weight.dtype))
+                sub = layer.lora_dropout[name](tokens[span].to(A.weight.dtype))
                 parts.append((B(A(sub)) * layer.scaling[name]).to(result.dtype))
             # one add of the concatenated outputs: slices of x are views, and the backward of a
             # concatenation hands each client its rows' gradient (an in-place add per client
             # would clone the whole output's gradient once per client in the backward pass)
-            return result + torch.cat(parts, dim=0)
+            return (out + torch.cat(parts, dim=0)).reshape(result.shape)
 
         return forward
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedlora.data.encode import IGNORE_INDEX, Encoded, collate
-from fedlora.devices import is_cuda, to_host
+from fedlora.devices import HOST, is_cuda, to_host
 
 Choices = list[list[int]]
 """The token ids of each choice of one example, written as the response (end-of-turn included)."""
@@ -38,9 +38,16 @@ def labelled_logits(
     prompt. Returns ``logits (B, K, V)`` in the model's dtype, ``targets (B, K)`` and their
     ``mask (B, K)``, on the model's device. A model that ignores ``logits_to_keep`` gives every
     position; the kept ones are picked from them.
+
+    A packed batch (:func:`fedlora.data.encode.pack`: ``position_ids``, no ``attention_mask``;
+    only for a model that :func:`packs_sequences`) runs the LM head on the labelled positions
+    only, gathered row after row: ``logits (1, N, V)``, ``targets (1, N)`` and an all-true
+    ``mask`` for its ``N`` labels.
     """
     device = next(model.parameters()).device
     targets = batch["labels"][:, 1:]  # (B, T-1)
+    if "position_ids" in batch:
+        return _packed_logits(model, batch, targets, device)
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero()[:, 0]  # (K,)
     logits = model(
         input_ids=batch["input_ids"].to(device),
@@ -52,6 +59,72 @@ def labelled_logits(
         logits = logits[:, keep.to(device)]
     targets = targets[:, keep].to(device)
     return logits, targets, targets != IGNORE_INDEX
+
+
+def _packed_logits(
+    model: Any, batch: dict[str, torch.Tensor], targets: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`labelled_logits` of a packed batch: the hidden states the LM head receives are
+    gathered at the labelled positions first (a pre-forward hook on the output embeddings: what
+    the model does to the head's output, a scale or a soft cap, is element-wise and still
+    applies)."""
+    labelled = (targets != IGNORE_INDEX).to(device)  # (B, T-1)
+
+    def gather(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]  # (B, T, H): every position (logits_to_keep=0)
+        return (hidden[:, :-1][labelled][None], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            position_ids=batch["position_ids"].to(device),
+            logits_to_keep=0,
+            use_cache=False,
+        ).logits
+    finally:
+        handle.remove()
+    picked = targets.to(device)[labelled][None]  # (1, N)
+    return logits, picked, torch.ones_like(picked, dtype=torch.bool)
+
+
+def packs_sequences(model: Any) -> bool:
+    """Whether ``model`` keeps packed sequences apart (:func:`fedlora.data.encode.pack`).
+
+    Two short random sequences run alone, packed in one row (positions restarting), and joined
+    (positions running on, so the second sees the first). transformers' attention masks keep
+    packed sequences apart for the models built on its mask utilities (Llama, Qwen2, Mistral,
+    Gemma, GPT-2, …): the packed second sequence then differs from its run alone by rounding
+    only, a tenth of what joining it to the first changes, or less. A model that does not would
+    let a sequence attend to the one before it. Asked once per model (kept on its base model),
+    in eval mode without gradients; the model's mode is restored."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    known = getattr(base, "_fedlora_packs", None)
+    if known is not None:
+        return bool(known)
+    device = next(model.parameters()).device
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    gen = torch.Generator(device=HOST).manual_seed(0)
+    first, second = (torch.randint(vocab, (1, n), generator=gen, device=HOST) for n in (5, 7))
+    ids = torch.cat([first, second], dim=1).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=second.to(device), use_cache=False).logits
+            runs = []
+            for positions in (torch.cat([torch.arange(5), torch.arange(7)]), torch.arange(12)):
+                out = model(input_ids=ids, position_ids=positions[None].to(device), use_cache=False)
+                runs.append(float((out.logits[:, 5:] - alone).abs().max()))
+    except (TypeError, ValueError):  # a forward that takes no position_ids
+        packs = False
+    else:
+        packed, joined = runs
+        packs = packed <= 0.1 * joined
+    finally:
+        model.train(was_training)
+    base._fedlora_packs = packs
+    return packs
 
 
 def mean_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

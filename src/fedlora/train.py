@@ -7,7 +7,6 @@ accumulation and clipping, batches drawn from a seeded generator. Nothing global
 from __future__ import annotations
 
 import gc
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,8 +18,13 @@ from tqdm.auto import tqdm
 from fedlora import devices
 from fedlora.clients.base import Callbacks
 from fedlora.config import TrainConfig
-from fedlora.data.encode import Encoded, collate
-from fedlora.scoring import labelled_logits, mean_token_loss, token_cross_entropies
+from fedlora.data.encode import IGNORE_INDEX, Encoded, collate, pack
+from fedlora.scoring import (
+    labelled_logits,
+    mean_token_loss,
+    packs_sequences,
+    token_cross_entropies,
+)
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ def train_fused(
     steps = [num_steps(m.cfg, len(m.data)) for m in members]
     losses: list[list[torch.Tensor]] = [[] for _ in members]
     seen = [0] * len(members)
+    packed = rows.slices_every_layer and packs_sequences(model)
     was_training = model.training
     model.train()
     bar = tqdm(total=sum(steps), desc=progress, leave=False, disable=progress is None)
@@ -174,12 +179,17 @@ def train_fused(
         active = [k for k, n in enumerate(steps) if step < n]
         for _ in range(grad_accum):
             drawn = [next(streams[k]) for k in active]
-            rows.names = [members[k].adapter for k, b in zip(active, drawn, strict=True) for _ in b]
-            logits, targets, mask = labelled_logits(
-                model, collate([e for b in drawn for e in b], pad_id)
-            )
-            width = targets.shape[1]  # each member's rows, flattened, follow the last's
-            ends = list(itertools.accumulate(len(b) * width for b in drawn))
+            if packed:
+                fused, counts = pack(drawn, pad_id)
+            else:
+                fused = collate([e for b in drawn for e in b], pad_id)
+                counts = [len(b) for b in drawn]
+            names = [
+                members[k].adapter for k, n in zip(active, counts, strict=True) for _ in range(n)
+            ]
+            rows.assign(names, fused["input_ids"].shape[1])
+            logits, targets, mask = labelled_logits(model, fused)
+            ends = _member_ends(fused, counts, packed, targets.shape[1])
             per_member = token_cross_entropies(
                 logits.flatten(0, 1), targets.flatten(), mask.flatten(), ends
             )
@@ -265,6 +275,24 @@ def tokens_per_pass(model: Any, cfg: TrainConfig, seq_len: int, checkpointing: b
         model.config, frozen.element_size(), seq_len, checkpointing
     )
     return max(0, min(cfg.fuse_tokens, int(FUSE_MEMORY_SHARE * free) // per_token))
+
+
+def _member_ends(
+    batch: dict[str, torch.Tensor], rows: Sequence[int], packed: bool, kept: int
+) -> list[int]:
+    """Where each member's flattened targets end (:func:`fedlora.scoring.token_cross_entropies`),
+    its ``rows`` rows in turn: ``kept`` a row in a padded batch; in a packed one, the labels its
+    rows hold (gathered row after row)."""
+    if packed:
+        per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+    else:
+        per_row = [kept] * len(batch["labels"])
+    ends: list[int] = []
+    row = 0
+    for n in rows:
+        ends.append((ends[-1] if ends else 0) + sum(per_row[row : row + n]))
+        row += n
+    return ends
 
 
 def computes_in_float16(model: Any) -> bool:

@@ -135,6 +135,53 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack(
+    groups: Sequence[Sequence[Encoded]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Several groups' examples packed into rows without padding between them, each group in rows
+    of its own (in order, so each group's tokens are contiguous, row after row), and how many
+    rows each group has: ``input_ids``, ``labels`` and ``position_ids``, each ``(R, W)``.
+
+    Rows hold at most ``W`` tokens, the longest example's length (a row is never longer than
+    :func:`collate`'s); a group's examples fill its rows in order, a new row when the next one
+    does not fit. Each example's positions start at 0, which is how transformers' attention
+    masks tell packed sequences apart (given no ``attention_mask``:
+    ``find_packed_sequence_indices``), and its first label is dropped (-100): as the first token
+    it is never a target of its own sequence, and it must not become the target of the sequence
+    before it. The end of a row is padding (``pad_id``, labels -100, positions from 0: a
+    sequence of its own that nothing attends to). :func:`fedlora.scoring.labelled_logits` then
+    gives each example's logits as :func:`collate` would, to the compute dtype's rounding."""
+    examples = [e for group in groups for e in group]
+    if not examples:
+        raise ValueError("cannot pack an empty batch")
+    width = max(len(e.input_ids) for e in examples)
+    rows: list[list[Encoded]] = []
+    counts = []
+    for group in groups:
+        start = len(rows)
+        used = width
+        for e in group:
+            if used + len(e.input_ids) > width:
+                rows.append([])
+                used = 0
+            rows[-1].append(e)
+            used += len(e.input_ids)
+        counts.append(len(rows) - start)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=HOST)  # (R, W)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=HOST)
+    positions = torch.zeros((len(rows), width), dtype=torch.long, device=HOST)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids, dtype=torch.long, device=HOST)
+            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:], dtype=torch.long, device=HOST)
+            positions[r, at : at + n] = torch.arange(n, device=HOST)
+            at += n
+        positions[r, at:] = torch.arange(width - at, device=HOST)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}, counts
+
+
 def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
