@@ -379,8 +379,7 @@ class PartyModel:
                     Member(s.adapter, data, local, s.seed, adapters.trainable(model, s.adapter))
                     for _, local, data, s, _ in runs
                 ]
-                with adapters.RowAdapters(model) as rows:
-                    trained = train_fused(model, members, self.pad_id, rows, label)
+                trained = train_fused(model, members, self.pad_id, label)
             else:
                 _, local, data, session, _ = runs[0]
                 trained = [

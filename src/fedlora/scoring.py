@@ -14,6 +14,7 @@ can be repeated along the batch gets the full sequences.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -97,7 +98,9 @@ def packs_sequences(model: Any) -> bool:
     Gemma, GPT-2, …): the packed second sequence then differs from its run alone by rounding
     only, a tenth of what joining it to the first changes, or less. A model that does not would
     let a sequence attend to the one before it. Asked once per model (kept on its base model),
-    in eval mode without gradients; the model's mode is restored."""
+    in eval mode without gradients and without its adapters (call it before
+    :class:`fedlora.adapters.RowAdapters` takes over their forward); the model's mode is
+    restored."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     known = getattr(base, "_fedlora_packs", None)
     if known is not None:
@@ -109,8 +112,11 @@ def packs_sequences(model: Any) -> bool:
     ids = torch.cat([first, second], dim=1).to(device)
     was_training = model.training
     model.eval()
+    # the base alone (a PEFT model's adapters off): whether attention keeps sequences apart
+    peft = hasattr(model, "disable_adapter")
+    bare = model.disable_adapter() if peft else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bare:
             alone = model(input_ids=second.to(device), use_cache=False).logits
             runs = []
             for positions in (torch.cat([torch.arange(5), torch.arange(7)]), torch.arange(12)):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fedlora import devices
+from fedlora import adapters, devices
 from fedlora.clients.base import Callbacks
 from fedlora.config import TrainConfig
 from fedlora.data.encode import IGNORE_INDEX, Encoded, collate, pack
@@ -141,7 +141,6 @@ def train_fused(
     model: Any,
     members: Sequence[Member],
     pad_id: int,
-    rows: Any,
     progress: str | None = None,
 ) -> list[TrainResult]:
     """Train several clients' adapters on one model at once; per member, what
@@ -149,12 +148,15 @@ def train_fused(
 
     Each micro-batch concatenates one batch of every member still training (each from its own
     seeded stream, as :func:`train_local` draws them), runs the shared base once and each
-    adapter on its own rows only (``rows``: :class:`fedlora.adapters.RowAdapters`, PEFT's
-    mixed-adapter forward), and back-propagates the sum of the members' mean token losses:
+    adapter on its own rows only (:class:`fedlora.adapters.RowAdapters`, PEFT's mixed-adapter
+    forward), and back-propagates the sum of the members' mean token losses:
     member ``k``'s parameters touch only its rows, so its gradient is its loss's alone. Each
     member keeps its own AdamW, learning rate, gradient clipping and number of steps (one that
     has finished leaves the batch). Every member must share ``grad_accum`` (one micro-batch of
     each per pass); float16 (loss scaling) and client callbacks are :func:`train_local`'s only.
+    For a model that :func:`fedlora.scoring.packs_sequences`, each member's examples are packed
+    into rows of its own (:func:`fedlora.data.encode.pack`) and the LM head runs on the labelled
+    tokens only; otherwise every example is padded to the group's longest.
     """
     accum = {m.cfg.grad_accum for m in members}
     if len(accum) != 1:
@@ -162,6 +164,21 @@ def train_fused(
     (grad_accum,) = accum
     if computes_in_float16(model):
         raise ValueError("fused training does not take float16 (loss scaling): train each alone")
+    packs = packs_sequences(model)  # asked before RowAdapters takes over the adapters' forward
+    with adapters.RowAdapters(model) as rows:
+        return _train_fused(model, members, pad_id, rows, packs and rows.slices_every_layer,
+                            grad_accum, progress)  # fmt: skip
+
+
+def _train_fused(
+    model: Any,
+    members: Sequence[Member],
+    pad_id: int,
+    rows: adapters.RowAdapters,
+    packed: bool,
+    grad_accum: int,
+    progress: str | None,
+) -> list[TrainResult]:
     optimizers = [
         torch.optim.AdamW(m.params, lr=m.cfg.lr, weight_decay=m.cfg.weight_decay) for m in members
     ]
@@ -171,7 +188,6 @@ def train_fused(
     steps = [num_steps(m.cfg, len(m.data)) for m in members]
     losses: list[list[torch.Tensor]] = [[] for _ in members]
     seen = [0] * len(members)
-    packed = rows.slices_every_layer and packs_sequences(model)
     was_training = model.training
     model.train()
     bar = tqdm(total=sum(steps), desc=progress, leave=False, disable=progress is None)

@@ -147,8 +147,7 @@ def fused(
         Member(name, data[k], cfg, k, adapters.trainable(peft_model, name))
         for k, name in enumerate(names)
     ]
-    with adapters.RowAdapters(peft_model) as rows:
-        train_fused(peft_model, members, pad, rows)
+    train_fused(peft_model, members, pad)
     for name in names:
         adapters.read_factors(peft_model, name)
     model = adapters.detach(peft_model)
