@@ -29,6 +29,7 @@ from fedlora.flower.launch import (
     simulation_options,
 )
 from fedlora.flower.records import content_device, result_content
+from fedlora.flower.strategy import result_of
 from fedlora.lora import LoRAFactors
 from fedlora.rounds import ClientInfo, Failure, LocalPlan, LocalResult, Task
 
@@ -232,12 +233,11 @@ def test_the_server_collects_the_devices_of_accepted_replies(
         odd,
         RecordDict({"result": ConfigRecord({"loss": 1.0, "device": "cuda:9"})}),  # malformed
     ]
-    monkeypatch.setattr(apps, "_send", lambda grid, messages, timeout, names: replies)
     tasks = [Task(ClientInfo(f"c{k}", k, 4, 8.0), 1, LocalPlan(4), 0, [], 0) for k in range(5)]
     seen: set[str] = set()
 
-    node_of, shapes = {f"c{k}": k for k in range(5)}, {"m": (2, 3)}
-    out = apps._exchange(None, tasks, node_of, 1.0, shapes, seen)  # type: ignore[arg-type]
+    shapes = {"m": (2, 3)}
+    out = [result_of(t, r, shapes, seen) for t, r in zip(tasks, replies, strict=True)]
 
     assert [isinstance(r, Failure) for r in out] == [False, False, False, True, True]
     assert seen == {"cpu", "cuda:1"}
