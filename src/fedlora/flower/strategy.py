@@ -11,9 +11,8 @@ and the run folder.
 - **Joining** (the first :meth:`FedLoRA.configure_train`): it waits for
   ``clients.num_clients`` nodes and sends each a ``query`` message; a node answers which client
   it is (its ``partition-id``, rank, α and, unless private, example count:
-  :func:`fedlora.flower.apps.node_query`, or :func:`fedlora.flower.client_side.identity` in a
-  ClientApp of one's own). The server loads its own copy of the model (merged into, evaluated on
-  ``data.heldout``).
+  :func:`fedlora.flower.apps.node_query`, which fedlora's ClientApp runs). The server loads its
+  own copy of the model (merged into, evaluated on ``data.heldout``).
 - **A round**: :meth:`FedLoRA.configure_train` samples the clients and sends each a ``train``
   message with its plan (its rank's start, frozen components, the merged base updates it has not
   received, the method's options) and the ``config`` record Flower passes in (a DP wrapper's
@@ -33,7 +32,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -58,8 +57,8 @@ from fedlora.rounds import (
     Failure,
     FederatedRounds,
     LocalResult,
+    OnRound,
     RoundRecord,
-    Snapshot,
     Task,
 )
 from fedlora.weighting import client_id
@@ -101,7 +100,7 @@ class FedLoRA(Strategy):
     def __init__(
         self,
         cfg: RunConfig,
-        on_round: Callable[[RoundRecord, Snapshot], None] | None = None,
+        on_round: OnRound | None = None,
         loaded: LoadedModel | None = None,
     ) -> None:
         check_flower(cfg)
