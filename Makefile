@@ -11,8 +11,8 @@ run: setup
 	$(BIN)/fedlora run --out runs/default
 
 test: setup-dev
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

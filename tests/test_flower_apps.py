@@ -223,14 +223,14 @@ def test_a_gap_in_a_nodes_merged_updates_is_an_error() -> None:
     state = RecordDict({"base.0": factors_record(_delta()), "base.2": factors_record(_delta())})
 
     with pytest.raises(UpdateError, match=r"holds merged updates \[0, 2\], expected 0 … 1"):
-        apps._received_base(SimpleNamespace(state=state))  # type: ignore[arg-type]
+        apps.received_base(SimpleNamespace(state=state))  # type: ignore[arg-type]
 
 
 def test_a_nodes_merged_updates_come_back_in_order() -> None:
     first, second = _delta(), {"m": torch.full((2, 3), 2.0)}
     state = RecordDict({"base.1": factors_record(second), "base.0": factors_record(first)})
 
-    got = apps._received_base(SimpleNamespace(state=state))  # type: ignore[arg-type]
+    got = apps.received_base(SimpleNamespace(state=state))  # type: ignore[arg-type]
 
     assert isinstance(got[0]["m"], LoRAFactors) and torch.equal(got[1]["m"], second["m"])  # type: ignore[arg-type]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,20 +30,37 @@ def tiny(strategy: str, *extra: str) -> RunConfig:
     return load_config(TINY, [f"strategy={strategy}", f"clients.ranks={ranks}", *extra])
 
 
+Handler = Callable[[Message, Context], RecordDict]
+"""What a node answers a message with: its reply's content."""
+
+
+def fedloras_node(msg: Message, context: Context) -> RecordDict:
+    """fedlora's own ClientApp's answer."""
+    return apps.node_handle(msg.metadata.message_type, msg.content, context)
+
+
 class LocalGrid:
     """A Flower grid whose nodes answer in this process with fedlora's node handler (each its
     own Flower ``Context``); ``failing``: node ids whose replies to ``train`` are errors.
     Replies carry what a strategy reads of a Flower reply: the sender, the message answered,
     content or error."""
 
-    def __init__(self, cfg: RunConfig, failing: set[int] = frozenset()) -> None:  # type: ignore[assignment]
-        run_config = {CONFIG_KEY: json.dumps(to_dict(cfg))}
+    def __init__(
+        self,
+        cfg: RunConfig,
+        failing: set[int] = frozenset(),  # type: ignore[assignment]
+        handle: Handler | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        run_config = run_config or {CONFIG_KEY: json.dumps(to_dict(cfg))}
+        n = cfg.clients.num_clients
         self.contexts = {
-            100 + k: Context(1, 100 + k, {"partition-id": k, "trust-server": True}, RecordDict(),
+            100 + k: Context(1, 100 + k, {"partition-id": k, "num-partitions": n}, RecordDict(),
                              run_config)  # type: ignore[arg-type]
-            for k in range(cfg.clients.num_clients)
+            for k in range(n)
         }  # fmt: skip
         self.failing = failing
+        self.handle = handle or fedloras_node
         self.sent: list[Message] = []
         self._ids = itertools.count()
         self._replies: dict[str, Any] = {}
@@ -58,7 +76,7 @@ class LocalGrid:
         if node in self.failing and msg.metadata.message_type == "train":
             error = SimpleNamespace(reason="the node's process was killed")
         else:
-            content = apps.node_handle(msg.metadata.message_type, msg.content, self.contexts[node])
+            content = self.handle(msg, self.contexts[node])
         meta = SimpleNamespace(src_node_id=node, reply_to_message_id=mid)
         return SimpleNamespace(metadata=meta, content=content, error=error,
                                has_error=lambda: error is not None)  # fmt: skip
@@ -137,3 +155,107 @@ def test_a_node_that_fails_fails_its_client_and_the_round_goes_on(tmp_path: Path
         assert "client-0001" not in record.clients and len(record.clients) == 2
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert all(m.content[CONFIG_RECORD]["x"] == 1 for m in trains)
+
+
+# --- fedlora's methods in a Flower user's own ClientApp (fedlora.flower.client_side) -----------
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "flowertune-fedlora"
+
+# the tiny config (configs/tiny.toml) in the example's FlowerTune keys
+TINY_RUN_CONFIG: dict[str, Any] = {
+    "model.name": "tiny-llama",
+    "fedlora.model.dtype": "float32",
+    "train.seq-length": 64,
+    "dataset.name": "chatterbot",
+    "fedlora.data.limit": 200,
+    "dataset.heldout": 16,
+    "strategy.num-clients": 3,
+    "model.lora.peft-lora-r": "8,4,2",
+    "train.learning-rate": 3e-3,
+    "train.max-steps": 3,
+    "train.per-device-train-batch-size": 4,
+    "fedlora.train.fuse": False,
+    "fedlora.eval.batch_size": 16,
+    "num-server-rounds": 2,
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def example() -> Any:
+    """The example app's modules (``flowertune_fedlora``), imported from examples/."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        return SimpleNamespace(
+            client=importlib.import_module("flowertune_fedlora.client_app"),
+            task=importlib.import_module("flowertune_fedlora.task"),
+        )
+    finally:
+        sys.path.remove(str(EXAMPLE))
+
+
+def example_node(example: Any) -> Handler:
+    """The example's ClientApp functions as a node's answer."""
+
+    def handle(msg: Message, context: Context) -> RecordDict:
+        kind = msg.metadata.message_type
+        return getattr(example.client, kind)(msg, context).content  # type: ignore[no-any-return]
+
+    return handle
+
+
+def test_the_examples_run_config_is_the_tiny_config(example: Any) -> None:
+    got = example.task.fedlora_config({**TINY_RUN_CONFIG, "strategy.name": "flexlora"})
+    assert to_dict(got) == to_dict(tiny("flexlora"))
+    with pytest.raises(ValueError, match=r"run config key 'train.lr' is neither"):
+        example.task.fedlora_config({**TINY_RUN_CONFIG, "train.lr": 0.1})
+
+
+@pytest.mark.parametrize("strategy", ["flora", "flexlora", "hafl-freeze"])
+def test_a_users_clientapp_with_the_two_calls_runs_the_method_as_fedloras_engine(
+    strategy: str, example: Any, tmp_path: Path
+) -> None:
+    run_config = {**TINY_RUN_CONFIG, "strategy.name": strategy}
+    cfg = example.task.fedlora_config(run_config)
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    snapshots = []
+    fed = FedLoRA(cfg, on_round=lambda record, snapshot: snapshots.append(snapshot))
+    grid = LocalGrid(cfg, handle=example_node(example), run_config=run_config)
+
+    fed.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
+
+    rows = _rows(tmp_path / "inprocess")
+    for record, row in zip(fed.records, rows, strict=True):
+        assert record.clients == row.get("clients", [])
+        assert record.metrics["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
+    want = load_file(str(tmp_path / "inprocess" / "checkpoint.safetensors"))
+    got = snapshots[-1][0]
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # the ranks came from the run config, node k taking entry k of "8,4,2"
+    assert [c.rank for c in fed.clients] == [8, 4, 2]
+    fed.save_adapter(tmp_path / "adapter")
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    inprocess = load_file(str(tmp_path / "inprocess" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(adapter) == sorted(inprocess)
+    for key, value in inprocess.items():
+        torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_clientapp_with_its_own_trainer_trains_every_round(example: Any) -> None:
+    """transformers' Trainer between the two calls: every client delivers every round, and the
+    global model's held-out loss falls from the base model's."""
+    run_config = {**TINY_RUN_CONFIG, "strategy.name": "flexlora", "train.trainer": "hf"}
+    cfg = example.task.fedlora_config(run_config)
+    fed = FedLoRA(cfg)
+    grid = LocalGrid(cfg, handle=example_node(example), run_config=run_config)
+
+    fed.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
+
+    assert [len(r.clients) for r in fed.records[1:]] == [3, 3]
+    assert all(not r.failed for r in fed.records)
+    assert fed.records[-1].metrics["loss"] < fed.records[0].metrics["loss"]

@@ -16,20 +16,21 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import torch
 
 from fedlora import adapters, devices, privacy, seeds
 from fedlora.checkpoint import put_deltas, take_deltas, take_factors
-from fedlora.clients import Callbacks, ClientState, LocalPlan, Session
+from fedlora.clients import ClientState, LocalPlan, Session, Upload
 from fedlora.comm import BYTES_PER_PARAM, Traffic, delta_params, factor_params
 from fedlora.config import RunConfig, TrainConfig
 from fedlora.data import Example, TaskKind
 from fedlora.data.encode import LazyEncoded
 from fedlora.errors import UpdateError
 from fedlora.evaluate import evaluate
+from fedlora.local import finish_upload, open_adapters
 from fedlora.lora import (
     BaseDelta,
     ClientUpdate,
@@ -92,6 +93,27 @@ class LocalResult:
         says nothing of pruning)."""
         kept = self.kept or {name: f.rank for name, f in self.factors.items()}
         return sum(kept.values()) / len(kept)
+
+    @classmethod
+    def of(
+        cls,
+        upload: Upload,
+        loss: float | None,
+        num_examples: int | None,
+        personal: dict[str, float] | None = None,
+        own: dict[str, LoRAFactors] | None = None,
+    ) -> LocalResult:
+        """A client's result from what it uploads (:func:`fedlora.local.finish_upload`)."""
+        return cls(
+            upload.factors,
+            loss,
+            upload.importance,
+            upload.kept,
+            num_examples,
+            upload.next_rank,
+            personal or {},
+            own,
+        )
 
 
 @dataclass(frozen=True)
@@ -342,34 +364,15 @@ class PartyModel:
                 job.state,
                 job.client.cid if together else adapters.ADAPTER,
             )
-            runs.append((job, local, data, session, hook_for(cfg.strategy)(session)))
+            runs.append((job, local, data, session))
         if together and not self.fuses([job.plan for job in jobs]):
             raise ValueError("train_together: these clients train one at a time (fuses())")
-        private = cfg.privacy.clip_norm > 0
-        model = self.model
-        befores: list[dict[str, LoRAFactors] | None] = []
+        opened = open_adapters(self.model, [run[3] for run in runs], together)
+        model = opened.model
         uploads = []
         personals: list[dict[str, float]] = []
         owns: list[dict[str, LoRAFactors] | None] = []
         try:
-            for job, _, _, session, hook in runs:
-                model = hook.attach(model)
-                if job.plan.start:
-                    adapters.write_factors(model, job.plan.start, session.adapter)
-                if job.plan.frozen:
-                    adapters.add_frozen(model, job.plan.frozen)
-            if cfg.model.gradient_checkpointing:
-                adapters.checkpoint_activations(model)
-            if together:
-                adapters.train_adapters(model, [run[3].adapter for run in runs])
-            callbacks = [hook.prepare(model) for *_, hook in runs]
-            if together and any(c != Callbacks() for c in callbacks):
-                raise ValueError(
-                    f"{cfg.strategy}'s client hook says it fuses but returns callbacks, which "
-                    "only one-at-a-time training calls; set its fuses = False"
-                )
-            for *_, session, _ in runs:
-                befores.append(adapters.read_factors(model, session.adapter) if private else None)
             label = None
             if self.progress:
                 names = ", ".join(f"{j.client.cid} (r={j.plan.rank})" for j, *_ in runs)
@@ -377,51 +380,30 @@ class PartyModel:
             if together:
                 members = [
                     Member(s.adapter, data, local, s.seed, adapters.trainable(model, s.adapter))
-                    for _, local, data, s, _ in runs
+                    for _, local, data, s in runs
                 ]
                 trained = train_fused(model, members, self.pad_id, label)
             else:
-                _, local, data, session, _ = runs[0]
+                _, local, data, session = runs[0]
+                callbacks = opened.callbacks[0]
                 trained = [
-                    train_local(model, data, local, self.pad_id, session.seed, label, callbacks[0])
+                    train_local(model, data, local, self.pad_id, session.seed, label, callbacks)
                 ]
-            for job, *_, hook in runs:
+            for (job, *_), hook in zip(runs, opened.hooks, strict=True):
                 upload = hook.read(model)
                 scored = job.plan.score and bool(self.heldout)
                 uploads.append(upload)
                 personals.append(self.evaluate() if scored else {})
                 owns.append(upload.factors if scored else None)
         finally:
-            self.model = adapters.detach(model) if model is not self.model else model
+            self.model = adapters.detach(model)
         results = []
-        for (job, _, _, _, hook), upload, before, result, personal, own in zip(
-            runs, uploads, befores, trained, personals, owns, strict=True
+        for (job, *_), hook, upload, before, result, personal, own in zip(
+            runs, opened.hooks, uploads, opened.befores, trained, personals, owns, strict=True
         ):
-            if before is not None:  # noised before anything else reads the factors
-                noise = privacy.noise_generator(cfg.privacy, t, job.client.index)
-                sent = hook.sent(job.plan.options)
-                factors, norm = privacy.privatize(before, upload.factors, cfg.privacy, noise, sent)
-                upload = replace(upload, factors=factors)
-                log.debug(
-                    "round %d: %s's update norm %.4g, clip norm %g",
-                    t,
-                    job.client.cid,
-                    norm,
-                    cfg.privacy.clip_norm,
-                )
-            upload = hook.finish(upload)
-            results.append(
-                LocalResult(
-                    upload.factors,
-                    None if privacy.withholds(cfg.privacy) else result.loss,
-                    upload.importance,
-                    upload.kept,
-                    len(job.client.examples),
-                    upload.next_rank,
-                    personal,
-                    own,
-                )
-            )
+            upload = finish_upload(hook, upload, before, job.client.index)
+            loss = None if privacy.withholds(cfg.privacy) else result.loss
+            results.append(LocalResult.of(upload, loss, len(job.client.examples), personal, own))
         return results
 
     def fuses(self, plans: Sequence[LocalPlan]) -> bool:

@@ -9,6 +9,10 @@ CONFIG_KEY = "fedlora-config"
 """The Flower run-config key that carries the resolved fedlora config as JSON."""
 OUT_KEY = "out"
 """The run-config key that carries the run folder on the server's host."""
+FEDLORA_RECORD = "fedlora"
+"""The key of the record every message of :class:`fedlora.flower.strategy.FedLoRA` carries:
+``config``, the run's fedlora config as JSON (what :mod:`fedlora.flower.client_side` trains
+by)."""
 RESUME_KEY = "resume"
 """The run-config key that says whether the ServerApp resumes the run folder's checkpoint."""
 

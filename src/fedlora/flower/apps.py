@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def node_train(content: RecordDict, context: Context) -> RecordDict:
     plan, t, base = content_plan(content)
     for i, delta in base.items():  # keep every merged update this node has received
         context.state[f"base.{i}"] = factors_record(delta)
-    _restore_base(party, _received_base(context))
+    restore_base(party.base, party.shapes, received_base(context))
     result = party.train(client, plan, t, state=NodeState(context))
     if withholds(cfg.privacy):  # its loss is None already; its count stays here too
         result = dataclasses.replace(result, num_examples=None)
@@ -318,7 +318,7 @@ def node_party(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, 
     return client, PartyModel(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
 
 
-def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
+def received_base(context: Context) -> list[dict[str, BaseDelta]]:
     """The merged base updates this node holds, in order; a gap is an error."""
     keys = sorted(int(k.split(".", 1)[1]) for k in context.state if k.startswith("base."))
     if keys != list(range(len(keys))):
@@ -329,10 +329,12 @@ def _received_base(context: Context) -> list[dict[str, BaseDelta]]:
     ]
 
 
-def _restore_base(party: PartyModel, deltas: list[dict[str, BaseDelta]]) -> None:
-    """Target weights back to the pristine base, then every merged update in order (the server
-    merged the same updates in the same order with the same float32 arithmetic, so both hold
-    the same base, bitwise)."""
-    party.base.reset(list(party.shapes))
+def restore_base(
+    base: MergedBase, names: Iterable[str], deltas: list[dict[str, BaseDelta]]
+) -> None:
+    """The weights of modules ``names`` back to the pristine base, then every merged update in
+    order (the server merged the same updates in the same order with the same float32
+    arithmetic, so both hold the same base, bitwise)."""
+    base.reset(list(names))
     for delta in deltas:
-        party.merge(delta)
+        base.merge(delta)

@@ -98,6 +98,8 @@ def task_content(task: Task) -> RecordDict:
             "plan": ConfigRecord(
                 {
                     "client": task.client.cid,
+                    "index": task.client.index,
+                    "alpha": float(task.client.alpha),
                     "round": task.round,
                     "rank": plan.rank,
                     "base_from": task.base_from,

@@ -33,6 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -42,6 +43,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.config import SINGLE_PARTY, RunConfig, config_from_json, to_dict
 from fedlora.errors import ConfigError, FedloraError, UpdateError
 from fedlora.federation import FederationData, federation_data, server_party, server_rounds
+from fedlora.flower import FEDLORA_RECORD
 from fedlora.flower.records import (
     config_part,
     content_device,
@@ -184,6 +186,19 @@ class FedLoRA(Strategy):
         log.info("\t├── clients: %d, %.0f %% a round", c.num_clients, 100 * c.fraction)
         log.info("\t└── weighting: %s", self.cfg.weighting)
 
+    def save_adapter(self, folder: Path) -> Path:
+        """Write the global result (:meth:`fedlora.rounds.FederatedRounds.export`: for a method
+        that merges into the base, every merged update with the global adapter) as a PEFT
+        adapter folder that ``PeftModel.from_pretrained`` loads on the base model."""
+        from fedlora import adapters
+        from fedlora.models import published_name
+
+        rounds = self._joined()
+        factors, _ = rounds.export()
+        model = rounds.party.model
+        base_name = published_name(self.cfg.model.name)
+        return adapters.export_adapter(model, factors, self.cfg.model.targets, folder, base_name)
+
     # --- the pieces fedlora's own ServerApp shares -------------------------------------------
 
     def join(self, grid: Grid) -> FederatedRounds:
@@ -194,7 +209,8 @@ class FedLoRA(Strategy):
         cfg = self.cfg
         wait_s = cfg.flower.wait_nodes_s
         nodes = wait_for_nodes(grid, cfg.clients.num_clients, wait_s)
-        clients, node_of, examples, claims = identify(grid, nodes, cfg, wait_s)
+        query = RecordDict({FEDLORA_RECORD: self.config_record()})
+        clients, node_of, examples, claims = identify(grid, nodes, cfg, wait_s, query)
         loaded = self.loaded = self.loaded or load_configured(cfg.model, cfg.seed)
         data = self.data = server_data(json.dumps(to_dict(cfg)))
         party = server_party(cfg, loaded, data.heldout, data.kind, False, data.scored)
@@ -218,6 +234,7 @@ class FedLoRA(Strategy):
         out = []
         for task in tasks:
             content = task_content(task)
+            content[FEDLORA_RECORD] = self.config_record()
             if config is not None:
                 content[CONFIG_RECORD] = config
             node = self.node_of[task.client.cid]
@@ -236,6 +253,11 @@ class FedLoRA(Strategy):
         for task, content in zip(tasks, contents, strict=True):
             out.append(result_of(task, content, shapes, self.trained_on))
         return out
+
+    def config_record(self) -> ConfigRecord:
+        """The run's config as every message carries it (:data:`FEDLORA_RECORD`): what a node
+        that runs :mod:`fedlora.flower.client_side` trains by."""
+        return ConfigRecord({"config": json.dumps(to_dict(self.cfg), sort_keys=True)})
 
     def exchange(self, grid: Grid, tasks: Sequence[Task]) -> list[LocalResult | Failure]:
         """Send ``tasks`` and wait up to ``flower.round_timeout_s`` for the replies
@@ -311,12 +333,17 @@ def wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
 
 
 def identify(
-    grid: Grid, nodes: Sequence[int], cfg: RunConfig, timeout_s: float
+    grid: Grid,
+    nodes: Sequence[int],
+    cfg: RunConfig,
+    timeout_s: float,
+    query: RecordDict | None = None,
 ) -> tuple[list[ClientInfo], dict[str, int], dict[str, int], dict[str, str]]:
-    """Ask every node which client it is: the registered clients in index order, the node of
-    each, its number of examples (where it said) and, for a node that called itself by another
-    name than its slot's, what it claimed."""
-    messages = [Message(RecordDict(), node, "query") for node in nodes]
+    """Ask every node which client it is (a ``query`` message with ``query`` as content): the
+    registered clients in index order, the node of each, its number of examples (where it said)
+    and, for a node that called itself by another name than its slot's, what it claimed. A node
+    that names no α gets its rank's by ``clients.alpha``."""
+    messages = [Message(query or RecordDict(), node, "query") for node in nodes]
     names = [f"node {n}" for n in nodes]
     replies = send(grid, messages, timeout_s, names)
     by_index: dict[int, tuple[ClientInfo, int]] = {}
@@ -331,11 +358,12 @@ def identify(
             raise ConfigError(
                 f"node {node} says partition-id {index}; expected 0 … {cfg.clients.num_clients - 1}"
             )
-        alpha = rec.get("alpha")
+        rank = _int(rec.get("rank"), "rank", node, 1)
+        alpha = rec.get("alpha", cfg.clients.alpha_for(rank))
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise UpdateError(f"node {node}: alpha must be a number > 0, got {alpha!r}")
         # the slot's id is the server's (from the partition), never the name a node reports
-        info = ClientInfo(client_id(index), index, _int(rec.get("rank"), "rank", node, 1), alpha)
+        info = ClientInfo(client_id(index), index, rank, float(alpha))
         if info.index in by_index:
             raise ConfigError(
                 f"nodes {by_index[info.index][1]} and {node} both say partition-id "
