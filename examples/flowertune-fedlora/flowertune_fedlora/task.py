@@ -3,7 +3,7 @@
 FlowerTune apps read ``model.*``, ``dataset.*``, ``train.*``, ``strategy.*`` and
 ``num-server-rounds`` from the run config. :func:`fedlora_config` maps those keys onto a fedlora
 config, which the server's strategy runs by (and sends to every node with each message). Any
-other fedlora setting is a ``fedlora.``-prefixed key (``fedlora.model.dtype = "float32"``).
+other fedlora setting goes into ``fedlora.set`` (``"model.dtype=float32 data.limit=200"``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ FLOWERTUNE_KEYS = {
 """FlowerTune run-config key → fedlora config key."""
 LISTS = {"model.lora.peft-lora-r": "clients.ranks", "model.lora.target-modules": "model.targets"}
 """Run-config keys that hold a comma-separated list (a single rank is a list of one)."""
+SET_KEY = "fedlora.set"
+"""Any other fedlora settings, as ``fedlora run --set`` takes them: ``key=value`` items
+separated by spaces (``"model.dtype=float32 data.limit=200"``)."""
 APP_KEYS = {"train.trainer", "save-path"}
 """This app's own keys, not fedlora's."""
 
@@ -60,13 +63,11 @@ def _config(text: str) -> RunConfig:
             overrides.append(f"{LISTS[key]}={json.dumps(items)}")
         elif key in FLOWERTUNE_KEYS:
             overrides.append(f"{FLOWERTUNE_KEYS[key]}={json.dumps(value)}")
-        elif key.startswith("fedlora."):
-            overrides.append(f"{key.removeprefix('fedlora.')}={json.dumps(value)}")
+        elif key == SET_KEY:
+            overrides += str(value).split()
         else:
-            known = sorted([*FLOWERTUNE_KEYS, *LISTS, *APP_KEYS])
-            raise ValueError(
-                f"run config key {key!r} is neither one of {', '.join(known)} nor fedlora.*"
-            )
+            known = sorted([*FLOWERTUNE_KEYS, *LISTS, *APP_KEYS, SET_KEY])
+            raise ValueError(f"run config key {key!r} is not one of {', '.join(known)}")
     return load_config(None, overrides)
 
 

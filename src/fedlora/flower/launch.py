@@ -336,12 +336,16 @@ def flwr_run(
     federation_config: str | None = None,
     log: TextIO | None = None,
     timeout_s: float | None = None,
+    run_config: str | None = None,
 ) -> str:
-    """``flwr run APP CONNECTION --stream``; the run's final status from ``flwr ls`` (``flwr run
-    --stream`` exits 0 even when the run failed)."""
+    """``flwr run APP CONNECTION --stream`` (``run_config``: its ``--run-config`` overrides);
+    the run's final status from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run
+    failed)."""
     argv = ["flwr", "run", str(app), connection, "--stream"]
     if federation_config:
         argv += ["--federation-config", federation_config]
+    if run_config:
+        argv += ["--run-config", run_config]
     env = flower_env(home)
     try:
         subprocess.run(
