@@ -14,9 +14,14 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 from safetensors.torch import load_file
 
 from fedlora.config import RunConfig, load_config, to_dict
+from fedlora.errors import ConfigError
 from fedlora.experiment import run_experiment
 from fedlora.flower import CONFIG_KEY, apps
 from fedlora.flower.launch import Processes, flwr_run, free_port, node_config_arg, write_connection
@@ -292,3 +297,79 @@ def test_flwr_run_of_the_flowertune_example_equals_the_inprocess_engine(
     rounds = json.loads((out / "metrics.json").read_text())
     losses = [row["eval_loss"] for row in _rows(tmp_path / "inprocess")]
     assert [r["eval_loss"] for r in rounds] == pytest.approx(losses, rel=1e-5)
+
+
+def test_flowers_dp_wrapper_is_refused_with_why_and_what_instead() -> None:
+    """Flower's client-side DP wrapper noises arrays FedLoRA does not train from: refused
+    before any node trains, never a run that looks private and is not."""
+    cfg = tiny("flora")
+    grid = LocalGrid(cfg)
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        FedLoRA(cfg), noise_multiplier=1.0, clipping_norm=0.5, num_sampled_clients=3
+    )
+
+    refused = r"(?s)wrappers cannot wrap FedLoRA.*\[privacy\] clip_norm"
+    with pytest.raises(ConfigError, match=refused):
+        dp.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
+
+    assert not [m for m in grid.sent if m.metadata.message_type == "train"]
+
+
+def test_a_wrapper_that_changes_the_global_adapter_between_rounds_is_refused() -> None:
+    """Anything that noises or clips the arrays aggregate_train returned (Flower passes them
+    back to configure_train) is refused at the next round."""
+    cfg = tiny("flora")
+    fed = FedLoRA(cfg)
+    grid = LocalGrid(cfg)
+    fed.configure_train(1, ArrayRecord(), ConfigRecord(), grid)  # type: ignore[arg-type]
+    replies = grid.send_and_receive(list(fed.messages(fed._tasks)), 60)
+    arrays, _ = fed.aggregate_train(1, replies)
+    assert arrays is not None
+    tensors = arrays.to_torch_state_dict()
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + 1e-3  # a wrapper's noise
+
+    with pytest.raises(ConfigError, match=r"differs from the one its aggregate_train returned"):
+        fed.configure_train(2, ArrayRecord(tensors), ConfigRecord(), grid)  # type: ignore[arg-type]
+    fed.configure_train(2, arrays, ConfigRecord(), grid)  # type: ignore[arg-type]  # unchanged: fine
+
+
+def test_flowers_server_side_dp_wrapper_fails_before_any_aggregation() -> None:
+    """The server-side wrapper clips each reply against the one ArrayRecord it sent, which a
+    reply at its client's own rank does not match: Flower's own clipping fails in round 1,
+    before FedLoRA aggregates anything (docs/flower.md)."""
+    cfg = tiny("flora")
+    fed = FedLoRA(cfg)
+    dp = DifferentialPrivacyServerSideFixedClipping(
+        fed, noise_multiplier=1.0, clipping_norm=0.5, num_sampled_clients=3
+    )
+
+    with pytest.raises(ValueError, match="zip"):
+        dp.start(LocalGrid(cfg), ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
+
+    assert [r.round for r in fed.records] == [0]
+
+
+def test_fedloras_own_privacy_in_a_users_clientapp_equals_the_inprocess_engine(
+    example: Any, tmp_path: Path
+) -> None:
+    """What fedlora offers instead of the wrappers: each client clips and noises its own update
+    before it leaves (a seeded noise here, so both engines draw the same)."""
+    private = "privacy.clip_norm=0.05 privacy.noise_multiplier=0.5 privacy.noise_seed=7"
+    run_config = {**TINY_RUN_CONFIG, "strategy.name": "flexlora"}
+    run_config["fedlora.set"] += " " + private
+    cfg = example.task.fedlora_config(run_config)
+    assert cfg.privacy.clip_norm == 0.05
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    snapshots = []
+    fed = FedLoRA(cfg, on_round=lambda record, snapshot: snapshots.append(snapshot))
+    grid = LocalGrid(cfg, handle=example_node(example), run_config=run_config)
+
+    fed.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
+
+    want = load_file(str(tmp_path / "inprocess" / "checkpoint.safetensors"))
+    got = snapshots[-1][0]
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # a private client sends neither its loss nor its example count
+    assert fed.records[1].train_loss is None

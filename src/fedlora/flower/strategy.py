@@ -39,6 +39,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedlora.config import SINGLE_PARTY, RunConfig, config_from_json, to_dict
 from fedlora.errors import ConfigError, FedloraError, UpdateError
@@ -121,6 +122,8 @@ class FedLoRA(Strategy):
         self.trained_on: set[str] = set()
         """The devices the nodes said they trained on."""
         self._tasks: list[Task] = []
+        self._returned: ArrayRecord | None = None
+        """The global adapter :meth:`aggregate_train` returned last."""
 
     # --- Flower's Strategy ----------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class FedLoRA(Strategy):
     ) -> Iterable[Message]:
         """Round ``server_round``'s ``train`` messages, one per sampled client (joining the nodes
         and recording round 0 first, the first time)."""
+        check_unwrapped(config, arrays, self._returned)
         rounds = self.join(grid)
         if not self.records:
             self._record(rounds.flagging(rounds.start()), rounds)
@@ -165,7 +169,8 @@ class FedLoRA(Strategy):
             record = rounds.skipped(server_round, failed, 1, reason)
         self._record(rounds.close(record), rounds)
         factors, _ = rounds.export()
-        return factors_record(factors), MetricRecord(round_metrics(record))
+        self._returned = factors_record(factors)
+        return self._returned, MetricRecord(round_metrics(record))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -275,6 +280,43 @@ class FedLoRA(Strategy):
         self.records.append(record)
         if self.on_round is not None:
             self.on_round(record, rounds.snapshot())
+
+
+DP_WRAPPERS = (
+    "Flower's differential-privacy wrappers cannot wrap FedLoRA: they clip the difference "
+    "between the one ArrayRecord a train message carries and the one its reply carries (a "
+    "fedlora client replies at its own rank, with factors whose shapes differ from the global "
+    "adapter's), and they add noise to the arrays aggregate_train returns, which FedLoRA does "
+    "not train from (each method's state is its own: FLoRA's merged updates, FlexLoRA's full-size "
+    "update), so the noise would never reach the clients and the run would not be private. Use "
+    "fedlora's client-level privacy instead: [privacy] clip_norm and noise_multiplier in the "
+    "run's config (each client clips its update and adds Gaussian noise before its reply leaves "
+    "it; a node's own node config dp-clip-norm / dp-noise-multiplier holds whatever the server "
+    "says), which every fedlora method supports"
+)
+"""Why :func:`check_unwrapped` refuses a DP wrapper (docs/flower.md says it too)."""
+
+
+def check_unwrapped(
+    config: ConfigRecord, arrays: ArrayRecord, returned: ArrayRecord | None
+) -> None:
+    """Refuse a round that a strategy wrapper has changed under FedLoRA: a ``config`` that
+    carries Flower's DP clipping norm (``DifferentialPrivacyClientSideFixedClipping``), or
+    ``arrays`` passed back that differ from the global adapter FedLoRA ``returned`` last round
+    (a wrapper that noises or clips them: FedLoRA trains from its own exact state, so the
+    change would not reach the clients)."""
+    if KEY_CLIPPING_NORM in config:
+        raise ConfigError(DP_WRAPPERS)
+    if returned is None:
+        return
+    same = list(arrays.keys()) == list(returned.keys()) and all(
+        arrays[key].numpy().tobytes() == returned[key].numpy().tobytes() for key in returned
+    )
+    if not same:
+        raise ConfigError(
+            "the global adapter passed back to FedLoRA.configure_train differs from the one "
+            "its aggregate_train returned: a wrapper changed it. " + DP_WRAPPERS
+        )
 
 
 def round_metrics(record: RoundRecord) -> dict[str, int | float | list[int] | list[float]]:
