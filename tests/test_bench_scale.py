@@ -45,3 +45,28 @@ def test_too_little_data_for_full_batches_is_refused(
     argv += ["--out", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")]
     assert main(argv) != 0
     assert "fewer than a batch of 4" in capsys.readouterr().err
+
+
+def test_scaled_config_samples_at_most_all_registered() -> None:
+    assert scaled(load_config(TINY), 10, sampled=50).clients.fraction == 1.0
+    assert scaled(load_config(TINY), 1000, sampled=50).clients.fraction == pytest.approx(0.05)
+
+
+def test_bench_scale_on_flowers_simulation_engine(tmp_path: Path) -> None:
+    """The Flower leg: a SuperNode per registered client (1,000 of them) in the simulation
+    engine, the memory of every process of the run."""
+    out = tmp_path / "figures.json"
+    argv = ["bench", "scale", str(TINY), "--set", "rounds=1", "--set", "data.limit=5000"]
+    argv += ["--engine", "flower", "--sampled", "20", "--json", str(out)]
+    argv += ["--out", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")]
+    assert main(argv) == 0
+    figures = json.loads(out.read_text())
+    assert figures["engine"] == "flower" and figures["rss_ratio"] > 0
+    # Ray, the SuperLink and the simulation process each import torch or Flower
+    assert figures["rss_10"] > 500
+    summary = json.loads((tmp_path / "w" / "clients-1000" / "run" / "summary.json").read_text())
+    assert summary["engine"] == "flower" and len(summary["nodes"]) == 1000
+    rows = (tmp_path / "w" / "clients-1000" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [len(json.loads(r)["clients"]) for r in rows[1:]] == [20]
+    small = (tmp_path / "w" / "clients-10" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [len(json.loads(r)["clients"]) for r in small[1:]] == [10]

@@ -183,6 +183,18 @@ def _scale(benches: Any) -> None:
     scale.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/scale"), help="results folder"
     )
+    scale.add_argument(
+        "--engine",
+        choices=["inprocess", "flower"],
+        default="inprocess",
+        help="in-process, or Flower's simulation engine (a SuperNode per registered client)",
+    )
+    scale.add_argument(
+        "--sampled",
+        type=int,
+        default=10,
+        help="clients sampled per round (at most all 10 on the 10-client side); default 10",
+    )
     workdir_option(scale, "bench-scale")
     scale.set_defaults(func=scale_command)
 
@@ -192,7 +204,8 @@ def scale_command(args: argparse.Namespace) -> int:
     from fedlora.config import load_config
 
     cfg = load_config(args.config, [*DEFAULT_SET, *(args.overrides or [])])
-    result = run_scale_bench(cfg, args.workdir or timestamped("bench-scale"))
+    workdir = args.workdir or timestamped("bench-scale")
+    result = run_scale_bench(cfg, workdir, args.engine, args.sampled)
     paths = write_scale(result, args.out)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return report(format_scale(result), result, args.json)
