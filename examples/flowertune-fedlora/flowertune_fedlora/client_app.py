@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from fedlora.config import RunConfig
 from fedlora.data import Example
 from fedlora.data.encode import IGNORE_INDEX, encode
+from fedlora.devices import names_host
 from fedlora.flower import client_side  # fedlora
 from flowertune_fedlora.task import fedlora_config, get_model, load_data
 
@@ -74,7 +75,7 @@ def train_with_trainer(
             save_strategy="no",
             report_to=[],
             seed=cfg.seed,
-            use_cpu=model.device.type == "cpu",
+            use_cpu=names_host(str(model.device)),
             disable_tqdm=True,
         )
         collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)

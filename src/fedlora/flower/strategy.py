@@ -11,7 +11,8 @@ and the run folder.
 - **Joining** (the first :meth:`FedLoRA.configure_train`): it waits for
   ``clients.num_clients`` nodes and sends each a ``query`` message; a node answers which client
   it is (its ``partition-id``, rank, α and, unless private, example count:
-  :func:`fedlora.flower.apps.node_query`, which fedlora's ClientApp runs). The server loads its
+  :func:`fedlora.flower.apps.node_query`, which fedlora's ClientApp runs, or
+  :func:`fedlora.flower.client_side.identity` in a ClientApp of one's own). The server loads its
   own copy of the model (merged into, evaluated on ``data.heldout``).
 - **A round**: :meth:`FedLoRA.configure_train` samples the clients and sends each a ``train``
   message with its plan (its rank's start, frozen components, the merged base updates it has not
@@ -24,6 +25,11 @@ and the run folder.
   ``arrays`` Flower passes back in are not read.
 - **Evaluation** is the server's own, every ``eval.every`` rounds: :meth:`configure_evaluate`
   sends nothing.
+- **Every message** carries the run's config (record ``fedlora``), so a ClientApp of one's own
+  needs none: :mod:`fedlora.flower.client_side` trains by it.
+- **Wrappers**: Flower's DP wrappers noise the arrays :meth:`aggregate_train` returns, which the
+  method does not train from; :func:`check_unwrapped` refuses them (and any change to those
+  arrays between rounds) with why, and names fedlora's client-level privacy instead.
 """
 
 from __future__ import annotations
