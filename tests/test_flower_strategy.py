@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import (
 from safetensors.torch import load_file
 
 from fedlora.config import RunConfig, load_config, to_dict
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, UpdateError
 from fedlora.experiment import run_experiment
-from fedlora.flower import CONFIG_KEY, apps
+from fedlora.flower import CONFIG_KEY, apps, client_side
 from fedlora.flower.launch import Processes, flwr_run, free_port, node_config_arg, write_connection
 from fedlora.flower.strategy import CONFIG_RECORD, FedLoRA
 from fedlora.methods import REGISTRY
@@ -373,3 +373,46 @@ def test_fedloras_own_privacy_in_a_users_clientapp_equals_the_inprocess_engine(
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     # a private client sends neither its loss nor its example count
     assert fed.records[1].train_loss is None
+
+
+def _context(node: dict[str, Any], run: dict[str, Any] | None = None) -> Context:
+    return Context(1, 100, node, RecordDict(), run or {})  # type: ignore[arg-type]
+
+
+def test_a_nodes_rank_comes_from_its_node_config_or_the_run_configs_list() -> None:
+    run = {"model.lora.peft-lora-r": "16,8,4"}
+    assert [client_side.node_rank(_context({"partition-id": k}, run)) for k in range(5)] == [
+        16, 8, 4, 16, 8,
+    ]  # fmt: skip
+    one = {"model.lora.peft-lora-r": 32}
+    assert client_side.node_rank(_context({"partition-id": 1}, one)) == 32
+    assert client_side.node_rank(_context({"partition-id": 1, "rank": 2}, run)) == 2
+    for node, config, error in [
+        ({"partition-id": 0}, {}, "this node has no rank"),
+        ({"partition-id": 0}, {"model.lora.peft-lora-r": "16,x"}, "comma-separated ints"),
+        ({"partition-id": 0, "rank": 0}, run, "node config rank must hold ranks >= 1"),
+        ({"rank": 4}, {}, None),
+    ]:
+        if error is None:
+            with pytest.raises(ConfigError, match="partition-id must be an int"):
+                client_side.node_index(_context(node, config))
+            continue
+        with pytest.raises(ConfigError, match=error):
+            client_side.node_rank(_context(node, config))
+
+
+def test_a_message_from_another_strategy_is_refused_by_name() -> None:
+    msg = Message(RecordDict({"config": ConfigRecord({"x": 1})}), 100, "query")
+    with pytest.raises(UpdateError, match=r"query message has no record 'fedlora'.*FedLoRA\?"):
+        client_side.identity(msg, _context({"partition-id": 0, "rank": 4}))
+
+
+def test_a_plan_meant_for_another_client_is_refused(example: Any) -> None:
+    cfg = example.task.fedlora_config({**TINY_RUN_CONFIG, "strategy.name": "flexlora"})
+    fed = FedLoRA(cfg)
+    grid = LocalGrid(cfg)
+    msg = next(iter(fed.configure_train(1, ArrayRecord(), ConfigRecord(), grid)))  # type: ignore[arg-type]
+    wrong = _context({"partition-id": 2, "num-partitions": 3}, dict(TINY_RUN_CONFIG))
+    model = example.task.get_model(cfg).model
+    with pytest.raises(UpdateError, match=r"the plan is client 0's, this node is partition-id 2"):
+        client_side.receive(msg, wrong, model)

@@ -77,12 +77,12 @@ def message_config(msg: Message) -> RunConfig:
     """The run's fedlora config, as the server sent it with ``msg``."""
     content = msg.content if msg.has_content() else RecordDict()
     where = f"{msg.metadata.message_type} message"
-    record = config_part(content, FEDLORA_RECORD, where)
-    text = record.get("config")
+    record = content.config_records.get(FEDLORA_RECORD)
+    text = None if record is None else record.get("config")
     if not isinstance(text, str):
         raise UpdateError(
-            f"{where}: record {FEDLORA_RECORD!r} has no config; is the ServerApp's strategy "
-            "fedlora.flower.strategy.FedLoRA?"
+            f"the {where} has no record {FEDLORA_RECORD!r} with the run's config: is the "
+            "ServerApp's strategy fedlora.flower.strategy.FedLoRA?"
         )
     return config_from_json(text, f"{where}'s config")
 
@@ -174,6 +174,11 @@ def receive(msg: Message, context: Context, model: Any, steps: int | None = None
     cfg = node_view(message_config(msg), context.node_config)
     plan, t, base = content_plan(msg.content)
     index = node_index(context)
+    sent_to = config_part(msg.content, "plan", "train message").get("index", index)
+    if sent_to != index:
+        raise UpdateError(
+            f"train message: the plan is client {sent_to!r}'s, this node is partition-id {index}"
+        )
     alpha = _alpha(msg)
     if hasattr(model, "peft_config"):  # a PEFT model: the run attaches its own adapter
         log.info("fedlora: removing the ClientApp's own PEFT adapters; the run sets the LoRA")
