@@ -27,6 +27,7 @@ from fedlora.flower import CONFIG_KEY, apps, client_side
 from fedlora.flower.launch import Processes, flwr_run, free_port, node_config_arg, write_connection
 from fedlora.flower.strategy import CONFIG_RECORD, FedLoRA
 from fedlora.methods import REGISTRY
+from fedlora.models import load_configured
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 
@@ -416,3 +417,28 @@ def test_a_plan_meant_for_another_client_is_refused(example: Any) -> None:
     model = example.task.get_model(cfg).model
     with pytest.raises(UpdateError, match=r"the plan is client 0's, this node is partition-id 2"):
         client_side.receive(msg, wrong, model)
+
+
+def test_a_peft_model_of_the_users_own_is_unwrapped_and_given_the_runs_adapter(
+    example: Any,
+) -> None:
+    """FlowerTune's get_model returns a PEFT model at the app's own rank: receive removes it
+    and attaches the run's adapter at this node's rank; reply gives the plain base back."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedlora import adapters
+
+    cfg = example.task.fedlora_config({**TINY_RUN_CONFIG, "strategy.name": "flexlora"})
+    fed = FedLoRA(cfg)
+    msg = next(iter(fed.configure_train(1, ArrayRecord(), ConfigRecord(), LocalGrid(cfg))))  # type: ignore[arg-type]
+    base = load_configured(cfg.model, cfg.seed).model  # not the example's cached one
+    users = get_peft_model(base, LoraConfig(r=32, target_modules=["q_proj"]))
+    context = _context({"partition-id": 0, "num-partitions": 3}, dict(TINY_RUN_CONFIG))
+
+    local = client_side.receive(msg, context, users)
+    ranks = {f.rank for f in adapters.read_factors(local.model).values()}
+    assert ranks == {8}  # client 0's rank in "8,4,2", not the app's 32
+    reply = client_side.reply(msg, local, num_examples=5, loss=1.0)
+
+    assert not any("lora_" in name for name, _ in base.named_modules())
+    assert reply.content["result"]["num_examples"] == 5
