@@ -293,12 +293,12 @@ DP_WRAPPERS = (
     "between the one ArrayRecord a train message carries and the one its reply carries (a "
     "fedlora client replies at its own rank, with factors whose shapes differ from the global "
     "adapter's), and they add noise to the arrays aggregate_train returns, which FedLoRA does "
-    "not train from (each method's state is its own: FLoRA's merged updates, FlexLoRA's full-size "
-    "update), so the noise would never reach the clients and the run would not be private. Use "
+    "not train from (each method keeps its own exact state: FLoRA's merged updates, for one), so "
+    "the noise would never reach the clients and the run would not be private. Use "
     "fedlora's client-level privacy instead: [privacy] clip_norm and noise_multiplier in the "
     "run's config (each client clips its update and adds Gaussian noise before its reply leaves "
     "it; a node's own node config dp-clip-norm / dp-noise-multiplier holds whatever the server "
-    "says), which every fedlora method supports"
+    "says), for every method whose reply is its factors alone"
 )
 """Why :func:`check_unwrapped` refuses a DP wrapper (docs/flower.md says it too)."""
 
