@@ -442,3 +442,14 @@ def test_a_peft_model_of_the_users_own_is_unwrapped_and_given_the_runs_adapter(
 
     assert not any("lora_" in name for name, _ in base.named_modules())
     assert reply.content["result"]["num_examples"] == 5
+
+
+def test_initial_arrays_that_would_be_ignored_are_refused() -> None:
+    """FlowerTune passes its initial PEFT state as initial_arrays; a fedlora method starts from
+    the base model, so FedLoRA says so rather than ignore them."""
+    cfg = tiny("flora")
+    grid = LocalGrid(cfg)
+    initial = ArrayRecord({"q_proj.lora_A": torch.zeros(2, 2)})
+    with pytest.raises(ConfigError, match=r"initial_arrays \(1 arrays.*pass ArrayRecord\(\)"):
+        FedLoRA(cfg).start(grid, initial, num_rounds=1)  # type: ignore[arg-type]
+    assert not grid.sent

@@ -22,7 +22,8 @@ and the run folder.
   aggregates with the method's rule, merges and evaluates on the server's held-out set. It
   returns the global adapter (:meth:`fedlora.rounds.FederatedRounds.export`, ``{module}.A`` and
   ``{module}.B``) and the round's metrics. The method's exact state stays in the strategy: the
-  ``arrays`` Flower passes back in are not read.
+  ``arrays`` Flower passes back in are only checked to be what it returned (the first round's
+  must be empty: a method starts from the base model).
 - **Evaluation** is the server's own, every ``eval.every`` rounds: :meth:`configure_evaluate`
   sends nothing.
 - **Every message** carries the run's config (record ``fedlora``), so a ClientApp of one's own
@@ -306,7 +307,8 @@ DP_WRAPPERS = (
 def check_unwrapped(
     config: ConfigRecord, arrays: ArrayRecord, returned: ArrayRecord | None
 ) -> None:
-    """Refuse a round that a strategy wrapper has changed under FedLoRA: a ``config`` that
+    """Refuse initial ``arrays`` (the first round's; a method starts from the base model), and
+    a round that a strategy wrapper has changed under FedLoRA: a ``config`` that
     carries Flower's DP clipping norm (``DifferentialPrivacyClientSideFixedClipping``), or
     ``arrays`` passed back that differ from the global adapter FedLoRA ``returned`` last round
     (a wrapper that noises or clips them: FedLoRA trains from its own exact state, so the
@@ -314,6 +316,13 @@ def check_unwrapped(
     if KEY_CLIPPING_NORM in config:
         raise ConfigError(DP_WRAPPERS)
     if returned is None:
+        if len(arrays):
+            raise ConfigError(
+                f"FedLoRA.start was given initial_arrays ({len(arrays)} arrays, e.g. "
+                f"{next(iter(arrays))!r}); every fedlora method starts from the base model with "
+                "fresh adapters, so they would be ignored: pass ArrayRecord() (to start from a "
+                "trained adapter, merge it into the base model and name that model)"
+            )
         return
     same = list(arrays.keys()) == list(returned.keys()) and all(
         arrays[key].numpy().tobytes() == returned[key].numpy().tobytes() for key in returned
