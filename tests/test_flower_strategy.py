@@ -117,6 +117,20 @@ def _rows(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_run(fed: FedLoRA, snapshots: list[Any], inprocess: Path) -> None:
+    """``fed``'s run is the in-process run in ``inprocess``: every round's clients and held-out
+    loss, and the whole server state after the last round (``snapshots[-1]``, as the
+    in-process checkpoint holds it)."""
+    for record, row in zip(fed.records, _rows(inprocess), strict=True):
+        assert record.clients == row.get("clients", [])
+        assert record.metrics["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
+    want = load_file(str(inprocess / "checkpoint.safetensors"))
+    got = snapshots[-1][0]
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("strategy", ["flora", "flexlora", "hafl-freeze"])
 def test_flowers_own_start_runs_a_fedlora_method_as_the_inprocess_engine_does(
     strategy: str, tmp_path: Path
@@ -131,15 +145,7 @@ def test_flowers_own_start_runs_a_fedlora_method_as_the_inprocess_engine_does(
 
     rows = _rows(tmp_path / "inprocess")
     assert [r.round for r in fed.records] == [row["round"] for row in rows] == [0, 1, 2]
-    for record, row in zip(fed.records, rows, strict=True):
-        assert record.clients == row.get("clients", [])
-        assert record.metrics["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
-    # the whole server state after the last round, as the in-process checkpoint holds it
-    want = load_file(str(tmp_path / "inprocess" / "checkpoint.safetensors"))
-    got = snapshots[-1][0]
-    assert sorted(got) == sorted(want)
-    for key, value in want.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_run(fed, snapshots, tmp_path / "inprocess")
     # Flower's Result: the global adapter and each round's figures
     exported, _ = fed._joined().export()
     assert sorted(result.arrays) == sorted(f"{m}.{f}" for m in exported for f in ("A", "B"))
@@ -231,15 +237,7 @@ def test_a_users_clientapp_with_the_two_calls_runs_the_method_as_fedloras_engine
 
     fed.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
 
-    rows = _rows(tmp_path / "inprocess")
-    for record, row in zip(fed.records, rows, strict=True):
-        assert record.clients == row.get("clients", [])
-        assert record.metrics["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
-    want = load_file(str(tmp_path / "inprocess" / "checkpoint.safetensors"))
-    got = snapshots[-1][0]
-    assert sorted(got) == sorted(want)
-    for key, value in want.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_run(fed, snapshots, tmp_path / "inprocess")
     # the ranks came from the run config, node k taking entry k of "8,4,2"
     assert [c.rank for c in fed.clients] == [8, 4, 2]
     fed.save_adapter(tmp_path / "adapter")
@@ -368,10 +366,7 @@ def test_fedloras_own_privacy_in_a_users_clientapp_equals_the_inprocess_engine(
 
     fed.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
 
-    want = load_file(str(tmp_path / "inprocess" / "checkpoint.safetensors"))
-    got = snapshots[-1][0]
-    for key, value in want.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_run(fed, snapshots, tmp_path / "inprocess")
     # a private client sends neither its loss nor its example count
     assert fed.records[1].train_loss is None
 

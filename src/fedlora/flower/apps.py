@@ -168,9 +168,7 @@ def node_train(content: RecordDict, context: Context) -> RecordDict:
     cfg = node_view(_config(context), context.node_config)
     client, party = node_party(cfg, context.node_config)
     plan, t, base = content_plan(content)
-    for i, delta in base.items():  # keep every merged update this node has received
-        context.state[f"base.{i}"] = factors_record(delta)
-    restore_base(party.base, party.shapes, received_base(context))
+    rebuild_base(context, base, party.base, party.shapes)
     result = party.train(client, plan, t, state=NodeState(context))
     if withholds(cfg.privacy):  # its loss is None already; its count stays here too
         result = dataclasses.replace(result, num_examples=None)
@@ -329,12 +327,19 @@ def received_base(context: Context) -> list[dict[str, BaseDelta]]:
     ]
 
 
-def restore_base(
-    base: MergedBase, names: Iterable[str], deltas: list[dict[str, BaseDelta]]
+def rebuild_base(
+    context: Context,
+    sent: Mapping[int, dict[str, BaseDelta]],
+    base: MergedBase,
+    names: Iterable[str],
 ) -> None:
-    """The weights of modules ``names`` back to the pristine base, then every merged update in
-    order (the server merged the same updates in the same order with the same float32
-    arithmetic, so both hold the same base, bitwise)."""
+    """Keep the merged updates a ``train`` message ``sent`` (by position) in the node's state
+    with those it received before, then put the weights of modules ``names`` back to the
+    pristine base and merge every one in order (the server merged the same updates in the same
+    order with the same float32 arithmetic, so both hold the same base, bitwise)."""
+    for i, delta in sent.items():
+        context.state[f"base.{i}"] = factors_record(delta)
+    deltas = received_base(context)
     base.reset(list(names))
     for delta in deltas:
         base.merge(delta)

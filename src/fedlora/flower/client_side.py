@@ -54,8 +54,8 @@ from fedlora.data import Example
 from fedlora.data.encode import LazyEncoded
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.flower import FEDLORA_RECORD
-from fedlora.flower.apps import NodeState, node_view, received_base, restore_base
-from fedlora.flower.records import config_part, content_plan, factors_record, result_content
+from fedlora.flower.apps import NodeState, node_view, rebuild_base
+from fedlora.flower.records import config_part, content_plan, result_content
 from fedlora.local import Opened, finish_upload, open_adapters
 from fedlora.precision import MergedBase
 from fedlora.privacy import withholds
@@ -174,24 +174,25 @@ def receive(msg: Message, context: Context, model: Any, steps: int | None = None
     cfg = node_view(message_config(msg), context.node_config)
     plan, t, base = content_plan(msg.content)
     index = node_index(context)
-    sent_to = config_part(msg.content, "plan", "train message").get("index", index)
+    record = config_part(msg.content, "plan", "train message")
+    sent_to = record.get("index", index)
     if sent_to != index:
         raise UpdateError(
             f"train message: the plan is client {sent_to!r}'s, this node is partition-id {index}"
         )
-    alpha = _alpha(msg)
+    alpha = record.get("alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise UpdateError(f"train message: plan alpha must be a number > 0, got {alpha!r}")
     if hasattr(model, "peft_config"):  # a PEFT model: the run attaches its own adapter
         log.info("fedlora: removing the ClientApp's own PEFT adapters; the run sets the LoRA")
         model = model.unload()
-    for i, delta in base.items():  # keep every merged update this node has received
-        context.state[f"base.{i}"] = factors_record(delta)
     shapes = adapters.target_shapes(model, cfg.model.targets)
-    restore_base(_merged_base(model), shapes, received_base(context))
+    rebuild_base(context, base, _merged_base(model), shapes)
     session = Session(
         cfg,
         plan,
         t,
-        alpha,
+        float(alpha),
         derive_seed(cfg.seed, t, index),
         steps if steps is not None else cfg.train.steps,
         tuple(shapes),
@@ -218,14 +219,6 @@ def reply(
     result = LocalResult.of(upload, None if private else loss, None if private else num_examples)
     device = str(devices.device_of(base))
     return Message(result_content(result, device=device), reply_to=msg)
-
-
-def _alpha(msg: Message) -> float:
-    plan = config_part(msg.content, "plan", "train message")
-    alpha = plan.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise UpdateError(f"train message: plan alpha must be a number > 0, got {alpha!r}")
-    return float(alpha)
 
 
 def _merged_base(model: Any) -> MergedBase:

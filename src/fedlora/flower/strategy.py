@@ -131,6 +131,7 @@ class FedLoRA(Strategy):
         self._tasks: list[Task] = []
         self._returned: ArrayRecord | None = None
         """The global adapter :meth:`aggregate_train` returned last."""
+        self._config_json = json.dumps(to_dict(cfg), sort_keys=True)
 
     # --- Flower's Strategy ----------------------------------------------------------------
 
@@ -269,7 +270,7 @@ class FedLoRA(Strategy):
     def config_record(self) -> ConfigRecord:
         """The run's config as every message carries it (:data:`FEDLORA_RECORD`): what a node
         that runs :mod:`fedlora.flower.client_side` trains by."""
-        return ConfigRecord({"config": json.dumps(to_dict(self.cfg), sort_keys=True)})
+        return ConfigRecord({"config": self._config_json})
 
     def exchange(self, grid: Grid, tasks: Sequence[Task]) -> list[LocalResult | Failure]:
         """Send ``tasks`` and wait up to ``flower.round_timeout_s`` for the replies
