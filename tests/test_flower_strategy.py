@@ -4,6 +4,7 @@ same run as the in-process engine, and a node's failure fails its client, not th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable
@@ -222,6 +223,10 @@ def test_the_examples_run_config_is_the_tiny_config(example: Any) -> None:
     assert to_dict(got) == to_dict(tiny("flexlora"))
     with pytest.raises(ValueError, match=r"run config key 'train.lr' is not one of"):
         example.task.fedlora_config({**TINY_RUN_CONFIG, "train.lr": 0.1})
+    got = example.task.fedlora_config({**TINY_RUN_CONFIG, "model.quantization": 8})
+    assert got.clients.quantization == ["8bit"]
+    with pytest.raises(ValueError, match=r"model.quantization must be 0, 4 or 8 \(bits\), got 3"):
+        example.task.fedlora_config({**TINY_RUN_CONFIG, "model.quantization": 3})
 
 
 @pytest.mark.parametrize("strategy", ["flora", "flexlora", "hafl-freeze"])
@@ -246,6 +251,35 @@ def test_a_users_clientapp_with_the_two_calls_runs_the_method_as_fedloras_engine
     assert sorted(adapter) == sorted(inprocess)
     for key, value in inprocess.items():
         torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_users_clientapp_on_a_quantized_base_runs_the_method_as_fedloras_engine(
+    example: Any, tmp_path: Path
+) -> None:
+    """FlowerTune's model.quantization = 4 loads every node's base in 4 bits, one node's node
+    config says 8: FLoRA's merged updates stay float32 beside the quantized weights, and the run
+    equals the in-process engine with the same clients.quantization."""
+    run_config = {**TINY_RUN_CONFIG, "strategy.name": "flora", "model.quantization": 4}
+    cfg = example.task.fedlora_config(run_config)
+    inprocess = dataclasses.replace(
+        cfg, clients=dataclasses.replace(cfg.clients, quantization=["4bit", "4bit", "8bit"])
+    )
+    run_experiment(inprocess, tmp_path / "inprocess", progress=False)
+    snapshots = []
+    fed = FedLoRA(cfg, on_round=lambda record, snapshot: snapshots.append(snapshot))
+    grid = LocalGrid(cfg, handle=example_node(example), run_config=run_config)
+    grid.contexts[102].node_config["quantization"] = "8bit"
+
+    fed.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
+
+    assert_same_run(fed, snapshots, tmp_path / "inprocess")
+    assert [client_side.quantization(c, cfg) for c in grid.contexts.values()] == [
+        "4bit",
+        "4bit",
+        "8bit",
+    ]
+    model = example.task.get_model(cfg, "4bit").model
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
 
 
 def test_a_clientapp_with_its_own_trainer_trains_every_round(example: Any) -> None:

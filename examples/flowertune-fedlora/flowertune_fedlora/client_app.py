@@ -43,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train this node's adapter on its local data."""
     cfg = fedlora_config(context.run_config)
     trainset = load_data(cfg, context.node_config["partition-id"])
-    loaded = get_model(cfg)
+    loaded = get_model(cfg, client_side.quantization(context, cfg))  # fedlora: 4/8 bits or none
 
     local = client_side.receive(msg, context, loaded.model)  # fedlora: this round's adapter
     if context.run_config.get("train.trainer", "fedlora") == "hf":

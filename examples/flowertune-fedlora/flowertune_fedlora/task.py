@@ -39,6 +39,11 @@ FLOWERTUNE_KEYS = {
 """FlowerTune run-config key → fedlora config key."""
 LISTS = {"model.lora.peft-lora-r": "clients.ranks", "model.lora.target-modules": "model.targets"}
 """Run-config keys that hold a comma-separated list (a single rank is a list of one)."""
+QUANTIZATION_KEY = "model.quantization"
+"""FlowerTune's base quantization: 4 or 8 bits (bitsandbytes), 0 for none; fedlora's
+``clients.quantization`` for every node (a SuperNode's node config ``quantization`` overrides
+it)."""
+QUANTIZATIONS = {0: [], 4: ["4bit"], 8: ["8bit"]}
 SET_KEY = "fedlora.set"
 """Any other fedlora settings, as ``fedlora run --set`` takes them: ``key=value`` items
 separated by spaces (``"model.dtype=float32 data.limit=200"``)."""
@@ -61,12 +66,16 @@ def _config(text: str) -> RunConfig:
             parts = [p.strip() for p in str(value).split(",") if p.strip()]
             items = [int(p) if p.isdigit() else p for p in parts]
             overrides.append(f"{LISTS[key]}={json.dumps(items)}")
+        elif key == QUANTIZATION_KEY:
+            if isinstance(value, bool) or value not in QUANTIZATIONS:
+                raise ValueError(f"run config {key} must be 0, 4 or 8 (bits), got {value!r}")
+            overrides.append(f"clients.quantization={json.dumps(QUANTIZATIONS[value])}")
         elif key in FLOWERTUNE_KEYS:
             overrides.append(f"{FLOWERTUNE_KEYS[key]}={json.dumps(value)}")
         elif key == SET_KEY:
             overrides += str(value).split()
         else:
-            known = sorted([*FLOWERTUNE_KEYS, *LISTS, *APP_KEYS, SET_KEY])
+            known = sorted([*FLOWERTUNE_KEYS, *LISTS, *APP_KEYS, QUANTIZATION_KEY, SET_KEY])
             raise ValueError(f"run config key {key!r} is not one of {', '.join(known)}")
     return load_config(None, overrides)
 
@@ -77,12 +86,13 @@ def load_data(cfg: RunConfig, partition_id: int) -> list[Example]:
     return list(server_data(json.dumps(to_dict(cfg), sort_keys=True)).parts[partition_id])
 
 
-def get_model(cfg: RunConfig) -> LoadedModel:
-    """The base model without an adapter (the run attaches its own), once per process: fedlora's
-    loader (the embedded default model without a hub; any hub id or local path)."""
-    return _model(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), cfg.seed)
+def get_model(cfg: RunConfig, quantization: str = "none") -> LoadedModel:
+    """The base model without an adapter (the run attaches its own), held as ``quantization``
+    says (``none``, ``8bit``, ``4bit``), once per process: fedlora's loader (the embedded default
+    model without a hub; any hub id or local path)."""
+    return _model(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), cfg.seed, quantization)
 
 
 @functools.lru_cache(maxsize=1)
-def _model(model_json: str, seed: int) -> LoadedModel:
-    return load_configured(ModelConfig(**json.loads(model_json)), seed)
+def _model(model_json: str, seed: int, quantization: str) -> LoadedModel:
+    return load_configured(ModelConfig(**json.loads(model_json)), seed, quantization)

@@ -306,14 +306,21 @@ def node_party(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, 
     client, kind = node_client(cfg, node_config)
     model = dataclasses.replace(cfg.model, device=node_device(cfg, node_config))
     settings = json.dumps(dataclasses.asdict(model), sort_keys=True)
-    quantization = node_config.get("quantization", cfg.clients.quantization_of(client.index))
+    quantization = node_quantization(cfg, node_config, client.index)
+    loaded, base = _loaded(settings, cfg.seed, quantization)
+    return client, PartyModel(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
+
+
+def node_quantization(cfg: RunConfig, node_config: Mapping[str, Any], index: int) -> str:
+    """How node ``index`` holds its frozen base: its node config's ``quantization``, else
+    ``clients.quantization`` (``none``, ``8bit`` or ``4bit``)."""
+    quantization = node_config.get("quantization", cfg.clients.quantization_of(index))
     if quantization not in QUANTIZATIONS:
         raise ConfigError(
             f"node config quantization must be one of {', '.join(QUANTIZATIONS)}, got "
             f"{quantization!r}"
         )
-    loaded, base = _loaded(settings, cfg.seed, str(quantization))
-    return client, PartyModel(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
+    return str(quantization)
 
 
 def received_base(context: Context) -> list[dict[str, BaseDelta]]:

@@ -27,9 +27,10 @@ the adapter (the model is the plain base again) and packs the reply the strategy
 the same steps as fedlora's own clients (:mod:`fedlora.local`), so a node that trains with
 fedlora's loop (:meth:`LocalRound.train`) computes what fedlora's engines compute.
 
-**Who a node is.** Its node config's ``partition-id`` (Flower's simulation engine sets it) and its
+**Who a node is.** Its node config's ``partition-id`` (Flower's simulation engine sets it), its
 rank: :func:`node_rank` (the node config's ``rank``, else the run config's
-``model.lora.peft-lora-r``: one rank, or a comma-separated list cycled over the partition ids).
+``model.lora.peft-lora-r``: one rank, or a comma-separated list cycled over the partition ids),
+and how it holds its base: :func:`quantization`.
 
 **What a node trusts.** The method and its settings come from the server with every message (the
 run's fedlora config); the node's privacy follows :func:`fedlora.flower.apps.node_view`: a node
@@ -54,7 +55,7 @@ from fedlora.data import Example
 from fedlora.data.encode import LazyEncoded
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.flower import FEDLORA_RECORD
-from fedlora.flower.apps import NodeState, node_view, rebuild_base
+from fedlora.flower.apps import NodeState, node_quantization, node_view, rebuild_base
 from fedlora.flower.records import config_part, content_plan, result_content
 from fedlora.local import Opened, finish_upload, open_adapters
 from fedlora.precision import MergedBase
@@ -121,6 +122,14 @@ def node_rank(context: Context) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where} must hold ranks >= 1, got {value!r}")
     return value
+
+
+def quantization(context: Context, cfg: RunConfig) -> str:
+    """How this node should load its base (``none``, ``8bit`` or ``4bit``, bitsandbytes): its
+    node config's ``quantization``, else the run's ``clients.quantization``, as fedlora's own
+    nodes decide. :func:`receive` takes a quantized model as it is: the merged base updates stay
+    float32 beside the quantized weights (:class:`fedlora.precision.MergedBase`)."""
+    return node_quantization(cfg, context.node_config, node_index(context))
 
 
 def identity(
