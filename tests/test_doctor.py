@@ -128,9 +128,9 @@ def test_a_cuda_device_reports_capability_memory_and_bfloat16(
 ) -> None:
     props = SimpleNamespace(name="H100", major=9, minor=0, total_memory=80 * doctor.GIB)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
-
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     device = doctor.cuda_device(0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
     reason = doctor.dtype_reason(torch.device("cuda"), torch.float32)
 
     assert device == {

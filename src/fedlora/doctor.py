@@ -195,7 +195,7 @@ def cuda_device(index: int) -> dict[str, Any]:
         "name": props.name,
         "capability": f"{props.major}.{props.minor}",
         "memory_gib": round(props.total_memory / GIB, 1),
-        "native_bf16": props.major >= 8,  # as devices.cuda_bf16_native
+        "native_bf16": devices.cuda_bf16_native(torch.device("cuda", index)),
     }
 
 
