@@ -64,6 +64,9 @@ def test_eval_on_another_source_scores_all_of_it(
     assert result["examples"] == 3
     assert result["overrides"] == ["data.limit=3"]
     assert result["provenance"]["versions"]["peft"] is not None
+    whole = ["--set", "data.limit=5", "--json", str(out)]  # a limit that keeps every example
+    assert main(["eval", str(run), "--data", str(data), "--quiet", *whole]) == 0
+    assert json.loads(out.read_text())["scored"] == f"every example of {data}"
 
 
 def test_generate_puts_the_base_answer_beside_the_trained_one(

@@ -20,6 +20,7 @@ import torch
 from fedlora import adapters
 from fedlora.config import RunConfig, config_with
 from fedlora.data import Example, TaskKind, load_examples
+from fedlora.data.sources import sample
 from fedlora.errors import ConfigError
 from fedlora.lora import LoRAFactors
 from fedlora.models import LoadedModel, load_configured
@@ -76,16 +77,10 @@ def evaluate_trained(
         examples, kind, scored = fed.heldout, fed.kind, fed.scored
         what = f"the run's {cfg.eval.split} split of {cfg.data.source}"
     else:
-        loaded_examples, kind = load_examples(
-            data,
-            kind=cfg.data.kind,
-            columns=cfg.data.columns,
-            limit=cfg.data.limit,
-            seed=cfg.seed,
-        )
-        examples, scored = list(loaded_examples), []
+        every, kind = load_examples(data, kind=cfg.data.kind, columns=cfg.data.columns)
+        examples, scored = sample(list(every), cfg.data.limit, cfg.seed), []
         what = f"every example of {data}"
-        if cfg.data.limit is not None and len(examples) >= cfg.data.limit:
+        if len(examples) < len(every):
             what = f"a sample of {data} (data.limit, drawn with seed {cfg.seed})"
     party = server_party(cfg, trained.loaded, examples, kind, progress, scored)
     return {

@@ -95,10 +95,16 @@ def load_examples(
         examples, default_kind = rows_to_examples(table, columns, kind)
     kind = default_kind if kind is None else kind
     check_kind(examples, kind, label)
-    if limit is not None and limit < len(examples):
-        keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
-        examples = [examples[i] for i in keep]
-    return examples, kind
+    return sample(examples, limit, seed), kind
+
+
+def sample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """``limit`` of ``examples`` drawn with ``random.Random(seed)``, in source order; all of
+    them when ``limit`` is None or not below their number."""
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
 
 
 def _read_table(source: str, path: str | None, split: str) -> Table:
