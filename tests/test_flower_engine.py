@@ -242,7 +242,9 @@ def test_bench_flower_prints_and_writes_its_figures(
 ) -> None:
     path = tmp_path / "flower.json"
     argv = ["bench", "flower", str(TINY), "--set", "rounds=1", "--workdir", str(tmp_path / "w")]
-    assert main([*argv, "--json", str(path)]) == 0
+    assert main([*argv, "--node-threads", "0"]) == 2
+    assert "--node-threads must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*argv, "--node-threads", "1", "--json", str(path)]) == 0
 
     figures = json.loads(path.read_text())
     inprocess = figures["inprocess_s_per_round"]
@@ -254,13 +256,14 @@ def test_bench_flower_prints_and_writes_its_figures(
     assert figures["kept_ratio"] == pytest.approx(figures["kept_s_per_round"] / inprocess)
     assert figures["same_result"] is True and figures["deployment_same_result"] is True
     assert figures["kept_same_result"] is True
-    assert figures["rounds"] == 1
+    assert figures["rounds"] == 1 and figures["node_threads"] == 1
     start = figures["clientapp_start"]
     assert start["process_s"] > start["import_s"] + start["data_s"] + start["model_s"]
     assert min(start["import_s"], start["data_s"], start["model_s"]) > 0
     printed = capsys.readouterr().out
     assert "| Flower simulation |" in printed and "| Flower deployment (local) |" in printed
     assert "| Flower deployment, nodes keep the model |" in printed
+    assert "each deployment node on 1 CPU thread(s)" in printed
     assert our_processes(tmp_path / "w") == []
 
 

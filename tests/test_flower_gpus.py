@@ -23,6 +23,7 @@ from fedlora.experiment import run_experiment
 from fedlora.flower import apps, launch
 from fedlora.flower.launch import (
     deployment_devices,
+    deployment_threads,
     node_config_arg,
     run_deployment,
     run_simulation,
@@ -157,6 +158,52 @@ def test_a_local_deployment_spreads_its_nodes_over_the_gpus(
     device: str, cuda: int, want: list[str]
 ) -> None:
     assert deployment_devices(on(tiny(), device), 3, cuda) == want
+
+
+@pytest.mark.parametrize(("n", "cpus", "want"), [(3, 2, 1), (2, 16, 8), (3, 16, 5), (1, 1, 1)])
+def test_a_local_deployment_shares_the_cores_among_its_nodes(n: int, cpus: int, want: int) -> None:
+    assert deployment_threads(n, cpus) == want
+
+
+def test_a_local_deployment_tells_each_node_its_threads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every SuperNode's node config carries the shared-out threads (or the ones asked for)."""
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(launch.Processes, "superlink", lambda self, port: "127.0.0.1:1")
+    monkeypatch.setattr(
+        launch.Processes,
+        "supernode",
+        lambda self, k, link, node, port: started.append(dict(node)),
+    )
+    monkeypatch.setattr(launch, "submit", lambda cfg, out, address, echo: {})
+
+    launch.run_deployment(tiny(), tmp_path / "shared", echo=False)
+    launch.run_deployment(tiny(), tmp_path / "asked", echo=False, threads=3)
+
+    assert [node["threads"] for node in started] == [deployment_threads(3)] * 3 + [3] * 3
+    assert [node["partition-id"] for node in started] == [0, 1, 2] * 2
+
+
+def test_a_node_computes_with_its_node_config_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load(settings: str, seed: int, quantization: str = "none") -> Any:
+        raise Loaded
+
+    monkeypatch.setattr(apps, "_loaded", load)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    try:
+        with pytest.raises(Loaded):
+            apps.node_party(tiny(), {"partition-id": 0, "trust-server": True, "threads": want})
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Loaded):  # no threads: torch's own
+        apps.node_party(tiny(), {"partition-id": 0, "trust-server": True})
+    assert torch.get_num_threads() == before
+    for bad in (0, True, "2", 1.5):
+        with pytest.raises(ConfigError, match=r"node config threads must be an int >= 1, got"):
+            apps.node_party(tiny(), {"partition-id": 0, "trust-server": True, "threads": bad})
 
 
 def test_round_robin_names_each_gpu_in_turn() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 from fedlora.config import RunConfig, to_dict
 from fedlora.errors import FedloraError
 from fedlora.experiment import run_experiment
-from fedlora.flower.launch import run_deployment, run_simulation
+from fedlora.flower.launch import deployment_threads, run_deployment, run_simulation
 
 # Run in a fresh interpreter: the steps a ClientApp process takes before it trains, timed.
 _CLIENTAPP_START = """
@@ -79,6 +79,8 @@ class FlowerBench:
     """A local deployment: a SuperLink and a SuperNode per client, as processes."""
     kept_s_per_round: float
     """The same deployment, each node keeping its model (``keep-model=true``)."""
+    node_threads: int
+    """The CPU threads each deployment node computed with (node config ``threads``)."""
     ratio: float
     """simulation / in-process, per round."""
     deployment_ratio: float
@@ -126,18 +128,20 @@ def clientapp_start(cfg: RunConfig, workdir: Path) -> ClientAppStart:
     return ClientAppStart(process_s=process_s, **steps)
 
 
-def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
+def run_flower_bench(cfg: RunConfig, workdir: Path, node_threads: int | None = None) -> FlowerBench:
     """Run ``cfg`` in-process, on Flower's simulation engine and on a local deployment without
     and with ``keep-model``, one after another in ``workdir``, then time a ClientApp process's
-    start."""
+    start. ``node_threads``: each deployment node's CPU threads (default: the cores shared out,
+    :func:`fedlora.flower.launch.deployment_threads`)."""
+    node_threads = node_threads or deployment_threads(cfg.clients.num_clients)
     marks = [time.perf_counter()]
     inproc = run_experiment(cfg, workdir / "inprocess", progress=False)
     marks.append(time.perf_counter())
     flower = run_simulation(cfg, workdir / "flower", echo=False)
     marks.append(time.perf_counter())
-    deployed = run_deployment(cfg, workdir / "deployment", echo=False)
+    deployed = run_deployment(cfg, workdir / "deployment", echo=False, threads=node_threads)
     marks.append(time.perf_counter())
-    kept = run_deployment(cfg, workdir / "kept", echo=False, keep_model=True)
+    kept = run_deployment(cfg, workdir / "kept", echo=False, keep_model=True, threads=node_threads)
     marks.append(time.perf_counter())
     start = clientapp_start(cfg, workdir / "clientapp")
     a = statistics.median(_round_seconds(workdir / "inprocess"))
@@ -157,6 +161,7 @@ def run_flower_bench(cfg: RunConfig, workdir: Path) -> FlowerBench:
         flower_s_per_round=b,
         deployment_s_per_round=c,
         kept_s_per_round=d,
+        node_threads=node_threads,
         ratio=b / a,
         deployment_ratio=c / a,
         kept_ratio=d / a,
@@ -176,7 +181,8 @@ def format_flower(result: FlowerBench) -> str:
     return "\n".join(
         [
             f"{result.strategy} on {result.model}, {result.clients} clients, "
-            f"{result.rounds} rounds (median seconds per round; whole run in brackets)",
+            f"{result.rounds} rounds (median seconds per round; whole run in brackets); "
+            f"each deployment node on {result.node_threads} CPU thread(s)",
             "",
             "| engine | s / round | whole run (s) | final loss as in-process |",
             "|---|---|---|---|",

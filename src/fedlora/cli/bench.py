@@ -83,6 +83,13 @@ def _flower(benches: Any) -> None:
     config_argument(flower_bench, Path("configs/tiny.toml"))
     set_option(flower_bench, ["rounds=4"], "override a config key (default: rounds=4)")
     workdir_option(flower_bench, "bench-flower")
+    flower_bench.add_argument(
+        "--node-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads of each deployment node (default: this machine's cores shared out)",
+    )
     json_option(flower_bench)
     flower_bench.set_defaults(func=flower_command)
 
@@ -98,7 +105,9 @@ def flower_command(args: argparse.Namespace) -> int:
         f"{cfg.label}, {cfg.rounds} rounds: in-process, then Flower's simulation engine, "
         "then a local Flower deployment"
     )
-    result = run_flower_bench(cfg, workdir)
+    if args.node_threads is not None and args.node_threads < 1:
+        raise ConfigError(f"--node-threads must be >= 1, got {args.node_threads}")
+    result = run_flower_bench(cfg, workdir, args.node_threads)
     return report(format_flower(result), result.to_json(), args.json)
 
 

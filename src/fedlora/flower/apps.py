@@ -16,7 +16,9 @@ config: ``partition-id`` (required: which client it is), and optionally ``rank``
 ``quantization`` (``none``, ``8bit`` or ``4bit``: how this node holds its frozen base; default:
 ``clients.quantization`` for its partition-id), ``device`` (where this node's model lives, e.g.
 ``cuda:1``; default: ``model.device``; a local deployment gives each node one,
-:func:`fedlora.flower.launch.deployment_devices`), ``keep-model`` (true: keep the loaded model
+:func:`fedlora.flower.launch.deployment_devices`), ``threads`` (the CPU threads this node's torch
+computes with, :func:`node_threads`; default: torch's own, every core; a local deployment shares
+the machine's cores among its nodes), ``keep-model`` (true: keep the loaded model
 between messages, :mod:`fedlora.flower.node`), ``trust-server`` (true: train on the server's
 ``data.source`` and take its privacy settings as they are; :func:`trusts_server`) and
 ``dp-clip-norm`` / ``dp-noise-multiplier`` (the node's own privacy, :func:`node_view`). A
@@ -34,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -304,11 +307,25 @@ def node_party(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Client, 
     party model on the model (loaded once per process; Flower's deployment starts a new process
     for every message, its simulation engine keeps them)."""
     client, kind = node_client(cfg, node_config)
+    threads = node_threads(node_config)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = dataclasses.replace(cfg.model, device=node_device(cfg, node_config))
     settings = json.dumps(dataclasses.asdict(model), sort_keys=True)
     quantization = node_quantization(cfg, node_config, client.index)
     loaded, base = _loaded(settings, cfg.seed, quantization)
     return client, PartyModel(loaded.model, loaded.tokenizer, cfg, kind, progress=False, base=base)
+
+
+def node_threads(node_config: Mapping[str, Any]) -> int | None:
+    """The CPU threads a node's torch computes with: its node config's ``threads``, or None
+    (torch's default: a thread per core). Nodes that share a machine should share its cores:
+    each on every core, they slow each other down far more than they gain."""
+    threads = node_config.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):  # fmt: skip
+        raise ConfigError(f"node config threads must be an int >= 1, got {threads!r}")
+    return threads
 
 
 def node_quantization(cfg: RunConfig, node_config: Mapping[str, Any], index: int) -> str:

@@ -448,24 +448,41 @@ def deployment_devices(cfg: RunConfig, n: int, cuda_devices: int) -> list[str]:
     return round_robin(n, cuda_devices)
 
 
+def deployment_threads(n: int, cpus: int | None = None) -> int:
+    """The CPU threads each of a local deployment's ``n`` SuperNodes computes with (node config
+    ``threads``): the machine's ``cpus`` cores (default: those this process may run on) shared
+    out, at least one. Nodes train at the same time; each on every core would oversubscribe
+    them."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // n)
+
+
 def run_deployment(
-    cfg: RunConfig, out: Path, echo: bool = True, keep_model: bool = False
+    cfg: RunConfig,
+    out: Path,
+    echo: bool = True,
+    keep_model: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` on a local deployment: an insecure SuperLink and one SuperNode per client
     (``partition-id`` k, its rank from ``cfg``, its ``device`` from :func:`deployment_devices`),
     each a separate process on this machine, every message handled by a new ClientApp process
     (Flower's ``subprocess`` isolation); with ``keep_model`` each node's ClientApps hand their
-    messages to the node's model keeper (:mod:`fedlora.flower.node`). All stopped afterwards.
-    The summary."""
+    messages to the node's model keeper (:mod:`fedlora.flower.node`). Each node computes with
+    ``threads`` CPU threads (default: :func:`deployment_threads`). All stopped afterwards. The
+    summary."""
     check_flower(cfg)
     home = out.resolve() / "flower"
     n = cfg.clients.num_clients
     devices = deployment_devices(cfg, n, cuda_count())
+    threads = threads or deployment_threads(n)
     with Processes(home, home / "logs") as procs:
         link, *ports = free_ports(1 + n)
         address = procs.superlink(link)
         for k in range(n):
             node: dict[str, Any] = {"partition-id": k, "device": devices[k], "trust-server": True}
+            node["threads"] = threads
             if keep_model:
                 node["keep-model"] = True
             procs.supernode(k, address, node, ports[k])
