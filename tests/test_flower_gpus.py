@@ -29,7 +29,7 @@ from fedlora.flower.launch import (
     run_simulation,
     simulation_options,
 )
-from fedlora.flower.records import content_device, result_content
+from fedlora.flower.records import content_device, content_peak_memory, result_content
 from fedlora.flower.strategy import result_of
 from fedlora.lora import LoRAFactors
 from fedlora.rounds import ClientInfo, Failure, LocalPlan, LocalResult, Task
@@ -263,6 +263,16 @@ def test_a_reply_says_the_device_its_client_trained_on() -> None:
         content_device(bad, "c")
 
 
+def test_a_reply_says_the_peak_memory_of_its_training() -> None:
+    assert content_peak_memory(result_content(_result(), peak_memory_mb=512.5), "c") == 512.5
+    assert content_peak_memory(result_content(_result(), device="cpu"), "c") is None
+    for bad in (-1.0, float("nan"), float("inf"), "9", True):
+        content = result_content(_result())
+        content.config_records["result"]["peak_memory_mb"] = bad
+        with pytest.raises(UpdateError, match="reply of client 'c': peak_memory_mb must be a"):
+            content_peak_memory(content, "c")
+
+
 def test_the_server_collects_the_devices_of_accepted_replies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -271,10 +281,10 @@ def test_the_server_collects_the_devices_of_accepted_replies(
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    odd = result_content(_result(), device="cuda:7")
-    odd.config_records["result"]["device"] = 7  # rejected: its device is not counted
+    odd = result_content(_result(), device="cuda:7", peak_memory_mb=99.0)
+    odd.config_records["result"]["device"] = 7  # rejected: its device and peak are not counted
     replies: list[RecordDict | Failure] = [
-        result_content(_result(), device="cuda:1"),
+        result_content(_result(), device="cuda:1", peak_memory_mb=300.0),
         result_content(_result(), device="cpu"),
         result_content(_result()),  # an older node says nothing
         odd,
@@ -282,12 +292,16 @@ def test_the_server_collects_the_devices_of_accepted_replies(
     ]
     tasks = [Task(ClientInfo(f"c{k}", k, 4, 8.0), 1, LocalPlan(4), 0, [], 0) for k in range(5)]
     seen: set[str] = set()
+    peaks = {"c0": 400.0}  # an earlier round's larger peak stays
 
     shapes = {"m": (2, 3)}
-    out = [result_of(t, r, shapes, seen) for t, r in zip(tasks, replies, strict=True)]
+    out = [result_of(t, r, shapes, seen, peaks) for t, r in zip(tasks, replies, strict=True)]
 
     assert [isinstance(r, Failure) for r in out] == [False, False, False, True, True]
     assert seen == {"cpu", "cuda:1"}
+    assert peaks == {"c0": 400.0}
+    result_of(tasks[0], result_content(_result(), peak_memory_mb=700.0), shapes, seen, peaks)
+    assert peaks == {"c0": 700.0}
 
 
 # --- runs on the CPU --------------------------------------------------------------------------
@@ -325,8 +339,11 @@ def test_a_cpu_simulation_gives_clients_no_gpu_and_reports_where_they_trained(
             f"num-supernodes=3 client-resources-num-cpus={cpus} client-resources-num-gpus=0.0"
         ]
         assert saved["client_devices"] == ["cpu"]
+        assert saved["client_peak_memory_mb"] == {}  # no allocator statistics off CUDA
     else:  # each ClientApp sees only the GPU Ray gave it
         assert saved["client_devices"] == ["cuda:0"]
+        assert len(saved["client_peak_memory_mb"]) == 3
+        assert all(mb > 0 for mb in saved["client_peak_memory_mb"].values())
 
 
 def test_a_local_deployment_tells_each_node_its_device(tmp_path: Path) -> None:

@@ -156,6 +156,39 @@ def test_flowers_own_start_runs_a_fedlora_method_as_the_inprocess_engine_does(
     assert trains and all(CONFIG_RECORD in m.content for m in trains)
 
 
+@pytest.mark.parametrize("node", ["fedlora", "example", "private"])
+def test_each_node_reports_the_peak_memory_of_its_training(
+    node: str, example: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node on CUDA (its allocator's statistics faked here) reports its training's peak, the
+    window opened before it trains; a private node keeps it."""
+    from fedlora import devices
+
+    peaks = iter(float(mb) for mb in range(100, 1000, 10))
+    opened: list[str] = []
+    monkeypatch.setattr(devices, "reset_peak_memory", lambda device: opened.append(str(device)))
+    monkeypatch.setattr(devices, "peak_memory_mb", lambda device: next(peaks))
+    run_config = {**TINY_RUN_CONFIG, "strategy.name": "flora"}
+    if node == "private":
+        run_config["fedlora.set"] += " privacy.clip_norm=1.0 privacy.noise_multiplier=0.1"
+    cfg = example.task.fedlora_config(run_config)
+    handle = fedloras_node if node == "fedlora" else example_node(example)
+    run_config = run_config if node != "fedlora" else None  # type: ignore[assignment]
+    fed = FedLoRA(cfg)
+    grid = LocalGrid(cfg, handle=handle, run_config=run_config)
+
+    fed.start(grid, ArrayRecord(), num_rounds=cfg.rounds)  # type: ignore[arg-type]
+
+    assert len(opened) >= 6  # a window per client per round (and the server's own)
+    if node == "private":
+        assert fed.peak_memory_mb == {}
+        return
+    assert sorted(fed.peak_memory_mb) == [c.cid for c in fed.clients]
+    # the fake peaks grow, so each client's largest is its round-2 figure: three distinct ones
+    assert len(set(fed.peak_memory_mb.values())) == 3
+    assert min(fed.peak_memory_mb.values()) >= 100.0
+
+
 def test_a_node_that_fails_fails_its_client_and_the_round_goes_on(tmp_path: Path) -> None:
     cfg = tiny("flora")
     fed = FedLoRA(cfg)

@@ -22,8 +22,9 @@ the machine's cores among its nodes), ``keep-model`` (true: keep the loaded mode
 between messages, :mod:`fedlora.flower.node`), ``trust-server`` (true: train on the server's
 ``data.source`` and take its privacy settings as they are; :func:`trusts_server`) and
 ``dp-clip-norm`` / ``dp-noise-multiplier`` (the node's own privacy, :func:`node_view`). A
-node's reply to ``train`` says the device it trained on; the summary's ``client_devices`` lists
-them.
+node's reply to ``train`` says the device it trained on and, on CUDA, the peak memory its
+training took; the summary's ``client_devices`` lists the devices, ``client_peak_memory_mb``
+each client's largest peak.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import devices
 from fedlora.config import ModelConfig, RunConfig, config_from_json, to_dict
 from fedlora.data import TaskKind, load_examples
 from fedlora.errors import ConfigError, UpdateError
@@ -127,6 +129,7 @@ def serve(grid: Grid, cfg: RunConfig, out: Path, resume: bool = False) -> dict[s
         "heldout_examples": len(data.heldout),
         "device": str(loaded.device),
         "client_devices": sorted(strategy.trained_on),
+        "client_peak_memory_mb": dict(sorted(strategy.peak_memory_mb.items())),
         "engine": "flower",
         "nodes": {c.cid: node_of[c.cid] for c in clients},
     }
@@ -172,10 +175,12 @@ def node_train(content: RecordDict, context: Context) -> RecordDict:
     client, party = node_party(cfg, context.node_config)
     plan, t, base = content_plan(content)
     rebuild_base(context, base, party.base, party.shapes)
+    devices.reset_peak_memory(party.device)
     result = party.train(client, plan, t, state=NodeState(context))
-    if withholds(cfg.privacy):  # its loss is None already; its count stays here too
-        result = dataclasses.replace(result, num_examples=None)
-    return result_content(result, device=str(party.device))
+    peak = devices.peak_memory_mb(party.device)
+    if withholds(cfg.privacy):  # its loss is None already; its count and peak stay here too
+        result, peak = dataclasses.replace(result, num_examples=None), None
+    return result_content(result, device=str(party.device), peak_memory_mb=peak)
 
 
 class NodeState:

@@ -208,6 +208,7 @@ def receive(msg: Message, context: Context, model: Any, steps: int | None = None
         NodeState(context),
     )
     opened = open_adapters(model, [session])
+    devices.reset_peak_memory(devices.device_of(opened.model))
     return LocalRound(opened.model, opened.callbacks[0], cfg, plan, t, session.seed, index, opened)
 
 
@@ -216,7 +217,8 @@ def reply(
 ) -> Message:
     """The reply to ``msg`` after training ``local.model``: the trained factors at the node's
     rank (noised where the node's privacy clips), what the method reads besides them, and, unless
-    the node's privacy keeps them, ``num_examples`` and the training ``loss``. The adapter is
+    the node's privacy keeps them, ``num_examples``, the training ``loss`` and (on CUDA) the peak
+    memory since :func:`receive`. The adapter is
     detached: the model is the plain base again."""
     hook = local.opened.hooks[0]
     try:
@@ -226,8 +228,10 @@ def reply(
     upload = finish_upload(hook, upload, local.opened.befores[0], local.index)
     private = withholds(local.cfg.privacy)
     result = LocalResult.of(upload, None if private else loss, None if private else num_examples)
-    device = str(devices.device_of(base))
-    return Message(result_content(result, device=device), reply_to=msg)
+    device = devices.device_of(base)
+    peak = None if private else devices.peak_memory_mb(device)
+    content = result_content(result, device=str(device), peak_memory_mb=peak)
+    return Message(content, reply_to=msg)
 
 
 def _merged_base(model: Any) -> MergedBase:

@@ -153,10 +153,12 @@ def plan_options(record: ConfigRecord, where: str) -> dict[str, Scalar]:
     return options
 
 
-def result_content(result: LocalResult, device: str | None = None) -> RecordDict:
-    """A client's result as the content of its reply, with the ``device`` it trained on; a loss
-    or example count that is None (a private client's, :func:`fedlora.privacy.withholds`) is not
-    sent."""
+def result_content(
+    result: LocalResult, device: str | None = None, peak_memory_mb: float | None = None
+) -> RecordDict:
+    """A client's result as the content of its reply, with the ``device`` it trained on and the
+    peak memory its training took there (MiB; CUDA only); a loss, example count or peak that is
+    None (a private client's, :func:`fedlora.privacy.withholds`) is not sent."""
     summary = ConfigRecord({"next_rank": -1 if result.next_rank is None else int(result.next_rank)})
     if result.loss is not None:
         summary["loss"] = float(result.loss)
@@ -164,6 +166,8 @@ def result_content(result: LocalResult, device: str | None = None) -> RecordDict
         summary["num_examples"] = int(result.num_examples)
     if device is not None:
         summary["device"] = device
+    if peak_memory_mb is not None:
+        summary["peak_memory_mb"] = float(peak_memory_mb)
     content = RecordDict(
         {
             "result": summary,
@@ -281,6 +285,19 @@ def content_device(content: RecordDict, client: str) -> str | None:
     if not isinstance(device, str):
         raise UpdateError(f"{where}: device must be a string, got {device!r}")
     return device
+
+
+def content_peak_memory(content: RecordDict, client: str) -> float | None:
+    """The peak device memory (MiB) a reply says its client's training took (None: it does not
+    say: a node off CUDA, a private one or an older one)."""
+    where = f"reply of client {client!r}"
+    record = config_part(content, "result", where)
+    if "peak_memory_mb" not in record:
+        return None
+    peak = record["peak_memory_mb"]
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 <= peak < math.inf:
+        raise UpdateError(f"{where}: peak_memory_mb must be a number >= 0, got {peak!r}")
+    return float(peak)
 
 
 def config_part(content: RecordDict, key: str, where: str) -> ConfigRecord:

@@ -55,6 +55,7 @@ from fedlora.flower import FEDLORA_RECORD
 from fedlora.flower.records import (
     config_part,
     content_device,
+    content_peak_memory,
     content_result,
     factors_record,
     task_content,
@@ -128,6 +129,9 @@ class FedLoRA(Strategy):
         self.records: list[RoundRecord] = []
         self.trained_on: set[str] = set()
         """The devices the nodes said they trained on."""
+        self.peak_memory_mb: dict[str, float] = {}
+        """Each client's largest peak device memory (MiB) over the rounds, as its node reported
+        it (nodes on CUDA that are not private)."""
         self._tasks: list[Task] = []
         self._returned: ArrayRecord | None = None
         """The global adapter :meth:`aggregate_train` returned last."""
@@ -260,11 +264,11 @@ class FedLoRA(Strategy):
         """Per task, its reply's result, or why there is none (its node failed, did not answer,
         or sent a malformed reply: every array checked against the model's shapes and the
         task's rank before it is decoded). The devices the nodes say they trained on go to
-        :attr:`trained_on`."""
+        :attr:`trained_on`, their peak memory to :attr:`peak_memory_mb`."""
         shapes = self._joined().shapes
         out: list[LocalResult | Failure] = []
         for task, content in zip(tasks, contents, strict=True):
-            out.append(result_of(task, content, shapes, self.trained_on))
+            out.append(result_of(task, content, shapes, self.trained_on, self.peak_memory_mb))
         return out
 
     def config_record(self) -> ConfigRecord:
@@ -353,18 +357,24 @@ def result_of(
     content: RecordDict | Failure,
     shapes: Mapping[str, tuple[int, int]],
     trained_on: set[str] | None = None,
+    peaks: dict[str, float] | None = None,
 ) -> LocalResult | Failure:
     """A task's reply as its result, or a :class:`Failure` saying why not (``content`` is one
-    already, or the reply is malformed)."""
+    already, or the reply is malformed). An accepted reply's device goes to ``trained_on``, its
+    peak memory to ``peaks`` (each client's largest)."""
     if isinstance(content, Failure):
         return content
+    cid = task.client.cid
     try:
-        result = content_result(content, task.client.cid, Expected(shapes, task.plan.rank))
-        device = content_device(content, task.client.cid)
+        result = content_result(content, cid, Expected(shapes, task.plan.rank))
+        device = content_device(content, cid)
+        peak = content_peak_memory(content, cid)
     except UpdateError as exc:
         return Failure(f"rejected reply: {exc}")
     if device is not None and trained_on is not None:
         trained_on.add(device)
+    if peak is not None and peaks is not None:
+        peaks[cid] = max(peak, peaks.get(cid, 0.0))
     return result
 
 
