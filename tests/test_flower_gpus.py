@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.config import parse_config_args
 from flwr.supercore.utils import simulation_config_from_json
 
 from fedlora import devices
-from fedlora.config import RunConfig, load_config
+from fedlora.config import RunConfig, load_config, to_dict
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.experiment import run_experiment
 from fedlora.flower import apps, launch
@@ -201,9 +201,13 @@ def test_a_node_computes_with_its_node_config_threads(monkeypatch: pytest.Monkey
     with pytest.raises(Loaded):  # no threads: torch's own
         apps.node_party(tiny(), {"partition-id": 0, "trust-server": True})
     assert torch.get_num_threads() == before
+    joined = {"fedlora-config": json.dumps(to_dict(tiny())), "out": "unused"}
     for bad in (0, True, "2", 1.5):
+        node = {"partition-id": 0, "trust-server": True, "threads": bad}
         with pytest.raises(ConfigError, match=r"node config threads must be an int >= 1, got"):
-            apps.node_party(tiny(), {"partition-id": 0, "trust-server": True, "threads": bad})
+            apps.node_party(tiny(), node)
+        with pytest.raises(ConfigError, match=r"node config threads must be an int >= 1, got"):
+            apps.node_query(Context(1, 1, node, RecordDict(), joined))  # type: ignore[arg-type]
 
 
 def test_round_robin_names_each_gpu_in_turn() -> None:

@@ -156,6 +156,7 @@ def node_query(context: Context) -> RecordDict:
     (:func:`fedlora.privacy.withholds`), its example count."""
     cfg = node_view(_config(context), context.node_config)
     client, _ = node_client(cfg, context.node_config)
+    node_threads(context.node_config)  # a bad value fails the join, not the first round
     record = ConfigRecord(
         {
             "cid": client.cid,

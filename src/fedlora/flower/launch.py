@@ -481,8 +481,12 @@ def run_deployment(
         link, *ports = free_ports(1 + n)
         address = procs.superlink(link)
         for k in range(n):
-            node: dict[str, Any] = {"partition-id": k, "device": devices[k], "trust-server": True}
-            node["threads"] = threads
+            node: dict[str, Any] = {
+                "partition-id": k,
+                "device": devices[k],
+                "threads": threads,
+                "trust-server": True,
+            }
             if keep_model:
                 node["keep-model"] = True
             procs.supernode(k, address, node, ports[k])
