@@ -257,6 +257,7 @@ def test_bench_flower_prints_and_writes_its_figures(
     assert figures["same_result"] is True and figures["deployment_same_result"] is True
     assert figures["kept_same_result"] is True
     assert figures["rounds"] == 1 and figures["node_threads"] == 1
+    assert figures["provenance"]["machine"]["cpus"] == os.cpu_count()
     start = figures["clientapp_start"]
     assert start["process_s"] > start["import_s"] + start["data_s"] + start["model_s"]
     assert min(start["import_s"], start["data_s"], start["model_s"]) > 0

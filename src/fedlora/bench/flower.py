@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.bench.provenance import provenance
 from fedlora.config import RunConfig, to_dict
 from fedlora.errors import FedloraError
 from fedlora.experiment import run_experiment
@@ -100,7 +101,7 @@ class FlowerBench:
     clientapp_start: ClientAppStart
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "provenance": provenance()}
 
 
 def _round_seconds(out: Path) -> list[float]:
