@@ -59,6 +59,12 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(HOST)
 
 
+def affinity_cores() -> int | None:
+    """The cores this process may run on (``sched_getaffinity``), None where unsupported."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    return None if getaffinity is None else len(getaffinity(0))
+
+
 def host_generator(seed: int) -> torch.Generator:
     """A seeded generator on :data:`HOST`: the same draws on every machine. Draw with
     ``device=HOST`` and move the result to where it is used."""

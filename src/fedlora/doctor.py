@@ -144,12 +144,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def affinity_cores() -> int | None:
-    """The cores this process may run on (``sched_getaffinity``), None where unsupported."""
-    getaffinity = getattr(os, "sched_getaffinity", None)
-    return None if getaffinity is None else len(getaffinity(0))
-
-
 def cpu_flag(probe: str) -> bool | None:
     """A ``torch.cpu`` probe's answer, None where this torch lacks or cannot run it."""
     try:
@@ -175,7 +169,7 @@ def cpu_info() -> dict[str, Any]:
         "model": cpu_model(),
         "machine": platform.machine(),
         "logical_cores": os.cpu_count(),
-        "affinity_cores": affinity_cores(),
+        "affinity_cores": devices.affinity_cores(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": memory_gib(),
         "flags": flags,

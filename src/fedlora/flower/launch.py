@@ -33,7 +33,7 @@ import psutil
 
 from fedlora import __version__
 from fedlora.config import RunConfig, to_dict
-from fedlora.devices import cuda_count, names_host, round_robin
+from fedlora.devices import affinity_cores, cuda_count, names_host, round_robin
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.flower import CONFIG_KEY, OUT_KEY, RESUME_KEY
 from fedlora.flower.strategy import check_flower
@@ -454,7 +454,7 @@ def deployment_threads(n: int, cpus: int | None = None) -> int:
     out, at least one. Nodes train at the same time; each on every core would oversubscribe
     them."""
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cpus = affinity_cores() or os.cpu_count()
     return max(1, (cpus or 1) // n)
 
 
