@@ -595,6 +595,8 @@ def read_adapter(folder: Path) -> dict[str, LoRAFactors]:
         tensors = load_file(str(weights))
     except (OSError, ValueError, SafetensorError) as exc:
         raise ConfigError(f"{folder} is not a readable PEFT LoRA adapter: {exc}") from None
+    # PEFT 0.22 types the patterns as optional (None when a config file leaves them out)
+    rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
     factors: dict[str, LoRAFactors] = {}
     for key in sorted(tensors):
         if not key.endswith(".lora_A.weight"):
@@ -604,10 +606,8 @@ def read_adapter(folder: Path) -> dict[str, LoRAFactors]:
         if b_key not in tensors:
             raise ConfigError(f"{weights}: {key} has no matching {b_key}")
         module = prefix.removeprefix("base_model.model.")
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
-        alpha = config.alpha_pattern.get(
-            get_pattern_key(config.alpha_pattern, module), config.lora_alpha
-        )
+        r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.r)
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.lora_alpha)
         A, B = tensors[key], tensors[b_key]
         if A.shape[0] != r or B.shape[1] != r:
             raise ConfigError(
