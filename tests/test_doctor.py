@@ -98,13 +98,31 @@ def test_a_cpu_with_native_bfloat16_picks_bfloat16_and_eager(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    # both flags set, never read from this machine: an AMX CPU must not change the reason
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
 
     auto = doctor.auto_choices()
 
     assert (auto["dtype"], auto["attention"]) == ("bfloat16", "eager")
     assert auto["dtype_reason"] == "CPU with AVX512-BF16: native bfloat16"
     assert "eager is faster" in auto["attention_reason"]
+
+
+@pytest.mark.usefixtures("no_cuda")
+@pytest.mark.usefixtures("hardware_auto")
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "named"),
+    [(False, True, "AMX-BF16"), (True, True, "AVX512-BF16/AMX-BF16")],
+)
+def test_the_bfloat16_reason_names_the_cpus_own_units(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, named: str
+) -> None:
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+    assert doctor.auto_choices()["dtype_reason"] == f"CPU with {named}: native bfloat16"
 
 
 @pytest.mark.usefixtures("no_cuda")
