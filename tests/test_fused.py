@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file
 
 from fedlora import adapters
@@ -21,7 +22,7 @@ from fedlora.lora import LoRAFactors
 from fedlora.methods import REGISTRY, hook_for
 from fedlora.models import build_tiny
 from fedlora.rounds import PartyModel
-from fedlora.scoring import mean_token_loss
+from fedlora.scoring import labelled_logits, mean_token_loss
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
 TARGETS = ["q_proj", "v_proj"]
@@ -117,6 +118,59 @@ def test_one_fused_pass_matches_in_bfloat16_to_its_rounding() -> None:
                 scale = float(alone[k][key].abs().max())
                 torch.testing.assert_close(fused[k][key], alone[k][key], rtol=8 * eps,
                                            atol=8 * eps * scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_whose_adapter_lacks_a_layer_get_the_base_layer_alone_there(
+    dtype: torch.dtype,
+) -> None:
+    """Client ``c1`` adapts q_proj only, ``c0`` q_proj and v_proj: in one fused pass, each
+    client's logits are what its adapter alone gives (``c1``'s rows see v_proj's base layer only,
+    and a layer where no row's adapter is present is the base layer alone)."""
+    model, tokenizer = build_tiny(seed=0, dtype=dtype)
+    batches = [collate(encode(_examples(k), tokenizer, 48), tokenizer.pad_token_id)
+               for k in range(2)]  # fmt: skip
+    plans = {"c0": (TARGETS, 8), "c1": (["q_proj"], 4)}
+    starts = {n: _start(model, r, 20 + i) for i, (n, (_, r)) in enumerate(plans.items())}
+    starts["c1"] = {n: f for n, f in starts["c1"].items() if n.endswith("q_proj")}
+
+    alone = []
+    for k, (name, (targets, r)) in enumerate(plans.items()):
+        peft_model = adapters.attach(model, targets, r, 2.0 * r, seed=k)
+        adapters.write_factors(peft_model, starts[name])
+        with torch.no_grad():
+            alone.append(labelled_logits(peft_model, batches[k])[0])
+        model = adapters.detach(peft_model)
+
+    # attach() puts every adapter on its first's modules: c1 on q_proj only through PEFT itself
+    peft_model = adapters.attach(model, TARGETS, 8, 16.0, seed=0, adapter="c0")
+    peft_model.add_adapter("c1", LoraConfig(r=4, lora_alpha=8.0, target_modules=["q_proj"]))
+    assert (
+        "c1" not in adapters.lora_layers(peft_model, "c0")["model.layers.0.self_attn.v_proj"].lora_A
+    )
+    for name in plans:
+        adapters.write_factors(peft_model, starts[name], name)
+    adapters.train_adapters(peft_model, list(plans))
+    every = [e for k in range(2) for e in encode(_examples(k), tokenizer, 48)]
+    fused_batch = collate(every, tokenizer.pad_token_id)
+    rows_of = [len(b["input_ids"]) for b in batches]
+    width = fused_batch["input_ids"].shape[1]
+    with adapters.RowAdapters(peft_model) as rows, torch.no_grad():
+        rows.assign(["c0"] * rows_of[0] + ["c1"] * rows_of[1], width)
+        logits = labelled_logits(peft_model, fused_batch)[0]
+        rows.assign(["c1"] * sum(rows_of), width)  # v_proj: no row's adapter is there
+        only_b = labelled_logits(peft_model, fused_batch)[0]
+    adapters.detach(peft_model)
+
+    eps = torch.finfo(dtype).eps
+    for k, part in enumerate([slice(0, rows_of[0]), slice(rows_of[0], None)]):
+        mine = logits[part][:, : alone[k].shape[1]]
+        scale = float(alone[k].abs().max())
+        torch.testing.assert_close(mine, alone[k], rtol=8 * eps, atol=8 * eps * scale)
+    b_rows = only_b[rows_of[0] :][:, : alone[1].shape[1]]
+    torch.testing.assert_close(
+        b_rows, alone[1], rtol=8 * eps, atol=8 * eps * float(alone[1].abs().max())
+    )
 
 
 def _run(tmp: Path, overrides: list[str], fuse: bool) -> Path:

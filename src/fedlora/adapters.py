@@ -207,6 +207,7 @@ class RowAdapters:
         self.model = peft_model
         self._names: list[str] = []
         self._spans: list[tuple[str, slice]] = []
+        self._sizes: list[int] = []
         self._handles: list[Any] = []
         self._patched: list[Any] = []
 
@@ -224,6 +225,7 @@ class RowAdapters:
             if i == len(names) or names[i] != names[start]:
                 self._spans.append((names[start], slice(start * width, i * width)))
                 start = i
+        self._sizes = [span.stop - span.start for _, span in self._spans]
 
     @property
     def slices_every_layer(self) -> bool:
@@ -239,20 +241,27 @@ class RowAdapters:
     def _forward(self, layer: Any) -> Any:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             result: torch.Tensor = layer.base_layer(x, *args, **kwargs)
-            tokens = x.reshape(-1, x.shape[-1])  # (B·T, d_in): each adapter's rows, one slice
             out = result.reshape(-1, result.shape[-1])
+            present = [name for name, _ in self._spans if name in layer.lora_A]
+            if not present:
+                return result
+            # the input cast to the adapters' dtype once (PEFT casts it per adapter), then split
+            # into each adapter's rows: views, and the backward of a split is one concatenation
+            # of their gradients (a slice per adapter would add a zero-filled gradient of the
+            # whole input per adapter and layer)
+            tokens = x.reshape(-1, x.shape[-1]).to(layer.lora_A[present[0]].weight.dtype)
             parts = []
-            for name, span in self._spans:
+            for (name, _), sub in zip(self._spans, torch.split(tokens, self._sizes), strict=True):
                 if name not in layer.lora_A:  # no adapter here: nothing added to these rows
-                    parts.append(out.new_zeros(out[span].shape))
+                    parts.append(sub.new_zeros(sub.shape[0], out.shape[-1]))
                     continue
                 A, B = layer.lora_A[name], layer.lora_B[name]
-                sub = layer.lora_dropout[name](tokens[span].to(A.weight.dtype))
-                parts.append((B(A(sub)) * layer.scaling[name]).to(result.dtype))
-            # one add of the concatenated outputs: slices of x are views, and the backward of a
-            # concatenation hands each client its rows' gradient (an in-place add per client
-            # would clone the whole output's gradient once per client in the backward pass)
-            return (out + torch.cat(parts, dim=0)).reshape(result.shape)
+                sub = layer.lora_dropout[name](sub.to(A.weight.dtype))
+                parts.append(B(A(sub)) * layer.scaling[name])
+            # as PEFT adds: in the adapters' dtype, then back to the base layer's; one add of the
+            # concatenated outputs, whose backward hands each adapter its rows' gradient (an
+            # in-place add per adapter would clone the whole output's gradient per adapter)
+            return (out + torch.cat(parts, dim=0)).to(result.dtype).reshape(result.shape)
 
         return forward
 
