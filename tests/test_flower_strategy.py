@@ -481,6 +481,22 @@ def test_a_plan_meant_for_another_client_is_refused(example: Any) -> None:
         client_side.receive(msg, wrong, model)
 
 
+@pytest.mark.parametrize("alpha", [0, -2.0, True, "16", None], ids=repr)
+def test_a_plan_whose_alpha_is_not_a_positive_number_is_refused(example: Any, alpha: Any) -> None:
+    cfg = example.task.fedlora_config({**TINY_RUN_CONFIG, "strategy.name": "flexlora"})
+    grid = LocalGrid(cfg)
+    msg = next(iter(FedLoRA(cfg).configure_train(1, ArrayRecord(), ConfigRecord(), grid)))  # type: ignore[arg-type]
+    plan = msg.content.config_records["plan"]
+    if alpha is None:
+        del plan["alpha"]
+    else:
+        plan["alpha"] = alpha
+    context = _context({"partition-id": 0, "num-partitions": 3}, dict(TINY_RUN_CONFIG))
+    model = example.task.get_model(cfg).model
+    with pytest.raises(UpdateError, match=r"train message: plan: alpha must be a number > 0"):
+        client_side.receive(msg, context, model)
+
+
 def test_a_peft_model_of_the_users_own_is_unwrapped_and_given_the_runs_adapter(
     example: Any,
 ) -> None:

@@ -56,7 +56,7 @@ from fedlora.data.encode import LazyEncoded
 from fedlora.errors import ConfigError, UpdateError
 from fedlora.flower import FEDLORA_RECORD
 from fedlora.flower.apps import NodeState, node_quantization, node_view, rebuild_base
-from fedlora.flower.records import config_part, content_plan, result_content
+from fedlora.flower.records import config_part, content_plan, positive_alpha, result_content
 from fedlora.local import Opened, finish_upload, open_adapters
 from fedlora.precision import MergedBase
 from fedlora.privacy import withholds
@@ -189,9 +189,7 @@ def receive(msg: Message, context: Context, model: Any, steps: int | None = None
         raise UpdateError(
             f"train message: the plan is client {sent_to!r}'s, this node is partition-id {index}"
         )
-    alpha = record.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise UpdateError(f"train message: plan alpha must be a number > 0, got {alpha!r}")
+    alpha = positive_alpha(record.get("alpha"), "train message: plan")
     if hasattr(model, "peft_config"):  # a PEFT model: the run attaches its own adapter
         log.info("fedlora: removing the ClientApp's own PEFT adapters; the run sets the LoRA")
         model = model.unload()
@@ -201,7 +199,7 @@ def receive(msg: Message, context: Context, model: Any, steps: int | None = None
         cfg,
         plan,
         t,
-        float(alpha),
+        alpha,
         derive_seed(cfg.seed, t, index),
         steps if steps is not None else cfg.train.steps,
         tuple(shapes),

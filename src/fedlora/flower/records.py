@@ -232,6 +232,14 @@ def _int(record: ConfigRecord, key: str, where: str, label: str, low: int) -> in
     return value
 
 
+def positive_alpha(value: object, where: str) -> float:
+    """A LoRA ``α`` as a record carries it (a node's identity, a train message's plan): a number
+    ``> 0``, or an :class:`UpdateError` saying what it was."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UpdateError(f"{where}: alpha must be a number > 0, got {value!r}")
+    return float(value)
+
+
 NPY_HEADER_BYTES = 4096
 """Room for a ``.npy`` header beside an array's data (NumPy writes 128 bytes, or a multiple)."""
 

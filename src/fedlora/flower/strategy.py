@@ -58,6 +58,7 @@ from fedlora.flower.records import (
     content_peak_memory,
     content_result,
     factors_record,
+    positive_alpha,
     task_content,
 )
 from fedlora.lora import Expected
@@ -427,11 +428,9 @@ def identify(
                 f"node {node} says partition-id {index}; expected 0 … {cfg.clients.num_clients - 1}"
             )
         rank = _int(rec.get("rank"), "rank", node, 1)
-        alpha = rec.get("alpha", cfg.clients.alpha_for(rank))
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise UpdateError(f"node {node}: alpha must be a number > 0, got {alpha!r}")
+        alpha = positive_alpha(rec.get("alpha", cfg.clients.alpha_for(rank)), f"node {node}")
         # the slot's id is the server's (from the partition), never the name a node reports
-        info = ClientInfo(client_id(index), index, rank, float(alpha))
+        info = ClientInfo(client_id(index), index, rank, alpha)
         if info.index in by_index:
             raise ConfigError(
                 f"nodes {by_index[info.index][1]} and {node} both say partition-id "
