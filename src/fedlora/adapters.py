@@ -195,9 +195,10 @@ class RowAdapters:
     (``PeftModel.forward(adapter_names=…)`` refuses training mode) and gathers and scatters each
     adapter's rows by index (``x[indices]``, ``result[indices] += …``), a copy of the activations
     per adapter and layer. Fused training puts each client's rows together, so for PEFT's linear
-    LoRA layers (``lora.Linear``, GPT-2's ``Conv1D`` included) this computes the same on
-    contiguous row slices (views), adding the concatenated outputs once, for as long as the
-    ``with`` block lasts
+    LoRA layers (``lora.Linear``, GPT-2's ``Conv1D`` included) this computes the same on each
+    adapter's rows split from the input (views; the input cast to the adapters' dtype once),
+    adding the concatenated outputs once in the adapters' dtype as PEFT's forward adds them, for
+    as long as the ``with`` block lasts
     (the layer's ``forward`` is its own again afterwards); other LoRA layer types get PEFT's own
     path through the pre-forward hook PEFT registers. :attr:`names` is read at each call, so a
     layer recomputed under gradient checkpointing sees the rows of its own step. Every adapter
