@@ -207,8 +207,10 @@ class RowAdapters:
     def __init__(self, peft_model: Any) -> None:
         self.model = peft_model
         self._names: list[str] = []
-        self._spans: list[tuple[str, slice]] = []
+        self._runs: list[str] = []
+        """The adapter of each run of consecutive rows of one adapter, in order."""
         self._sizes: list[int] = []
+        """How many tokens each run holds."""
         self._handles: list[Any] = []
         self._patched: list[Any] = []
 
@@ -220,13 +222,13 @@ class RowAdapters:
         """Row ``i`` of the next batches (each ``width`` tokens wide) is adapter ``names[i]``'s;
         each adapter's rows must be consecutive."""
         self._names = list(names)
-        self._spans = []
+        self._runs, self._sizes = [], []
         start = 0
         for i in range(1, len(names) + 1):
             if i == len(names) or names[i] != names[start]:
-                self._spans.append((names[start], slice(start * width, i * width)))
+                self._runs.append(names[start])
+                self._sizes.append((i - start) * width)
                 start = i
-        self._sizes = [span.stop - span.start for _, span in self._spans]
 
     @property
     def slices_every_layer(self) -> bool:
@@ -243,7 +245,7 @@ class RowAdapters:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             result: torch.Tensor = layer.base_layer(x, *args, **kwargs)
             out = result.reshape(-1, result.shape[-1])
-            present = [name for name, _ in self._spans if name in layer.lora_A]
+            present = [name for name in self._runs if name in layer.lora_A]
             if not present:
                 return result
             # the input cast to the adapters' dtype once (PEFT casts it per adapter), then split
@@ -252,7 +254,7 @@ class RowAdapters:
             # whole input per adapter and layer)
             tokens = x.reshape(-1, x.shape[-1]).to(layer.lora_A[present[0]].weight.dtype)
             parts = []
-            for (name, _), sub in zip(self._spans, torch.split(tokens, self._sizes), strict=True):
+            for name, sub in zip(self._runs, torch.split(tokens, self._sizes), strict=True):
                 if name not in layer.lora_A:  # no adapter here: nothing added to these rows
                     parts.append(sub.new_zeros(sub.shape[0], out.shape[-1]))
                     continue
